@@ -1,0 +1,15 @@
+"""xdit_fx: parallel inference for Diffusion Transformers, as a torch.fx compiler.
+
+    import xdit_fx
+    pipe.transformer = xdit_fx.parallelize(pipe.transformer, xdit_fx.Plan(ulysses_degree=2, ring_degree=2))
+"""
+
+from .api import parallelize
+from .errors import MissingBackend, PassError, PlanError, UnsupportedGraph, XditFxError
+from .plan import Plan
+from .runtime.collectives import COMM
+from .runtime.mesh import init_distributed
+
+__all__ = ["COMM", "MissingBackend", "PassError", "Plan", "PlanError", "UnsupportedGraph", "XditFxError",
+           "init_distributed", "parallelize"]
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+"""Graph passes and the one function that assembles them from a plan."""
+
+from __future__ import annotations
+
+from .analysis import find_attention, find_transformer_blocks
+from .base import (GraphHistory, GraphPass, MeshSpec, PassContext, PassInfo, PassResult, check_pipeline,
+                   graph_pass, run_pipeline)
+from .sequence_parallel import infer_token_dims, parallelize_attention, shard_sequence
+
+ALL_PASSES: tuple[GraphPass, ...] = (
+    find_transformer_blocks, find_attention, infer_token_dims, shard_sequence, parallelize_attention,
+)
+
+
+def build_pipeline(plan) -> list[GraphPass]:
+    """The passes a plan needs, in order."""
+    passes: list[GraphPass] = [find_transformer_blocks, find_attention]  # analysis first
+    if plan.sequence_parallel_degree > 1:
+        # token dims need the attention sites (a space is sharded if it is a query and key sequence);
+        # sharding must run before attention is rewritten (it marks which sites run on local shards)
+        passes += [infer_token_dims, shard_sequence, parallelize_attention]
+    check_pipeline(passes)
+    return passes
+
+
+__all__ = [
+    "ALL_PASSES", "GraphHistory", "GraphPass", "MeshSpec", "PassContext", "PassInfo", "PassResult",
+    "build_pipeline", "check_pipeline", "graph_pass", "run_pipeline",
+    "find_attention", "find_transformer_blocks", "infer_token_dims", "parallelize_attention", "shard_sequence",
+]

@@ -1,0 +1,168 @@
+"""Pass infrastructure: a pass is a plain function `(gm, ctx) -> PassResult`; one runner calls them.
+
+The runner, not the pass, handles ordering checks, provenance (``xfx.created_by`` on new nodes),
+lint + recompile, timing, error wrapping and snapshots for dumps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch.fx as fx
+
+from ..errors import PassError, XditFxError
+from ..fx_utils import META_CREATED_BY, count_ops
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    reads: frozenset[str] = frozenset()
+    writes: frozenset[str] = frozenset()
+    mutates_graph: bool = True
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """Axis names and degrees of the device mesh; no live process groups (so passes run anywhere)."""
+
+    ring: int = 1
+    ulysses: int = 1
+
+    @property
+    def sp(self) -> int:
+        return self.ring * self.ulysses
+
+
+@dataclass
+class PassContext:
+    plan: Any
+    mesh: MeshSpec
+    groups: Any = None  # runtime.mesh.ProcessGroups, when running for real; None for dumps/unit tests
+
+
+@dataclass(frozen=True)
+class PassResult:
+    gm: fx.GraphModule
+    changed: bool
+    summary: str = ""
+    counts: Mapping[str, int] = field(default_factory=dict)
+
+
+GraphPass = Callable[[fx.GraphModule, PassContext], PassResult]
+
+
+def graph_pass(*, reads: Sequence[str] = (), writes: Sequence[str] = (), mutates_graph: bool = True):
+    """Attach a PassInfo to a pass function; the function's name is the pass name."""
+
+    def wrap(fn):
+        fn.info = PassInfo(
+            name=fn.__name__,
+            reads=frozenset(reads),
+            writes=frozenset(writes),
+            mutates_graph=mutates_graph,
+            doc=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+        )
+        return fn
+
+    return wrap
+
+
+def check_pipeline(passes: Sequence[GraphPass]) -> None:
+    """Raise if a pass reads a fact that no earlier pass writes (an ordering mistake)."""
+    known: set[str] = set()
+    for p in passes:
+        missing = p.info.reads - known
+        if missing:
+            raise XditFxError(
+                f"pass '{p.info.name}' reads {sorted(missing)}, which no earlier pass writes; "
+                f"order: {[q.info.name for q in passes]}"
+            )
+        known |= p.info.writes
+
+
+@dataclass
+class Snapshot:
+    index: int
+    name: str
+    code: str
+    changed: bool
+    nodes_before: int
+    nodes_after: int
+    op_delta: dict[str, int]
+    summary: str
+    counts: dict[str, int]
+    seconds: float
+    graph_text: str = ""
+
+
+@dataclass
+class GraphHistory:
+    """Per-pass snapshots of one graph: what `xdit-fx dump` writes and `ParallelModule.history` shows."""
+
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for s in self.snapshots:
+            for k, v in s.counts.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+
+def run_pipeline(
+    gm: fx.GraphModule,
+    passes: Sequence[GraphPass],
+    ctx: PassContext,
+    history: GraphHistory | None = None,
+    render: Callable[[fx.GraphModule], str] | None = None,
+) -> fx.GraphModule:
+    """Run `passes` in order on `gm`; the only loop over passes in xdit_fx."""
+    check_pipeline(passes)
+    if history is not None and render is not None:
+        history.snapshots.append(
+            Snapshot(0, "captured", gm.code, False, len(gm.graph.nodes), len(gm.graph.nodes), {}, "", {}, 0.0,
+                     render(gm))
+        )
+    done: list[str] = []
+    for i, p in enumerate(passes, start=1):
+        before_nodes = set(gm.graph.nodes)
+        before_ops = count_ops(gm)
+        before_names = [n.name for n in gm.graph.nodes]
+        t0 = time.perf_counter()
+        try:
+            result = p(gm, ctx)
+        except XditFxError:
+            raise
+        except Exception as e:  # wrap with the pass name and what ran before it
+            raise PassError(
+                f"pass '{p.info.name}' failed (after {done or 'no passes'}): {type(e).__name__}: {e}\n"
+                f"  to look at the graph: xdit-fx dump <model> --plan <plan> --out DIR"
+            ) from e
+        seconds = time.perf_counter() - t0
+        gm = result.gm
+        if not p.info.mutates_graph and [n.name for n in gm.graph.nodes] != before_names:
+            raise PassError(f"analysis pass '{p.info.name}' changed the graph; analysis passes may only add meta")
+        gm.graph.lint()
+        gm.recompile()
+        new_nodes = [n for n in gm.graph.nodes if n not in before_nodes]
+        for n in new_nodes:
+            n.meta.setdefault(META_CREATED_BY, p.info.name)
+        after_ops = count_ops(gm)
+        delta = {k: after_ops.get(k, 0) - before_ops.get(k, 0) for k in set(after_ops) | set(before_ops)}
+        delta = {k: v for k, v in sorted(delta.items()) if v}
+        log.info("[%s] %s (%+d nodes, %.3fs)", p.info.name, result.summary,
+                 len(gm.graph.nodes) - len(before_nodes), seconds)
+        if history is not None:
+            history.snapshots.append(
+                Snapshot(i, p.info.name, gm.code, result.changed, len(before_nodes), len(gm.graph.nodes), delta,
+                         result.summary, dict(result.counts), seconds, render(gm) if render else "")
+            )
+        done.append(p.info.name)
+    return gm

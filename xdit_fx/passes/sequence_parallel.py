@@ -1,0 +1,444 @@
+"""Sequence parallelism as three passes: infer_token_dims -> shard_sequence -> parallelize_attention.
+
+Layouts, per tensor, over the "sp" axis (ring x ulysses, n ranks):
+  replicated   every rank holds the whole tensor (no META_TOKEN_DIMS entry, or a full-mode node)
+  sharded      along one dim made of segments ((length, sharded), ...): a sharded segment holds
+               ceil(length / n) tokens per rank, zero-padded on the last ranks; a replicated segment
+               is held whole. Local = the segments' local parts, concatenated in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..errors import UnsupportedGraph, describe_node
+from ..fx_utils import (META_ATTENTION, META_BLOCK, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
+                        META_TOKEN_DIMS, example_value, is_sdpa, sdpa_args, target_name)
+from ..runtime import attention as sp_attn
+from ..runtime import collectives
+from .base import PassContext, PassResult, graph_pass
+from .token_dims import infer, op_name, rule_for, slot_shape, tensor_slots
+
+
+@dataclass(frozen=True)
+class SeqLayout:
+    """How one token dim of one tensor is laid out: its dim and its segments ((length, sharded), ...)."""
+
+    dim: int
+    segments: tuple[tuple[int, bool], ...]
+
+    def local_lens(self, n: int) -> list[int]:
+        return [-(-length // n) if s else length for length, s in self.segments]
+
+    def local_len(self, n: int) -> int:
+        return sum(self.local_lens(n))
+
+    def local_range(self, start: int, stop: int, n: int) -> tuple[int, int] | None:
+        """Local [start, stop) of the segments that global [start, stop) covers exactly."""
+        g = lo = 0
+        lstart = lstop = None
+        for (length, _), ll in zip(self.segments, self.local_lens(n)):
+            if g == start:
+                lstart = lo
+            g += length
+            lo += ll
+            if g == stop:
+                lstop = lo
+        if lstart is None or lstop is None:
+            return None
+        return lstart, lstop
+
+    def __str__(self) -> str:
+        segs = "+".join(f"{length}{'/sp' if s else ''}" for length, s in self.segments)
+        return f"tokens@{self.dim}[{segs}]"
+
+
+MULTI = "multi"  # a tensor with two or more token dims (e.g. hand-written attention scores)
+
+
+def layout_of(node: Any, index: Any = None) -> SeqLayout | str | None:
+    if not isinstance(node, fx.Node):
+        return None
+    return (node.meta.get(META_TOKEN_DIMS) or {}).get(index)
+
+
+# ---- pass 1: which dims carry tokens, and which token spaces are sharded ---------------------------
+
+@graph_pass(reads=[META_ATTENTION], writes=[META_TOKEN_DIMS], mutates_graph=False)
+def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Find token spaces with dim rules; shard every space that is both the query and the key sequence
+    of some attention (self or joint attention). Writes a SeqLayout per tensor dim that carries one."""
+    td = infer(gm.graph)
+    sharded = set()
+    for node in gm.graph.nodes:
+        if not is_sdpa(node):
+            continue
+        sa = sdpa_args(node)
+        q, k = sa["query"], sa["key"]
+        qsegs, ksegs = td.segments((q, None, 2)), td.segments((k, None, 2))
+        common = [s for s in qsegs if s in ksegs]
+        site = node.meta[META_ATTENTION]
+        site.kind = ("joint" if len(qsegs) > 1 or len(ksegs) > 1 else "self") if common else "cross"
+        sharded.update(s for s in common if td.size[s] >= 2)
+    tensors = 0
+    for node in gm.graph.nodes:
+        layouts: dict[Any, SeqLayout | str] = {}
+        for slot in tensor_slots(node):
+            found = []
+            for d in range(len(slot_shape(slot))):
+                segs = td.segments((slot[0], slot[1], d))
+                if any(s in sharded for s in segs):
+                    found.append(SeqLayout(d, tuple((td.size[s], s in sharded) for s in segs)))
+            if found:
+                layouts[slot[1]] = found[0] if len(found) == 1 else MULTI
+        if layouts:
+            node.meta[META_TOKEN_DIMS] = layouts
+            tensors += 1
+        else:
+            node.meta.pop(META_TOKEN_DIMS, None)
+    spaces = len(sharded)
+    return PassResult(gm, changed=False,
+                      summary=f"{spaces} token spaces sharded, {tensors} nodes carry tokens",
+                      counts={"token_spaces": spaces, "token_nodes": tensors})
+
+
+# ---- pass 2: slice at the sources, keep token-wise ops local, gather at the exits ------------------
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) if isinstance(a, fx.Node) else None)
+    return out
+
+
+def _arg_layout(node: fx.Node, a: fx.Node) -> Any:
+    """Layout of argument `a` as `node` sees it (getitem on a tuple reads one element)."""
+    if node.target is operator.getitem and isinstance(example_value(a), (tuple, list)):
+        return layout_of(a, node.args[1])
+    return layout_of(a)
+
+
+def _carried(node: fx.Node, rule) -> tuple[set, set]:
+    """(input (node, index, dim), output (index, dim)) pairs whose token dims the rule carries through."""
+    ins, outs = set(), set()
+
+    def lay(slot):
+        return layout_of(slot[0], slot[1])
+
+    for (si, di, so, do) in rule.links:
+        li, lo = lay(si), lay(so)
+        if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di and lo.dim == do:
+            ins.add((si[0], si[1], di))
+            if so[0] is node:
+                outs.add((so[1], do))
+            else:  # a link between two inputs (x[index] = value): both ends are carried
+                ins.add((so[0], so[1], do))
+    for (si, di, start, stop, so, do) in rule.selects:
+        li, lo = lay(si), lay(so)
+        if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di and lo.dim == do \
+                and li.local_range(start, stop, 1) is not None:
+            ins.add((si[0], si[1], di)); outs.add((so[1], do))
+    for (so, do, parts) in rule.concat:
+        lo = lay(so)
+        if isinstance(lo, SeqLayout) and lo.dim == do:
+            outs.add((so[1], do))
+            for s, d in parts:
+                li = lay(s)
+                if isinstance(li, SeqLayout) and li.dim == d:
+                    ins.add((s[0], s[1], d))
+    return ins, outs
+
+
+def _can_propagate(node: fx.Node, rule) -> bool:
+    if rule is None:
+        return False
+    if is_sdpa(node):
+        sa = sdpa_args(node)
+        lq, lk, lv = layout_of(sa["query"]), layout_of(sa["key"]), layout_of(sa["value"])
+        causal = sa["is_causal"] or sa["dropout_p"]
+        return (isinstance(lq, SeqLayout) and lq.dim == 2 and not causal
+                and (lk is None and lv is None or isinstance(lk, SeqLayout) and isinstance(lv, SeqLayout)
+                     and lk.dim == 2 and lv.dim == 2))
+    ins, outs = _carried(node, rule)
+    if node.target is operator.setitem:  # the token dim of x must be indexed by a full or segment slice
+        x = node.args[0]
+        lay = layout_of(x)
+        if isinstance(lay, SeqLayout):
+            try:
+                _localize_index(node.args[1], slot_shape((x, None)), lay, 1)
+            except TypeError:
+                return False
+            if layout_of(node.args[2]) is None:
+                ins.add((x, None, lay.dim))
+    for a in _tensor_args(node):
+        if (a, None) in rule.ignore:
+            continue
+        if node.target is operator.getitem and isinstance(example_value(a), (tuple, list)):
+            lay = layout_of(a, node.args[1])
+            if lay is not None and (a, node.args[1], getattr(lay, "dim", -1)) not in ins:
+                return False
+            continue
+        lay = layout_of(a)
+        if lay is None:
+            continue
+        if lay == MULTI or (a, None, lay.dim) not in ins:
+            return False
+    for idx, lay in (node.meta.get(META_TOKEN_DIMS) or {}).items():
+        if lay == MULTI or (idx, lay.dim) not in outs:
+            return False
+    return True
+
+
+def _mutated_arg(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place op writes to (x[i] = v, x.add_(...), x += ...), or None."""
+    name = op_name(node) or ""
+    inplace = (name == "setitem" or name in ("iadd", "isub", "imul", "itruediv")
+               or node.op == "call_method" and name.endswith("_") and not name.endswith("__"))
+    x = node.args[0] if node.args else None
+    return x if inplace and isinstance(x, fx.Node) else None
+
+
+def _local_shape(node: fx.Node, n: int, index: Any = None) -> list[int]:
+    shape = list(slot_shape((node, index)))
+    lay = layout_of(node, index)
+    if isinstance(lay, SeqLayout):
+        shape[lay.dim] = lay.local_len(n)
+    return shape
+
+
+def _localize(node: fx.Node, n: int) -> None:
+    """Rewrite the sizes baked into a propagated node's arguments to rank-local sizes."""
+    name = op_name(node)
+    x = node.args[0] if node.args else None
+    if name in ("view", "reshape", "expand", "broadcast_to") and layout_of(node) is not None:
+        shape = _local_shape(node, n)
+        if node.op == "call_method":
+            node.args = (x, *shape)
+        else:
+            node.args = (x, tuple(shape))
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("shape", "size")}
+    elif name in ("getitem", "setitem") and not isinstance(example_value(x), (tuple, list)):
+        lay = layout_of(x)
+        if isinstance(lay, SeqLayout):
+            node.args = (x, _localize_index(node.args[1], slot_shape((x, None)), lay, n), *node.args[2:])
+    elif name in ("split", "split_with_sizes", "chunk", "tensor_split"):
+        lay = layout_of(x)
+        dim_pos = 1 if name == "chunk" else 2
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if isinstance(lay, SeqLayout) and dim % len(slot_shape((x, None))) == lay.dim:
+            sizes = []
+            for i, piece in enumerate(example_value(node)):
+                pl = layout_of(node, i)
+                sizes.append(pl.local_len(n) if isinstance(pl, SeqLayout) else piece.shape[lay.dim])
+            node.target = "split" if node.op == "call_method" else torch.split
+            node.args = (x, sizes, lay.dim)
+            node.kwargs = {}
+        del dim_pos
+    elif name == "narrow":
+        lay = layout_of(x)
+        dim, start, length = node.args[1], node.args[2], node.args[3]
+        if isinstance(lay, SeqLayout) and dim % len(slot_shape((x, None))) == lay.dim:
+            lo, hi = lay.local_range(start, start + length, n)
+            node.args = (x, dim, lo, hi - lo)
+
+
+def _localize_index(index: Any, shape: tuple[int, ...], lay: SeqLayout, n: int) -> Any:
+    items = list(index) if isinstance(index, tuple) else [index]
+    n_consume = sum(1 for i in items if i is not None and i is not Ellipsis)
+    out, d = [], 0
+    for i in items:
+        if i is Ellipsis:
+            out.append(i)
+            d += len(shape) - n_consume
+            continue
+        if i is None:
+            out.append(i)
+            continue
+        if isinstance(i, slice) and d == lay.dim:
+            start, stop, _ = i.indices(shape[d])
+            if start == 0 and stop == shape[d]:
+                out.append(slice(None))
+            else:
+                lo, hi = lay.local_range(start, stop, n)
+                out.append(slice(lo, hi))
+        else:
+            out.append(i)
+        d += 1
+    return tuple(out) if isinstance(index, tuple) else out[0]
+
+
+class _Rewriter:
+    """Keeps, for each original value, the node giving its local and/or full version."""
+
+    def __init__(self, gm: fx.GraphModule, n: int, group: str) -> None:
+        self.gm, self.n, self.group = gm, n, group
+        self.local: dict[fx.Node, fx.Node] = {}
+        self.full: dict[fx.Node, fx.Node] = {}
+        self.gathers = {"exit": 0, "fallback": 0}
+        self.fallback_sites: list[str] = []
+        self.sources = 0
+
+    def get_local(self, a: fx.Node) -> fx.Node:
+        if a in self.local:
+            return self.local[a]
+        lay = layout_of(a)
+        if not isinstance(lay, SeqLayout):
+            return a
+        with self.gm.graph.inserting_after(a):
+            s = self.gm.graph.call_function(collectives.shard_tokens,
+                                            (a, lay.dim, lay.segments, self.group, self.n))
+        s.name = f"shard_{a.name}"
+        s.meta[META_LAYOUT] = lay
+        self.local[a] = s
+        self.sources += 1
+        return s
+
+    def get_full(self, a: fx.Node, consumer: fx.Node) -> fx.Node:
+        if a in self.full:
+            return self.full[a]
+        if a not in self.local:
+            return a
+        lay = layout_of(a)
+        loc = self.local[a]
+        with self.gm.graph.inserting_after(loc):
+            g = self.gm.graph.call_function(collectives.gather_tokens,
+                                            (loc, lay.dim, lay.segments, self.group, self.n))
+        g.name = f"gather_{a.name}"
+        kind = "fallback" if META_BLOCK in consumer.meta else "exit"
+        g.meta[META_GATHER] = f"{kind}: needed by {consumer.name} ({target_name(consumer)})"
+        if kind == "fallback":
+            self.fallback_sites.append(f"{consumer.name} ({target_name(consumer)}, {consumer.meta[META_BLOCK]})")
+        self.gathers[kind] += 1
+        self.full[a] = g
+        return g
+
+
+@graph_pass(reads=[META_TOKEN_DIMS, META_BLOCK], writes=[META_LAYOUT, META_SP_ATTENTION])
+def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Run token-wise ops on each rank's chunk of the sequence.
+
+    Before: every tensor is whole. After: tensors with a token dim are rank-local (SeqLayout in
+    META_LAYOUT); values that enter whole (inputs, RoPE tables, positional embeddings) are sliced where
+    first needed (shard_tokens, no communication); ops without a rule and the graph outputs get
+    gather_tokens in front (a *fallback* gather if inside a transformer block, else an *exit* gather).
+    Sizes baked into view/reshape/split/slice arguments become local sizes. Attention nodes are left
+    on local q/k/v, marked META_SP_ATTENTION for parallelize_attention.
+    """
+    n = ctx.mesh.sp
+    group = ctx.groups.names["sp"] if ctx.groups is not None else "sp"
+    rw = _Rewriter(gm, n, group)
+    propagated = 0
+    for node in list(gm.graph.nodes):
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            node.args = fx.node.map_arg(node.args, lambda a: rw.get_full(a, node))
+            continue
+        args = _tensor_args(node)
+        has_tokens = META_TOKEN_DIMS in node.meta or any(_arg_layout(node, a) is not None for a in args)
+        if not has_tokens:
+            continue
+        rule = rule_for(node) if node.op in ("call_function", "call_method") else None
+        tuple_in = node.target is operator.getitem and args and isinstance(example_value(args[0]), (tuple, list))
+        if tuple_in:
+            ok = args[0] in rw.local and _can_propagate(node, rule)
+        else:
+            ok = _can_propagate(node, rule)
+        mutated = _mutated_arg(node)
+        if not ok:
+            node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: rw.get_full(a, node))
+            if META_TOKEN_DIMS in node.meta:
+                rw.full[node] = node
+            if mutated is not None and mutated in rw.local:  # only the whole copy saw the write
+                rw.full[mutated] = node.args[0]
+                rw.local.pop(mutated)
+            continue
+        if mutated is not None:  # only the local copy sees the write
+            rw.full.pop(mutated, None)
+        if is_sdpa(node):
+            sa = sdpa_args(node)
+            q, k, v, mask = sa.pop("query"), sa.pop("key"), sa.pop("value"), sa["attn_mask"]
+            if mask is not None:
+                sa["attn_mask"] = rw.get_full(mask, node)
+            node.args = (rw.get_local(q), rw.get_local(k), rw.get_local(v))
+            node.kwargs = sa
+            lk = layout_of(k)
+            node.meta[META_SP_ATTENTION] = {
+                "q_segments": layout_of(q).segments,
+                "kv_segments": lk.segments if isinstance(lk, SeqLayout) else None,
+            }
+        else:
+            def loc(a: fx.Node) -> fx.Node:
+                if (a, None) in rule.ignore:
+                    return rw.local.get(a, a)
+                return rw.get_local(a)
+            node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), loc)
+            _localize(node, n)
+        rw.local[node] = node
+        lay = layout_of(node)
+        if isinstance(lay, SeqLayout):
+            node.meta[META_LAYOUT] = lay
+        propagated += 1
+    gm.graph.eliminate_dead_code()
+    changed = propagated > 0 or rw.sources > 0
+    summary = (f"{propagated} nodes run on local tokens, {rw.sources} values sliced, "
+               f"{rw.gathers['exit']} exit gathers, {rw.gathers['fallback']} fallback gathers")
+    if rw.fallback_sites:
+        summary += " at " + "; ".join(rw.fallback_sites[:5])
+    return PassResult(gm, changed=changed, summary=summary,
+                      counts={"local_nodes": propagated, "sliced_values": rw.sources,
+                              "exit_gathers": rw.gathers["exit"], "fallback_gathers": rw.gathers["fallback"]})
+
+
+# ---- pass 3: attention over the whole sequence from local shards -----------------------------------
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@graph_pass(reads=[META_SP_ATTENTION, META_ATTENTION], writes=[])
+def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Replace each attention on local shards with sp_attention: Ulysses all-to-all over "ulysses",
+    ring attention over "ring", both for USP. Cross-attention to replicated keys stays local."""
+    mesh = ctx.mesh
+    names = ctx.groups.names if ctx.groups is not None else {}
+    sites = {"self": 0, "joint": 0, "cross": 0}
+    for node in list(gm.graph.nodes):
+        spec = node.meta.get(META_SP_ATTENTION)
+        if spec is None or not is_sdpa(node):
+            continue
+        site = node.meta[META_ATTENTION]
+        if mesh.ulysses > 1 and spec["kv_segments"] is not None and site.heads % mesh.ulysses:
+            ok = [d for d in _divisors(site.heads) if d <= mesh.sp and mesh.sp % d == 0]
+            raise UnsupportedGraph(
+                f"parallelize_attention: attention {describe_node(node)}\n  has {site.heads} heads, which is not "
+                f"divisible by ulysses_degree={mesh.ulysses}.\n  fix: choose ulysses_degree in {ok} and put the "
+                f"rest of the {mesh.sp} sequence-parallel ranks on ring_degree (e.g. "
+                f"ulysses={max(ok)}, ring={mesh.sp // max(ok)})."
+            )
+        sa = sdpa_args(node)
+        q, k, v, mask = sa["query"], sa["key"], sa["value"], sa["attn_mask"]
+        kwargs = dict(
+            q_segments=spec["q_segments"], kv_segments=spec["kv_segments"],
+            scale=sa["scale"], ulysses=mesh.ulysses, ring=mesh.ring,
+            sp_group=names.get("sp", "sp"), ulysses_group=names.get("ulysses", "ulysses"),
+            ring_group=names.get("ring", "ring"),
+        )
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(sp_attn.sp_attention, (q, k, v, mask), kwargs)
+        new.meta = {k2: v2 for k2, v2 in node.meta.items() if k2 != "xfx.created_by"}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        new.name = f"sp_attention_{site.index}"
+        sites[site.kind if site.kind in sites else "self"] += 1
+    total = sum(sites.values())
+    how = "+".join(a for a, d in (("ulysses", mesh.ulysses), ("ring", mesh.ring)) if d > 1) or "local"
+    return PassResult(gm, changed=total > 0,
+                      summary=f"{total} attention sites -> {how} ({sites['self']} self, {sites['joint']} joint, "
+                              f"{sites['cross']} cross)",
+                      counts={"sp_attention_sites": total, **{f"{k}_sites": v for k, v in sites.items()}})

@@ -1,0 +1,149 @@
+"""`Plan`: how to spread one DiT over ranks. Frozen, validated, serialisable; no torch.distributed here.
+
+Mesh axes, outer to inner: ``dp, cfg, pipefusion, ring, ulysses``. Ulysses is innermost because it is the
+most communication-hungry axis (four all-to-alls per attention); keep it inside a node.
+
+Choosing between the two sequence-parallel axes:
+
+* **Ulysses** (``ulysses=N``) swaps the sequence split for a head split around each attention with
+  all-to-alls. Cheap in bytes ((N-1)/N of q, k, v and the output per site) and exact, but the number of
+  attention heads must be divisible by N.
+* **Ring** (``ring=N``) keeps queries local and passes key/value chunks around a ring, merging partial
+  softmaxes with their log-sum-exp. No head constraint; moves (N-1) local K/V chunks per site, and the
+  merge changes the summation order (close, not bit-exact).
+* **USP** (both) uses Ulysses inside groups of ``ulysses`` ranks and ring across them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PlanError
+
+#: Mesh axes from outermost to innermost.
+AXES = ("dp", "cfg", "pipefusion", "ring", "ulysses")
+#: Axes whose passes exist; the others are accepted and validated, then refused until implemented.
+SUPPORTED_AXES = ("ring", "ulysses")
+
+_SHORT_NAMES = {
+    "dp": "dp_degree",
+    "cfg": "cfg_degree",
+    "pipefusion": "pipefusion_degree",
+    "ring": "ring_degree",
+    "ulysses": "ulysses_degree",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to parallelize one diffusion transformer.
+
+    The product ``dp * cfg * pipefusion * ring * ulysses`` must equal the number of ranks the module runs
+    on. Validation that needs no model happens here; validation that needs the graph (heads divisible by
+    ``ulysses_degree``) happens in the pass that needs it, naming the attention node.
+
+    Args:
+        ulysses_degree: ranks that split attention heads with all-to-alls (needs heads % degree == 0).
+        ring_degree: ranks that pass key/value chunks around a ring (no head constraint).
+        cfg_degree: ranks that split the classifier-free-guidance batch (not yet supported).
+        pipefusion_degree: pipeline stages over the block stack (not yet supported).
+        dp_degree: data-parallel replicas (not yet supported).
+        compile: run the rewritten graph through ``torch.compile`` (Inductor).
+        debug_dump_dir: if set, every pass writes a snapshot of the graph there.
+    """
+
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    cfg_degree: int = 1
+    pipefusion_degree: int = 1
+    dp_degree: int = 1
+    compile: bool = False
+    debug_dump_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for axis, field in _SHORT_NAMES.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PlanError(f"Plan.{field} must be an integer >= 1, got {value!r}.")
+        for axis, field in _SHORT_NAMES.items():
+            if axis not in SUPPORTED_AXES and getattr(self, field) > 1:
+                raise PlanError(
+                    f"Plan.{field}={getattr(self, field)}: the '{axis}' axis is not yet supported; "
+                    f"this version parallelizes over {' and '.join(SUPPORTED_AXES)} only. "
+                    f"Set {field}=1."
+                )
+
+    # ---- sizes --------------------------------------------------------------------------------------
+    def degree(self, axis: str) -> int:
+        return getattr(self, _SHORT_NAMES[axis])
+
+    @property
+    def world_size(self) -> int:
+        size = 1
+        for axis in AXES:
+            size *= self.degree(axis)
+        return size
+
+    @property
+    def sequence_parallel_degree(self) -> int:
+        """Ranks that share one token sequence: ring * ulysses."""
+        return self.ring_degree * self.ulysses_degree
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise PlanError, showing the arithmetic, if the plan does not fill exactly `world_size` ranks."""
+        if self.world_size != world_size:
+            product = " * ".join(f"{axis}({self.degree(axis)})" for axis in AXES)
+            raise PlanError(
+                f"{product} = {self.world_size} != world_size({world_size}). "
+                f"Launch {self.world_size} processes (e.g. `xdit-fx run --nproc {self.world_size} ...` or "
+                f"`torchrun --nproc_per_node {self.world_size}`), or change the degrees."
+            )
+
+    # ---- serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"Unknown Plan field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_string(cls, text: str) -> "Plan":
+        """Parse ``"ulysses=2,ring=2"``. Keys are axis names (or full field names), ``compile``."""
+        fields: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or not value:
+                raise PlanError(f"Plan string item {item!r} is not of the form key=value (e.g. 'ulysses=2').")
+            name = _SHORT_NAMES.get(key, key)
+            if name == "compile":
+                if value.lower() not in ("0", "1", "true", "false"):
+                    raise PlanError(f"compile={value!r}: use compile=1 or compile=0.")
+                fields[name] = value.lower() in ("1", "true")
+            elif name in _SHORT_NAMES.values():
+                try:
+                    fields[name] = int(value)
+                except ValueError:
+                    raise PlanError(f"{key}={value!r}: a degree must be an integer.") from None
+            else:
+                raise PlanError(
+                    f"Unknown plan key {key!r}; use one of {', '.join(AXES)}, compile (e.g. 'ulysses=2,ring=2')."
+                )
+        return cls(**fields)
+
+    def to_string(self) -> str:
+        parts = [f"{axis}={self.degree(axis)}" for axis in AXES if self.degree(axis) > 1]
+        if self.compile:
+            parts.append("compile=1")
+        return ",".join(parts) or "serial"

@@ -1,0 +1,217 @@
+"""Collectives that rewritten graphs call: torch.library custom ops with fake implementations.
+
+Being custom ops, they trace cleanly into torch.compile graphs (Inductor sees an opaque op with known
+output shape) and their Python bodies always run, so every byte they move is counted in `COMM`.
+Groups are passed by their c10d group name (a string), as torch's functional collectives do.
+
+Byte accounting: each op adds the bytes *this rank receives from other ranks*.
+  all_to_all over N ranks: (N-1)/N of the local tensor; all_gather: (N-1) local tensors;
+  ring attention: the K and V chunks received at each of the N-1 steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+
+class CommCounter:
+    """Bytes received per mesh axis and op, since the last reset (one per process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.axis_of_group: dict[str, str] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.bytes: dict[tuple[str, str], int] = defaultdict(int)
+            self.calls: dict[tuple[str, str], int] = defaultdict(int)
+
+    def add(self, group_name: str, op: str, nbytes: int) -> None:
+        axis = self.axis_of_group.get(group_name, group_name)
+        with self._lock:
+            self.bytes[(axis, op)] += int(nbytes)
+            self.calls[(axis, op)] += 1
+
+    def total(self, axis: str | None = None, op: str | None = None) -> int:
+        return sum(v for (a, o), v in self.bytes.items() if (axis is None or a == axis) and (op is None or o == op))
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (axis, op), v in sorted(self.bytes.items()):
+            out.setdefault(axis, {})[op] = v
+        return out
+
+
+COMM = CommCounter()
+
+
+def _group(name: str):
+    return _resolve_process_group(name)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ---- all_to_all --------------------------------------------------------------------------------------
+
+@torch.library.custom_op("xdit_fx::all_to_all", mutates_args=())
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: str) -> torch.Tensor:
+    """Split `x` into N chunks along `scatter_dim`, send chunk i to rank i, concatenate what arrives
+    along `gather_dim` (in rank order)."""
+    pg = _group(group)
+    n = dist.get_world_size(pg)
+    if n == 1:
+        return x.clone()
+    chunks = x.chunk(n, dim=scatter_dim)
+    send = torch.stack([c.contiguous() for c in chunks], dim=0).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=pg)
+    COMM.add(group, "all_to_all", _nbytes(send) * (n - 1) // n)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+@all_to_all.register_fake
+def _(x, scatter_dim, gather_dim, group):
+    n = dist.get_world_size(_group(group))
+    shape = list(x.shape)
+    shape[scatter_dim] //= n
+    shape[gather_dim] *= n
+    return x.new_empty(shape)
+
+
+# ---- shard / gather along one dim ------------------------------------------------------------------
+
+@torch.library.custom_op("xdit_fx::shard", mutates_args=())
+def shard(x: torch.Tensor, dim: int, padded_len: int, group: str) -> torch.Tensor:
+    """This rank's contiguous chunk of `x` along `dim` after zero-padding it to `padded_len`. No comm."""
+    pg = _group(group)
+    n, r = dist.get_world_size(pg), dist.get_rank(pg)
+    chunk = padded_len // n
+    start = r * chunk
+    avail = max(0, min(chunk, x.shape[dim] - start))
+    piece = x.narrow(dim, min(start, x.shape[dim]), avail)
+    if avail == chunk:
+        return piece.clone()
+    pad_shape = list(x.shape)
+    pad_shape[dim] = chunk - avail
+    return torch.cat([piece, x.new_zeros(pad_shape)], dim=dim)
+
+
+@shard.register_fake
+def _(x, dim, padded_len, group):
+    n = dist.get_world_size(_group(group))
+    shape = list(x.shape)
+    shape[dim] = padded_len // n
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("xdit_fx::all_gather", mutates_args=())
+def all_gather(x: torch.Tensor, dim: int, length: int, group: str) -> torch.Tensor:
+    """Concatenate every rank's `x` along `dim` (rank order), then keep the first `length` entries."""
+    pg = _group(group)
+    n = dist.get_world_size(pg)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x, group=pg)
+    COMM.add(group, "all_gather", _nbytes(x) * (n - 1))
+    return torch.cat(parts, dim=dim).narrow(dim, 0, length).clone()
+
+
+@all_gather.register_fake
+def _(x, dim, length, group):
+    shape = list(x.shape)
+    shape[dim] = length
+    return x.new_empty(shape)
+
+
+def _local_len(length: int, sharded: bool, n: int) -> int:
+    return -(-length // n) if sharded else length
+
+
+def shard_tokens(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group: str, n: int) -> torch.Tensor:
+    """Full -> local for a token dim made of segments ((length, sharded), ...): sharded segments are
+    chunked (padded to a multiple of n), replicated ones kept whole."""
+    if len(segments) == 1:
+        length, sharded = segments[0]
+        return shard(x, dim, -(-length // n) * n, group) if sharded else x
+    pieces = x.split([s[0] for s in segments], dim=dim)
+    out = [shard(p, dim, -(-length // n) * n, group) if sharded else p
+           for p, (length, sharded) in zip(pieces, segments)]
+    return torch.cat(out, dim=dim)
+
+
+def gather_tokens(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group: str, n: int) -> torch.Tensor:
+    """Local -> full, the inverse of `shard_tokens`."""
+    if len(segments) == 1:
+        length, sharded = segments[0]
+        return all_gather(x, dim, length, group) if sharded else x
+    pieces = x.split([_local_len(length, sharded, n) for length, sharded in segments], dim=dim)
+    out = [all_gather(p, dim, length, group) if sharded else p for p, (length, sharded) in zip(pieces, segments)]
+    return torch.cat(out, dim=dim)
+
+
+# ---- ring attention ----------------------------------------------------------------------------------
+
+def attention_with_lse(q, k, v, bias, scale):
+    """Attention output and log-sum-exp over the keys: (out [B,H,L,D], lse [B,H,L])."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        return out, lse
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    return out, lse
+
+
+@torch.library.custom_op("xdit_fx::ring_attention", mutates_args=())
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   scale: float, group: str) -> torch.Tensor:
+    """Attention of local queries over the keys/values of every rank of `group`, passed around a ring.
+
+    `bias`, if given, covers all keys in rank order: [..., Lq, N * Lk]; step j uses the slice of the rank
+    whose chunk is held then. Partial results are merged with their log-sum-exp."""
+    pg = _group(group)
+    n, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    lk = k.shape[-2]
+    out = lse = None
+    kv = torch.stack([k, v]).contiguous()
+    for step in range(n):
+        src = (rank - step) % n
+        if step < n - 1:
+            nxt = torch.empty_like(kv)
+            ops = [dist.P2POp(dist.isend, kv, dist.get_global_rank(pg, (rank + 1) % n), pg),
+                   dist.P2POp(dist.irecv, nxt, dist.get_global_rank(pg, (rank - 1) % n), pg)]
+            reqs = dist.batch_isend_irecv(ops)
+        b = bias[..., src * lk:(src + 1) * lk] if bias is not None else None
+        o, l = attention_with_lse(q, kv[0], kv[1], b, scale)
+        o, l = o.float(), l.float()
+        o = torch.where(torch.isfinite(l).unsqueeze(-1), o, torch.zeros_like(o))
+        if out is None:
+            out, lse = o, l
+        else:
+            new = torch.logaddexp(lse, l)
+            w_old = torch.exp(lse - new).nan_to_num(0.0).unsqueeze(-1)
+            w_new = torch.exp(l - new).nan_to_num(0.0).unsqueeze(-1)
+            out, lse = out * w_old + o * w_new, new
+        if step < n - 1:
+            for r in reqs:
+                r.wait()
+            COMM.add(group, "ring_p2p", _nbytes(nxt))
+            kv = nxt
+    return out.to(q.dtype)
+
+
+@ring_attention.register_fake
+def _(q, k, v, bias, scale, group):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))

@@ -1,0 +1,76 @@
+"""ParallelModule: the drop-in replacement `parallelize` returns.
+
+The wrapped model's forward is captured by dynamo (`torch.compile` with an xdit_fx backend) on the first
+call per input signature; dynamo's guards cache the result. Each captured graph is rewritten by the
+passes the plan needs, then run as is or compiled by Inductor (`Plan(compile=True)`). If dynamo splits
+the forward into several graphs, each is parallelized on its own: whole tensors in, whole tensors out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
+from ..plan import Plan
+from .collectives import COMM
+from .mesh import ProcessGroups
+
+log = logging.getLogger(__name__)
+
+
+class ParallelModule(nn.Module):
+    """Same call signature and outputs as the wrapped model; runs over the plan's process groups.
+
+    Attributes other than these fall through to the wrapped model (``config``, ``dtype``, ...), so
+    diffusers pipelines can use it in place of their transformer.
+
+    Attributes:
+        plan: the Plan.
+        histories: one GraphHistory per captured graph (what each pass did).
+        last_comm: bytes received per mesh axis and op during the last forward.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, groups: ProcessGroups | None) -> None:
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.groups = groups
+        self.histories: list[GraphHistory] = []
+        self.last_comm: dict[str, dict[str, int]] = {}
+        self._compiled = torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False)
+
+    def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
+        plan = self.plan
+        ctx = PassContext(plan=plan, mesh=MeshSpec(ring=plan.ring_degree, ulysses=plan.ulysses_degree),
+                          groups=self.groups)
+        history = GraphHistory()
+        render = None
+        if plan.debug_dump_dir:
+            from ..dump import render_graph
+            render = render_graph
+        gm = run_pipeline(gm, build_pipeline(plan), ctx, history, render)
+        self.histories.append(history)
+        if plan.debug_dump_dir:
+            from ..dump import write_dump
+            write_dump(history, plan, f"{plan.debug_dump_dir}/graph{len(self.histories) - 1}")
+        if plan.compile:
+            from torch._inductor.compile_fx import compile_fx
+            return compile_fx(gm, example_inputs)
+        return gm.forward
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        COMM.reset()
+        out = self._compiled(*args, **kwargs)
+        self.last_comm = COMM.snapshot()
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
