@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ZooModel", "ZOO", "get", "ScratchDiT"]
+__all__ = ["ZooModel", "ZOO", "get", "ScratchDiT", "build_flux", "flux_inputs"]
 
 
 @dataclass(frozen=True)
@@ -159,39 +159,49 @@ def _scratch_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -> dict
 # --------------------------------------------------------------------------------------------
 
 
-def _flux_model() -> nn.Module:
+def build_flux(num_layers: int = 1, num_single_layers: int = 1, heads: int = 4, head_dim: int = 16,
+               text_dim: int = 32, axes_dims_rope: tuple[int, ...] = (4, 6, 6)) -> nn.Module:
+    """A Flux-architecture transformer (random weights): double-stream then single-stream blocks."""
     from diffusers import FluxTransformer2DModel
 
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,  # packed latents: 4 channels x 2x2
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=text_dim,
         guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
+        axes_dims_rope=axes_dims_rope,
     )
 
 
-def _flux_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -> dict:
+def flux_inputs(h: int, w: int, txt: int, text_dim: int = 32, seed: int = 0, batch: int = 1) -> dict:
+    """Inputs for `build_flux`: an h x w grid of packed latent tokens and `txt` text tokens."""
     g = torch.Generator().manual_seed(seed)
-    h, w = (3, 5) if uneven else (4, 4)  # packed latent grid: 15 vs 16 image tokens
-    txt = _text_len(uneven)
     img_ids = torch.zeros(h, w, 3)
     img_ids[..., 1] = torch.arange(h, dtype=torch.float32)[:, None]
     img_ids[..., 2] = torch.arange(w, dtype=torch.float32)[None, :]
     return {
         "hidden_states": _randn(g, batch, h * w, 16),
-        "encoder_hidden_states": _randn(g, batch, txt, 32),
-        "pooled_projections": _randn(g, batch, 32),
+        "encoder_hidden_states": _randn(g, batch, txt, text_dim),
+        "pooled_projections": _randn(g, batch, text_dim),
         "timestep": torch.rand(batch, generator=g),
         "img_ids": img_ids.reshape(h * w, 3),
         "txt_ids": torch.zeros(txt, 3),
         "return_dict": False,
     }
+
+
+def _flux_model() -> nn.Module:
+    return build_flux()
+
+
+def _flux_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -> dict:
+    h, w = (3, 5) if uneven else (4, 4)  # packed latent grid: 15 vs 16 image tokens
+    return flux_inputs(h, w, _text_len(uneven), seed=seed, batch=batch)
 
 
 def _sd3_model() -> nn.Module:

@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
+from ..errors import XditFxError
 from ..plan import Plan
 from .collectives import COMM
 from .mesh import ProcessGroups
@@ -65,7 +66,13 @@ class ParallelModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         COMM.reset()
-        out = self._compiled(*args, **kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # show our error, not dynamo's wrapper
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, XditFxError):
+                raise inner.with_traceback(None) from None
+            raise
         self.last_comm = COMM.snapshot()
         return out
 

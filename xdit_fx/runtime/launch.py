@@ -1,0 +1,40 @@
+"""Start N local processes through torchrun's launcher API (torch.distributed.launcher).
+
+torchrun's agent watches the workers: when one fails, the others are stopped and the error is raised
+here with the failing rank, so a crashed rank never leaves its peers waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from typing import Any, Callable, Sequence
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(entrypoint: Callable[..., Any] | str, nproc: int, args: Sequence[Any] = (),
+           env: dict[str, str] | None = None) -> dict[int, Any]:
+    """Run `entrypoint(*args)` (a picklable function, or a program path run with `args`) on `nproc`
+    local processes with RANK/WORLD_SIZE/MASTER_* set; return {rank: return value}."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if env:
+        os.environ.update(env)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"xdit-fx-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+        monitor_interval=0.1, start_method="spawn",
+    )
+    return elastic_launch(config, entrypoint)(*args)
+
+
+def run_script(script: str, nproc: int, script_args: Sequence[str]) -> None:
+    """`xdit-fx run --nproc N script.py args...`: run a Python script on N local processes."""
+    launch(sys.executable, nproc, ["-u", script, *script_args])
