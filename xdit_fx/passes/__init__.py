@@ -8,13 +8,13 @@ from .base import (GraphHistory, GraphPass, MeshSpec, PassContext, PassInfo, Pas
 from .sequence_parallel import infer_token_dims, parallelize_attention, shard_sequence
 
 ALL_PASSES: tuple[GraphPass, ...] = (
-    find_transformer_blocks, find_attention, infer_token_dims, shard_sequence, parallelize_attention,
+    find_attention, find_transformer_blocks, infer_token_dims, shard_sequence, parallelize_attention,
 )
 
 
 def build_pipeline(plan) -> list[GraphPass]:
     """The passes a plan needs, in order."""
-    passes: list[GraphPass] = [find_transformer_blocks, find_attention]  # analysis first
+    passes: list[GraphPass] = [find_attention, find_transformer_blocks]  # analysis first
     if plan.sequence_parallel_degree > 1:
         # token dims need the attention sites (a space is sharded if it is a query and key sequence);
         # sharding must run before attention is rewritten (it marks which sites run on local shards)

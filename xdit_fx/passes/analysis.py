@@ -42,22 +42,6 @@ def block_of(path: str) -> str | None:
     return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
-@graph_pass(writes=[META_BLOCK], mutates_graph=False)
-def find_transformer_blocks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Tag every node computed inside a repeated block (a ModuleList entry) with that block's path."""
-    stacks: Counter[str] = Counter()
-    seen = set()
-    for node in gm.graph.nodes:
-        block = block_of(module_path(node))
-        if block is not None:
-            node.meta[META_BLOCK] = block
-            if block not in seen:
-                seen.add(block)
-                stacks[block.rsplit(".", 1)[0]] += 1
-    summary = ", ".join(f"{name} x{n}" for name, n in stacks.items()) or "no repeated blocks"
-    return PassResult(gm, changed=False, summary=summary, counts={"blocks": len(seen)})
-
-
 @graph_pass(writes=[META_ATTENTION], mutates_graph=False)
 def find_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Record an AttentionSite on every scaled_dot_product_attention node."""
@@ -76,3 +60,24 @@ def find_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         )
         sites += 1
     return PassResult(gm, changed=False, summary=f"{sites} attention sites", counts={"attention_sites": sites})
+
+
+@graph_pass(reads=[META_ATTENTION], writes=[META_BLOCK], mutates_graph=False)
+def find_transformer_blocks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Tag every node computed inside a transformer block: an entry of a module list that holds attention."""
+    stacks = set()
+    for node in gm.graph.nodes:
+        site = node.meta.get(META_ATTENTION)
+        if site is not None and site.block is not None:
+            stacks.add(site.block.rsplit(".", 1)[0])
+    per_stack: Counter[str] = Counter()
+    seen = set()
+    for node in gm.graph.nodes:
+        block = block_of(module_path(node))
+        if block is not None and block.rsplit(".", 1)[0] in stacks:
+            node.meta[META_BLOCK] = block
+            if block not in seen:
+                seen.add(block)
+                per_stack[block.rsplit(".", 1)[0]] += 1
+    summary = ", ".join(f"{name} x{n}" for name, n in per_stack.items()) or "no transformer blocks"
+    return PassResult(gm, changed=False, summary=summary, counts={"blocks": len(seen)})

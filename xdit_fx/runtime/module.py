@@ -33,6 +33,7 @@ class ParallelModule(nn.Module):
     Attributes:
         plan: the Plan.
         histories: one GraphHistory per captured graph (what each pass did).
+        graphs: the rewritten GraphModules, in capture order.
         last_comm: bytes received per mesh axis and op during the last forward.
     """
 
@@ -42,6 +43,7 @@ class ParallelModule(nn.Module):
         self.plan = plan
         self.groups = groups
         self.histories: list[GraphHistory] = []
+        self.graphs: list[fx.GraphModule] = []
         self.last_comm: dict[str, dict[str, int]] = {}
         self._compiled = torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False)
 
@@ -56,6 +58,7 @@ class ParallelModule(nn.Module):
             render = render_graph
         gm = run_pipeline(gm, build_pipeline(plan), ctx, history, render)
         self.histories.append(history)
+        self.graphs.append(gm)
         if plan.debug_dump_dir:
             from ..dump import write_dump
             write_dump(history, plan, f"{plan.debug_dump_dir}/graph{len(self.histories) - 1}")

@@ -1,0 +1,233 @@
+"""Unit tests of the dim-correspondence rules and the token-space union-find (xdit_fx.passes.token_dims).
+
+Each test captures a tiny module with dynamo (the same capture path as `parallelize`), runs `infer` on the
+graph and checks which (tensor, dim) pairs end up in one token space. Nothing here rewrites a graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from xdit_fx.passes.token_dims import TokenDims, infer, reshape_groups, rule_for
+
+B, S, T, H, D = 2, 6, 3, 2, 4  # batch, image tokens, text tokens, heads, head dim
+
+
+def capture(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
+    """The GraphModule dynamo captures for one call of `model(*inputs)` (fullgraph, static shapes)."""
+    graphs: list[fx.GraphModule] = []
+
+    def recorder(gm: fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=recorder, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        compiled(*inputs)
+    assert len(graphs) == 1
+    return graphs[0]
+
+
+def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
+    """The graph input for the forward argument `name` (dynamo names it L_<name>_)."""
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.target == f"L_{name}_":
+            return n
+    raise KeyError(name)
+
+
+def outputs(gm: fx.GraphModule) -> list[fx.Node]:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return list(out.args[0])
+
+
+def linked(td: TokenDims, a: fx.Node, da: int, b: fx.Node, db: int) -> bool:
+    return td.find((a, None, da)) == td.find((b, None, db))
+
+
+# ---- (a) reshape_groups: pure shape arithmetic -----------------------------------------------------
+
+@pytest.mark.parametrize("src, dst, expected", [
+    ((2, 6, 8), (2, 6, 8), [([0], [0]), ([1], [1]), ([2], [2])]),            # identity
+    ((2, 6, 8), (2, 6, 2, 4), [([0], [0]), ([1], [1]), ([2], [2, 3])]),      # split heads
+    ((2, 6, 2, 4), (2, 6, 8), [([0], [0]), ([1], [1]), ([2, 3], [2])]),      # merge heads
+    ((2, 3, 4, 5), (2, 3, 20), [([0], [0]), ([1], [1]), ([2, 3], [2])]),     # flatten(2)
+    ((2, 12), (2, 3, 4), [([0], [0]), ([1], [1, 2])]),                       # unflatten
+    ((2, 6), (2, 1, 6), [([0], [0]), ([], [1]), ([1], [2])]),                # unsqueeze: size-1 alone
+    ((2, 1, 6), (2, 6), [([0], [0]), ([1], []), ([2], [1])]),            # squeeze
+    ((6, 4), (4, 6), [([0, 1], [0, 1])]),                                    # no common boundary
+])
+def test_reshape_groups(src, dst, expected):
+    assert reshape_groups(src, dst) == expected
+
+
+def test_reshape_groups_mismatched_numel_is_none():
+    assert reshape_groups((2, 6), (2, 5)) is None
+    assert reshape_groups((2, 6), (2, 6, 2)) is None
+
+
+# ---- (b) linear + layernorm + gelu + residual ------------------------------------------------------
+
+class _MLPBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def test_token_dim_survives_linear_norm_gelu_residual():
+    gm = capture(_MLPBlock(), torch.randn(B, S, 8))
+    td = infer(gm.graph)
+    x, (y,) = placeholder(gm, "x"), outputs(gm)
+    assert linked(td, x, 1, y, 1)
+    assert linked(td, x, 0, y, 0)
+    assert not linked(td, x, 1, y, 0)
+    # every intermediate (layer_norm, linear, gelu, linear, add) carries the same token dim
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            assert linked(td, x, 1, n, 1), n.name
+    assert td.conflicts == []
+
+
+# ---- (c) view to heads, then transpose -------------------------------------------------------------
+
+class _Heads(nn.Module):
+    def forward(self, x):
+        b, s, _ = x.shape
+        return x.view(b, s, H, D).transpose(1, 2)
+
+
+def test_view_then_transpose_moves_token_dim_to_2():
+    gm = capture(_Heads(), torch.randn(B, S, H * D))
+    td = infer(gm.graph)
+    x, (y,) = placeholder(gm, "x"), outputs(gm)
+    assert tuple(y.meta["example_value"].shape) == (B, H, S, D)
+    assert linked(td, x, 1, y, 2)
+    assert not linked(td, x, 1, y, 1)
+    assert linked(td, x, 0, y, 0)
+    # the split feature dim is not linked to anything of x (one dim became two)
+    assert not any(linked(td, x, 2, y, d) for d in range(4))
+
+
+# ---- (d) concatenation makes a composite space; slices and splits pick segments ------------------
+
+class _JointCat(nn.Module):
+    def forward(self, text, image):
+        joint = torch.cat([text, image], dim=1) * 2.0
+        t1, i1 = joint[:, :T], joint[:, T:]
+        t2, i2 = joint.split([T, S], dim=1)
+        return joint, t1, i1, t2, i2
+
+
+def test_cat_is_composite_of_its_inputs_and_slices_resolve_to_segments():
+    gm = capture(_JointCat(), torch.randn(B, T, 8), torch.randn(B, S, 8))
+    td = infer(gm.graph)
+    text, image = placeholder(gm, "text"), placeholder(gm, "image")
+    joint, t1, i1, t2, i2 = outputs(gm)
+
+    segs = td.segments((joint, None, 1))
+    assert segs == [td.find((text, None, 1)), td.find((image, None, 1))]
+    assert td.space_size((joint, None, 1)) == T + S
+    # the composite itself is neither of its segments
+    assert not linked(td, joint, 1, text, 1) and not linked(td, joint, 1, image, 1)
+    # basic slicing at the segment boundary gives each segment back
+    assert linked(td, t1, 1, text, 1) and linked(td, i1, 1, image, 1)
+    # split at the boundary: getitem(split, i) resolves through the split's tuple slots
+    assert linked(td, t2, 1, text, 1) and linked(td, i2, 1, image, 1)
+    assert td.segments((t2, None, 1)) == [td.find((text, None, 1))]
+    # feature and batch dims of the concatenation are shared by both inputs
+    assert linked(td, text, 2, image, 2) and linked(td, joint, 0, image, 0)
+
+
+class _OffBoundarySlice(nn.Module):
+    def forward(self, text, image):
+        joint = torch.cat([text, image], dim=1)
+        return joint[:, : T + 1]
+
+
+def test_slice_off_segment_boundary_resolves_to_nothing():
+    gm = capture(_OffBoundarySlice(), torch.randn(B, T, 8), torch.randn(B, S, 8))
+    td = infer(gm.graph)
+    (y,) = outputs(gm)
+    text, image = placeholder(gm, "text"), placeholder(gm, "image")
+    assert not linked(td, y, 1, text, 1) and not linked(td, y, 1, image, 1)
+    assert td.segments((y, None, 1)) == [td.find((y, None, 1))]
+
+
+# ---- (e) merging dims links nothing --------------------------------------------------------------
+
+class _Flatten(nn.Module):
+    def forward(self, x):
+        return x.flatten(2)
+
+
+def test_flatten_merging_spatial_dims_does_not_link_them():
+    h, w = 3, 4
+    gm = capture(_Flatten(), torch.randn(B, 5, h, w))
+    td = infer(gm.graph)
+    x, (y,) = placeholder(gm, "x"), outputs(gm)
+    assert tuple(y.meta["example_value"].shape) == (B, 5, h * w)
+    assert linked(td, x, 0, y, 0) and linked(td, x, 1, y, 1)
+    for dx in (2, 3):
+        assert not any(linked(td, x, dx, y, dy) for dy in range(3))
+
+
+# ---- (f) reduction over the token dim ----------------------------------------------------------------
+
+class _SumTokens(nn.Module):
+    def forward(self, x):
+        return x.sum(dim=1), x.mean(dim=1, keepdim=True)
+
+
+def test_sum_over_token_dim_links_nothing_for_that_dim():
+    gm = capture(_SumTokens(), torch.randn(B, S, 8))
+    td = infer(gm.graph)
+    x, (s, m) = placeholder(gm, "x"), outputs(gm)
+    assert tuple(s.meta["example_value"].shape) == (B, 8)
+    assert linked(td, x, 0, s, 0) and linked(td, x, 2, s, 1)
+    assert not any(linked(td, x, 1, s, d) for d in range(2))
+    # keepdim: the reduced dim stays, as a size-1 dim of its own
+    assert linked(td, x, 2, m, 2)
+    assert not any(linked(td, x, 1, m, d) for d in range(3))
+
+
+# ---- (g) ops without a rule ------------------------------------------------------------------------
+
+class _NoRule(nn.Module):
+    def forward(self, x):
+        return torch.fft.fft(x, dim=1).real, torch.logcumsumexp(x, dim=1)
+
+
+class _AlongDim(nn.Module):
+    def forward(self, x):
+        return torch.cumsum(x, dim=1), x.sort(dim=1).values
+
+
+def test_op_without_rule_links_nothing():
+    gm = capture(_NoRule(), torch.randn(B, S, 8))
+    td = infer(gm.graph)
+    x = placeholder(gm, "x")
+    no_rule = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is not getattr]
+    assert len(no_rule) == 2
+    for n in no_rule:
+        assert rule_for(n) is None, n.name
+        assert td.rules[n] is None
+        assert not any(linked(td, x, dx, n, dn) for dx in range(3) for dn in range(3)), n.name
+
+
+def test_along_dim_ops_keep_every_dim_but_the_one_they_scan():
+    gm = capture(_AlongDim(), torch.randn(B, S, 8))
+    td = infer(gm.graph)
+    x, (c, s) = placeholder(gm, "x"), outputs(gm)
+    for y in (c, s):
+        assert linked(td, x, 0, y, 0) and linked(td, x, 2, y, 2)
+        assert not linked(td, x, 1, y, 1)
