@@ -6,6 +6,9 @@ The rewritten graph is only inspected, never executed, so no process group is ne
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import math
 
 import pytest
@@ -108,6 +111,21 @@ class JointDiT(nn.Module):
         return x
 
 
+class ThreeHeads(nn.Module):
+    """One attention with 3 heads: not divisible by ulysses_degree=2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(8, 12)
+        self.blocks = nn.ModuleList([Attention(12, heads=3)])
+
+    def forward(self, x):
+        h = self.proj_in(x)
+        for attn in self.blocks:
+            h = h + attn(h)
+        return h
+
+
 class MLPStack(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -136,16 +154,30 @@ def capture(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
     return graphs[0]
 
 
-def image(seq: int = 6) -> torch.Tensor:
-    return torch.randn(2, seq, 8)
+def _dit(seq=6, depth=2, heads=4, self_attn=True, cross=False, no_rule=None):
+    inputs = (torch.randn(2, seq, 8),) + ((torch.randn(2, TEXT_LEN, TEXT_DIM),) if cross else ())
+    return DiT(depth, heads, self_attn, cross, no_rule), inputs
 
 
-def text() -> torch.Tensor:
-    return torch.randn(2, TEXT_LEN, TEXT_DIM)
+MODELS = {
+    "dit": _dit,
+    "joint": lambda seq=6: (JointDiT(), (torch.randn(2, seq, DIM), torch.randn(2, TEXT_LEN, DIM))),
+    "mlp": lambda: (MLPStack(), (torch.randn(2, 6, 8),)),
+    "three_heads": lambda: (ThreeHeads(), (torch.randn(2, 6, 8),)),
+}
 
 
-def joint_inputs(seq: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(2, seq, DIM), torch.randn(2, TEXT_LEN, DIM)
+@functools.lru_cache(maxsize=None)
+def _captured(name: str, options: tuple) -> fx.GraphModule:
+    model, inputs = MODELS[name](**dict(options))
+    return capture(model, *inputs)
+
+
+def graph(name: str, **options) -> fx.GraphModule:
+    """A fresh copy of the captured graph of MODELS[name](**options) (each model is captured once)."""
+    bound = inspect.signature(MODELS[name]).bind(**options)
+    bound.apply_defaults()
+    return copy.deepcopy(_captured(name, tuple(sorted(bound.arguments.items()))))
 
 
 PLAN = Plan(ulysses_degree=2)
@@ -182,7 +214,7 @@ def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
 # ---- analysis passes -------------------------------------------------------------------------------
 
 def test_find_transformer_blocks_tags_block_nodes():
-    gm, snaps = run(capture(DiT(depth=3), image()), upto="find_transformer_blocks")
+    gm, snaps = run(graph("dit", depth=3), upto="find_transformer_blocks")
     tags = {n.name: n.meta.get(META_BLOCK) for n in gm.graph.nodes if n.op == "call_function"}
     assert {t for t in tags.values() if t} == {"blocks.0", "blocks.1", "blocks.2"}
     sdpas = [n for n in gm.graph.nodes if is_sdpa(n)]
@@ -198,8 +230,7 @@ def test_find_transformer_blocks_tags_block_nodes():
 
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "self+cross"])
 def test_find_attention_records_sites(cross):
-    args = (image(6), text()) if cross else (image(6),)
-    gm, snaps = run(capture(DiT(depth=2, cross=cross), *args), upto="find_attention")
+    gm, snaps = run(graph("dit", cross=cross), upto="find_attention")
     sites = [n.meta[META_ATTENTION] for n in gm.graph.nodes if is_sdpa(n)]
     assert len(sites) == (4 if cross else 2)
     assert [s.index for s in sites] == list(range(len(sites)))
@@ -216,7 +247,7 @@ def test_find_attention_records_sites(cross):
 
 
 def test_infer_token_dims_classifies_sites_and_shards_one_space():
-    gm, snaps = run(capture(DiT(depth=2, cross=True), image(), text()), upto="infer_token_dims")
+    gm, snaps = run(graph("dit", cross=True), upto="infer_token_dims")
     kinds = {n.meta[META_ATTENTION].module: n.meta[META_ATTENTION].kind for n in gm.graph.nodes if is_sdpa(n)}
     assert kinds == {"blocks.0.attn": "self", "blocks.1.attn": "self",
                      "blocks.0.cross": "cross", "blocks.1.cross": "cross"}
@@ -224,8 +255,7 @@ def test_infer_token_dims_classifies_sites_and_shards_one_space():
 
 
 def test_cross_attention_only_shards_nothing():
-    model = DiT(depth=2, self_attn=False, cross=True)
-    gm = capture(model, image(), text())
+    gm = graph("dit", self_attn=False, cross=True)
     code = gm.code
     gm, snaps = run(gm)
     assert [n.meta[META_ATTENTION].kind for n in gm.graph.nodes if is_sdpa(n)] == ["cross", "cross"]
@@ -235,7 +265,7 @@ def test_cross_attention_only_shards_nothing():
 
 
 def test_joint_attention_shards_both_segments():
-    gm, snaps = run(capture(JointDiT(), *joint_inputs(6)))
+    gm, snaps = run(graph("joint"))
     assert snaps["infer_token_dims"].counts["token_spaces"] == 2  # text and image
     sps = calls(gm, sp_attention)
     assert len(sps) == 2 and not any(is_sdpa(n) for n in gm.graph.nodes)
@@ -247,7 +277,7 @@ def test_joint_attention_shards_both_segments():
 
 
 def test_analysis_passes_leave_the_graph_unchanged():
-    gm = capture(DiT(), image())
+    gm = graph("dit")
     code = gm.code
     gm, snaps = run(gm, upto="infer_token_dims")
     assert gm.code == code
@@ -258,7 +288,7 @@ def test_analysis_passes_leave_the_graph_unchanged():
 
 @pytest.mark.parametrize("seq", [6, 5], ids=["even", "uneven"])
 def test_shard_sequence_slices_inputs_gathers_at_exit_and_localizes_sizes(seq):
-    gm, snaps = run(capture(DiT(depth=2), image(seq)), upto="shard_sequence")
+    gm, snaps = run(graph("dit", seq=seq), upto="shard_sequence")
     local = math.ceil(seq / 2)
 
     shards = calls(gm, shard_tokens)
@@ -290,7 +320,7 @@ def test_shard_sequence_slices_inputs_gathers_at_exit_and_localizes_sizes(seq):
 
 
 def test_nodes_created_by_shard_sequence_carry_provenance():
-    gm, _ = run(capture(DiT(), image()))
+    gm, _ = run(graph("dit"))
     created = [n for n in gm.graph.nodes if n.target in (shard_tokens, gather_tokens)]
     assert created
     assert all(n.meta[META_CREATED_BY] == "shard_sequence" for n in created)
@@ -301,7 +331,7 @@ def test_nodes_created_by_shard_sequence_carry_provenance():
 
 @pytest.mark.parametrize("op", sorted(NO_RULE_OPS))
 def test_op_without_token_rule_in_a_block_is_a_fallback_gather(op):
-    gm, snaps = run(capture(DiT(depth=2, no_rule=op), image()), upto="shard_sequence")
+    gm, snaps = run(graph("dit", no_rule=op), upto="shard_sequence")
     counts = snaps["shard_sequence"].counts
     assert counts["fallback_gathers"] == 1
     assert counts["exit_gathers"] == 1
@@ -317,7 +347,7 @@ def test_op_without_token_rule_in_a_block_is_a_fallback_gather(op):
 
 @pytest.mark.parametrize("ulysses, ring", [(2, 1), (1, 2), (2, 2)], ids=["ulysses", "ring", "usp"])
 def test_parallelize_attention_replaces_self_attention(ulysses, ring):
-    gm, snaps = run(capture(DiT(depth=2), image(6)), ulysses=ulysses, ring=ring)
+    gm, snaps = run(graph("dit"), ulysses=ulysses, ring=ring)
     assert not any(is_sdpa(n) for n in gm.graph.nodes)
     sps = calls(gm, sp_attention)
     assert [n.name for n in sps] == ["sp_attention_0", "sp_attention_1"]
@@ -331,7 +361,7 @@ def test_parallelize_attention_replaces_self_attention(ulysses, ring):
 
 
 def test_cross_attention_next_to_self_attention_keeps_kv_replicated():
-    gm, snaps = run(capture(DiT(depth=2, cross=True), image(6), text()))
+    gm, snaps = run(graph("dit", cross=True))
     sps = calls(gm, sp_attention)
     by_kind = {}
     for n in sps:
@@ -344,7 +374,7 @@ def test_cross_attention_next_to_self_attention_keeps_kv_replicated():
 
 
 def test_heads_not_divisible_by_ulysses_degree():
-    gm = capture(_three_heads(), image())
+    gm = graph("three_heads")
     sdpa = next(n.name for n in gm.graph.nodes if is_sdpa(n))
     with pytest.raises(UnsupportedGraph) as info:
         run(gm)
@@ -354,29 +384,13 @@ def test_heads_not_divisible_by_ulysses_degree():
     assert "choose ulysses_degree in [1]" in msg and "ulysses=1, ring=2" in msg
 
 
-def _three_heads() -> nn.Module:
-    class ThreeHeads(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj_in = nn.Linear(8, 12)
-            self.blocks = nn.ModuleList([Attention(12, heads=3)])
-
-        def forward(self, x):
-            h = self.proj_in(x)
-            for attn in self.blocks:
-                h = h + attn(h)
-            return h
-
-    return ThreeHeads()
-
-
 def test_three_heads_run_on_ring_alone():
-    gm, snaps = run(capture(_three_heads(), image()), ulysses=1, ring=2)
+    gm, snaps = run(graph("three_heads"), ulysses=1, ring=2)
     assert snaps["parallelize_attention"].counts["sp_attention_sites"] == 1
 
 
 def test_passes_are_no_ops_without_attention():
-    gm = capture(MLPStack(), image())
+    gm = graph("mlp")
     code = gm.code
     gm, snaps = run(gm)
     assert not snaps["shard_sequence"].changed
@@ -407,7 +421,7 @@ def crashes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 def test_analysis_pass_that_changes_the_graph_is_an_error():
-    gm = capture(MLPStack(), image())
+    gm = graph("mlp")
     with pytest.raises(PassError, match="analysis pass 'sneaky_analysis' changed the graph"):
         run_pipeline(gm, [sneaky_analysis], ctx_for())
 
@@ -420,7 +434,7 @@ def test_check_pipeline_rejects_reads_before_writes(passes, missing):
     with pytest.raises(XditFxError, match="reads .* which no earlier pass writes") as info:
         check_pipeline(passes)
     assert f"pass '{passes[0].info.name}'" in str(info.value) and missing in str(info.value)
-    gm = capture(MLPStack(), image())
+    gm = graph("mlp")
     with pytest.raises(XditFxError, match="no earlier pass writes"):
         run_pipeline(gm, passes, ctx_for())  # checked before anything runs
 
@@ -431,7 +445,7 @@ def test_library_pipelines_are_well_ordered():
 
 
 def test_unexpected_exception_is_wrapped_with_the_pass_name():
-    gm = capture(MLPStack(), image())
+    gm = graph("mlp")
     passes = pipeline("find_transformer_blocks") + [crashes]
     with pytest.raises(PassError, match="pass 'crashes' failed .*KeyError: 'boom'") as info:
         run_pipeline(gm, passes, ctx_for())
