@@ -10,6 +10,7 @@ import copy
 import functools
 import inspect
 import math
+import operator
 
 import pytest
 import torch
@@ -264,15 +265,19 @@ def test_cross_attention_only_shards_nothing():
     assert gm.code == code
 
 
-def test_joint_attention_shards_both_segments():
-    gm, snaps = run(graph("joint"))
+def test_joint_attention_shards_both_segments_and_localizes_slices():
+    gm, snaps = run(graph("joint", seq=5))  # 4 text + 5 image tokens over 2 ranks: 2 + 3 local
     assert snaps["infer_token_dims"].counts["token_spaces"] == 2  # text and image
     sps = calls(gm, sp_attention)
     assert len(sps) == 2 and not any(is_sdpa(n) for n in gm.graph.nodes)
     for n in sps:
         assert n.meta[META_ATTENTION].kind == "joint"
-        assert n.kwargs["q_segments"] == ((TEXT_LEN, True), (6, True))
-        assert n.kwargs["kv_segments"] == ((TEXT_LEN, True), (6, True))
+        assert n.kwargs["q_segments"] == ((TEXT_LEN, True), (5, True))
+        assert n.kwargs["kv_segments"] == ((TEXT_LEN, True), (5, True))
+    # joint[:, :4] / joint[:, 4:] become the local text / image ranges
+    slices = {(n.args[1][1].start, n.args[1][1].stop) for n in gm.graph.nodes
+              if n.op == "call_function" and n.target is operator.getitem and META_LAYOUT in n.meta}
+    assert slices == {(0, 2), (2, 5)}
     assert snaps["shard_sequence"].counts["fallback_gathers"] == 0
 
 

@@ -231,3 +231,36 @@ def test_along_dim_ops_keep_every_dim_but_the_one_they_scan():
     for y in (c, s):
         assert linked(td, x, 0, y, 0) and linked(td, x, 2, y, 2)
         assert not linked(td, x, 1, y, 1)
+
+
+# ---- known argument-parsing bugs (see the xfail reasons) ---------------------------------------------
+
+class _NormPositionalP(nn.Module):
+    def forward(self, x):  # x: [B, H, S, D]; reduce the head dim D
+        return x.norm(2, dim=-1)
+
+
+@pytest.mark.xfail(strict=True, reason="rule_for reads norm's positional p=2 as `dim`: x.norm(2, dim=-1) on "
+                                       "[B, H, S, D] is treated as a reduction over dim 2 (the tokens)")
+def test_norm_with_positional_p_keeps_the_token_dim():
+    gm = capture(_NormPositionalP(), torch.randn(B, H, S, D))
+    td = infer(gm.graph)
+    x, (y,) = placeholder(gm, "x"), outputs(gm)
+    assert tuple(y.meta["example_value"].shape) == (B, H, S)
+    assert linked(td, x, 2, y, 2)
+
+
+class _NormalizeOverTokens(nn.Module):
+    def forward(self, x):  # x: [B, C, S] (channels first); normalize over the tokens, dim passed positionally
+        return F.normalize(x, 2, 2)
+
+
+@pytest.mark.xfail(strict=True, reason="rule_for ignores F.normalize's positional `dim` (always uses dim=1), so a "
+                                       "normalization over the token dim keeps that dim linked: it would run on "
+                                       "local shards and give a wrong result without any gather")
+def test_normalize_with_positional_dim_does_not_link_the_normalized_dim():
+    gm = capture(_NormalizeOverTokens(), torch.randn(B, 8, S))
+    td = infer(gm.graph)
+    x, (y,) = placeholder(gm, "x"), outputs(gm)
+    assert linked(td, x, 1, y, 1)  # the channel dim is kept
+    assert not linked(td, x, 2, y, 2)  # the normalized (token) dim is not

@@ -125,11 +125,10 @@ def run_pipeline(
 ) -> fx.GraphModule:
     """Run `passes` in order on `gm`; the only loop over passes in xdit_fx."""
     check_pipeline(passes)
-    if history is not None and render is not None:
+    if history is not None:
+        n = len(gm.graph.nodes)
         history.snapshots.append(
-            Snapshot(0, "captured", gm.code, False, len(gm.graph.nodes), len(gm.graph.nodes), {}, "", {}, 0.0,
-                     render(gm))
-        )
+            Snapshot(0, "captured", gm.code, False, n, n, {}, f"{n} nodes", {}, 0.0, render(gm) if render else ""))
     done: list[str] = []
     for i, p in enumerate(passes, start=1):
         before_nodes = set(gm.graph.nodes)

@@ -9,6 +9,7 @@ the forward into several graphs, each is parallelized on its own: whole tensors 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -52,16 +53,18 @@ class ParallelModule(nn.Module):
         ctx = PassContext(plan=plan, mesh=MeshSpec(ring=plan.ring_degree, ulysses=plan.ulysses_degree),
                           groups=self.groups)
         history = GraphHistory()
+        dump_dir = plan.debug_dump_dir or os.environ.get("XDIT_FX_DUMP_DIR")
         render = None
-        if plan.debug_dump_dir:
+        if dump_dir:
             from ..dump import render_graph
             render = render_graph
         gm = run_pipeline(gm, build_pipeline(plan), ctx, history, render)
         self.histories.append(history)
         self.graphs.append(gm)
-        if plan.debug_dump_dir:
+        if dump_dir:
             from ..dump import write_dump
-            write_dump(history, plan, f"{plan.debug_dump_dir}/graph{len(self.histories) - 1}")
+            rank = self.groups.rank if self.groups is not None else 0
+            write_dump(history, plan, os.path.join(dump_dir, f"rank{rank}", f"graph{len(self.histories) - 1}"))
         if plan.compile:
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(gm, example_inputs)
