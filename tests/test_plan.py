@@ -62,7 +62,6 @@ def test_plan_is_frozen():
         Plan().ulysses_degree = 2  # type: ignore[misc]
 
 
-@pytest.mark.xfail(strict=True, reason="Plan does not validate `compile`: the string 'false' is accepted and truthy")
 def test_compile_must_be_a_bool():
     with pytest.raises(PlanError, match="compile"):
         Plan(compile="false")  # type: ignore[arg-type]
@@ -110,7 +109,6 @@ def test_to_string_orders_axes_outer_to_inner():
     assert Plan(ulysses_degree=2, compile=True).to_string() == "ulysses=2,compile=1"
 
 
-@pytest.mark.xfail(strict=True, reason="Plan().to_string() is 'serial', which Plan.from_string rejects")
 def test_serial_plan_string_round_trip():
     assert Plan.from_string(Plan().to_string()) == Plan()
 

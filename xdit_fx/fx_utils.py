@@ -23,7 +23,7 @@ _QUOTED = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
 
 def clean_module_path(path: str) -> str:
     """Dynamo's "L['self'].blocks[0].attn" -> "blocks.0.attn"."""
-    path = re.sub(r"^(L|G)\['self'\]\.?", "", path)
+    path = re.sub(r"^(L|G)\['[^']+'\]\.?", "", path)
     path = re.sub(r"^self\.?", "", path)
     path = _QUOTED.sub(r".\1", path)
     path = _INDEX.sub(r".\1", path)

@@ -68,6 +68,10 @@ class Plan:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PlanError(f"Plan.{field} must be an integer >= 1, got {value!r}.")
+        if not isinstance(self.compile, bool):
+            raise PlanError(f"Plan.compile must be a bool, got {self.compile!r}.")
+        if self.debug_dump_dir is not None and not isinstance(self.debug_dump_dir, str):
+            raise PlanError(f"Plan.debug_dump_dir must be a path string or None, got {self.debug_dump_dir!r}.")
         for axis, field in _SHORT_NAMES.items():
             if axis not in SUPPORTED_AXES and getattr(self, field) > 1:
                 raise PlanError(
@@ -120,6 +124,8 @@ class Plan:
     @classmethod
     def from_string(cls, text: str) -> "Plan":
         """Parse ``"ulysses=2,ring=2"``. Keys are axis names (or full field names), ``compile``."""
+        if text.strip().lower() == "serial":
+            return cls()
         fields: dict[str, Any] = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
             key, sep, value = item.partition("=")
@@ -127,6 +133,8 @@ class Plan:
             if not sep or not value:
                 raise PlanError(f"Plan string item {item!r} is not of the form key=value (e.g. 'ulysses=2').")
             name = _SHORT_NAMES.get(key, key)
+            if name in fields:
+                raise PlanError(f"Plan string {text!r} sets {key!r} twice.")
             if name == "compile":
                 if value.lower() not in ("0", "1", "true", "false"):
                     raise PlanError(f"compile={value!r}: use compile=1 or compile=0.")

@@ -144,6 +144,70 @@ class ScratchDiT(nn.Module):
         return out.reshape(b, self.in_channels, h * p, w * p)
 
 
+class ScratchMMBlock(nn.Module):
+    """Joint text+image attention (text first) with grouped-query attention and a text padding mask."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.norm_x, self.norm_c = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q_x, self.q_c = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.kv_x, self.kv_c = nn.Linear(dim, 2 * kv_heads * self.head_dim), nn.Linear(dim, 2 * kv_heads * self.head_dim)
+        self.out_x, self.out_c = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.mlp_x = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mlp_c = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, c, cos, sin, mask):
+        b, n_img, _ = x.shape
+        n_txt = c.shape[1]
+        hx, hc = self.norm_x(x), self.norm_c(c)
+        q = torch.cat([self.q_c(hc), self.q_x(hx)], dim=1).view(b, n_txt + n_img, self.heads, -1).transpose(1, 2)
+        kv = torch.cat([self.kv_c(hc), self.kv_x(hx)], dim=1).view(b, n_txt + n_img, 2, self.kv_heads, -1)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(_apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v,
+                                             attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(b, n_txt + n_img, -1)
+        c = c + self.out_c(out[:, :n_txt])
+        x = x + self.out_x(out[:, n_txt:])
+        return x + self.mlp_x(x), c + self.mlp_c(c)
+
+
+class ScratchMMDiT(nn.Module):
+    """An MMDiT written from scratch: token-linear patchify, 1-D RoPE over the joint sequence, GQA, and a
+    boolean key mask that hides padded text tokens."""
+
+    def __init__(self, in_features=16, text_features=24, dim=64, heads=4, kv_heads=2, depth=2):
+        super().__init__()
+        self.heads = heads
+        self.x_embed, self.c_embed = nn.Linear(in_features, dim), nn.Linear(text_features, dim)
+        self.blocks = nn.ModuleList([ScratchMMBlock(dim, heads, kv_heads) for _ in range(depth)])
+        self.proj_out = nn.Linear(dim, in_features)
+
+    def forward(self, hidden_states, text, text_mask):
+        x, c = self.x_embed(hidden_states), self.c_embed(text)
+        b, n_img, n_txt = x.shape[0], x.shape[1], c.shape[1]
+        head_dim = x.shape[-1] // self.heads
+        pos = torch.arange(n_txt + n_img, device=x.device, dtype=torch.float32)
+        freqs = 1.0 / (10000.0 ** (torch.arange(head_dim // 2, device=x.device, dtype=torch.float32) / (head_dim // 2)))
+        angles = torch.outer(pos, freqs).repeat(1, 2)  # [T+S, head_dim]
+        cos, sin = angles.cos(), angles.sin()
+        keep = torch.cat([text_mask.bool(), torch.ones(b, n_img, dtype=torch.bool, device=x.device)], dim=1)
+        mask = keep[:, None, None, :]  # [B, 1, 1, T+S]: padded text tokens are never attended to
+        for block in self.blocks:
+            x, c = block(x, c, cos, sin, mask)
+        return self.proj_out(x)
+
+
+def _scratch_mmdit_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n_img, n_txt = (15, 7) if uneven else (16, 8)
+    return {
+        "hidden_states": _randn(g, batch, n_img, 16),
+        "text": _randn(g, batch, n_txt, 24),
+        "text_mask": (torch.arange(n_txt) < n_txt - 3).expand(batch, n_txt).clone(),
+    }
+
+
 def _scratch_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     hw = (6, 10) if uneven else (8, 8)  # 3x5 = 15 vs 4x4 = 16 patches
@@ -327,7 +391,8 @@ def _hunyuan_video_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -
         "hidden_states": _randn(g, batch, 4, *_video_shape(uneven)),
         "timestep": torch.rand(batch, generator=g) * 1000,
         "encoder_hidden_states": _randn(g, batch, txt, 32),
-        "encoder_attention_mask": torch.ones(batch, txt, dtype=torch.int64),
+        # the last two text tokens are padding: a real key mask over the joint sequence
+        "encoder_attention_mask": (torch.arange(txt) < txt - 2).to(torch.int64).expand(batch, txt).clone(),
         "pooled_projections": _randn(g, batch, 32),
         "guidance": torch.full((batch,), 6000.0),
         "return_dict": False,
@@ -343,6 +408,7 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("wan", _seeded_build(_wan_model), _wan_inputs, heads=4),
         ZooModel("hunyuan_video", _seeded_build(_hunyuan_video_model), _hunyuan_video_inputs, heads=4),
         ZooModel("scratch_dit", _seeded_build(ScratchDiT), _scratch_inputs, heads=4),
+        ZooModel("scratch_mmdit", _seeded_build(ScratchMMDiT), _scratch_mmdit_inputs, heads=4),
     ]
 }
 

@@ -53,11 +53,15 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, n, c))
 
 
-NO_RULE_OPS = {
+TOKEN_MIXING_OPS = {  # ops that mix the tokens of the sequence: each needs the whole sequence
     "cumsum": lambda h: torch.cumsum(h, dim=1),                 # has a rule, but not along the token dim
     "sort": lambda h: h.sort(dim=1).values,                     # likewise
     "logcumsumexp": lambda h: torch.logcumsumexp(h, dim=1),     # no rule at all
+    # mixes tokens (normalizes over them); the rule must not keep the token dim
+    "normalize_tokens_kw": lambda h: F.normalize(h.transpose(1, 2), p=2, dim=2).transpose(1, 2),
+    "normalize_tokens_positional": lambda h: F.normalize(h.transpose(1, 2), 2, 2).transpose(1, 2),
 }
+FALLBACK_CASES = sorted(TOKEN_MIXING_OPS)
 
 
 class Block(nn.Module):
@@ -76,7 +80,7 @@ class Block(nn.Module):
         if self.cross is not None:
             x = x + self.cross(x, context)
         if self.no_rule is not None:
-            x = x + NO_RULE_OPS[self.no_rule](x)
+            x = x + TOKEN_MIXING_OPS[self.no_rule](x)
         return x + self.mlp(self.norm2(x))
 
 
@@ -334,7 +338,7 @@ def test_nodes_created_by_shard_sequence_carry_provenance():
     assert captured and all(META_CREATED_BY not in n.meta for n in captured)
 
 
-@pytest.mark.parametrize("op", sorted(NO_RULE_OPS))
+@pytest.mark.parametrize("op", FALLBACK_CASES)
 def test_op_without_token_rule_in_a_block_is_a_fallback_gather(op):
     gm, snaps = run(graph("dit", no_rule=op), upto="shard_sequence")
     counts = snaps["shard_sequence"].counts

@@ -233,15 +233,13 @@ def test_along_dim_ops_keep_every_dim_but_the_one_they_scan():
         assert not linked(td, x, 1, y, 1)
 
 
-# ---- known argument-parsing bugs (see the xfail reasons) ---------------------------------------------
+# ---- argument parsing: positional p / dim ---------------------------------------------
 
 class _NormPositionalP(nn.Module):
     def forward(self, x):  # x: [B, H, S, D]; reduce the head dim D
         return x.norm(2, dim=-1)
 
 
-@pytest.mark.xfail(strict=True, reason="rule_for reads norm's positional p=2 as `dim`: x.norm(2, dim=-1) on "
-                                       "[B, H, S, D] is treated as a reduction over dim 2 (the tokens)")
 def test_norm_with_positional_p_keeps_the_token_dim():
     gm = capture(_NormPositionalP(), torch.randn(B, H, S, D))
     td = infer(gm.graph)
@@ -255,9 +253,6 @@ class _NormalizeOverTokens(nn.Module):
         return F.normalize(x, 2, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="rule_for ignores F.normalize's positional `dim` (always uses dim=1), so a "
-                                       "normalization over the token dim keeps that dim linked: it would run on "
-                                       "local shards and give a wrong result without any gather")
 def test_normalize_with_positional_dim_does_not_link_the_normalized_dim():
     gm = capture(_NormalizeOverTokens(), torch.randn(B, 8, S))
     td = infer(gm.graph)

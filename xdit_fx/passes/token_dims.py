@@ -369,10 +369,11 @@ def rule_for(node: fx.Node) -> Rule | None:
         _broadcast_links(rule, [a for a in args if _is_tensor_node(a)], out)
         return rule
     if name in REDUCTIONS or name in ("max", "min"):
-        dim = _arg(node, 1, "dim")
+        pos = 2 if name == "norm" else 1  # x.norm(p, dim, keepdim)
+        dim = _arg(node, pos, "dim")
         if dim is None:
             return None  # a full reduction: nothing survives
-        keepdim = bool(_arg(node, 2, "keepdim", False))
+        keepdim = bool(_arg(node, pos + 1, "keepdim", False))
         nd = len(xs)
         dims = {_norm_dim(int(d), nd) for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
         outs = [out] if name not in ("max", "min") else [(node, 0), (node, 1)]
@@ -388,10 +389,16 @@ def rule_for(node: fx.Node) -> Rule | None:
 
     if name in ALONG_DIM:
         nd = len(xs)
-        dim = _arg(node, 1, "dim") if name not in ("repeat_interleave", "roll") else _arg(
-            node, 2, "dim" if name == "repeat_interleave" else "dims")
-        if name == "normalize":
-            dim = node.kwargs.get("dim", 1)
+        if name == "repeat_interleave":
+            dim = _arg(node, 2, "dim")
+        elif name == "roll":
+            dim = _arg(node, 2, "dims")
+        elif name == "flip":
+            dim = _arg(node, 1, "dims")
+        elif name == "normalize":
+            dim = _arg(node, 2, "dim", 1)  # F.normalize(x, p, dim)
+        else:
+            dim = _arg(node, 1, "dim", -1 if name in ("sort", "argsort", "softmax", "log_softmax") else None)
         if dim is None:
             return None
         dims = {_norm_dim(int(d), nd) for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
