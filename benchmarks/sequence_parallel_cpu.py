@@ -101,7 +101,7 @@ def grid(tokens: int) -> tuple[int, int]:
     return h, tokens // h
 
 
-def bench_worker(config: str, tokens: int, repeats: int) -> dict[str, Any]:
+def bench_worker(config: str, tokens: int, repeats: int, nice: int = 0) -> dict[str, Any]:
     """One configuration on this process (RANK/WORLD_SIZE set by launch); returns raw numbers."""
     import torch.distributed as dist
 
@@ -109,6 +109,8 @@ def bench_worker(config: str, tokens: int, repeats: int) -> dict[str, Any]:
     from xdit_fx.zoo import build_flux, flux_inputs
 
     nproc, threads, plan = CONFIGS[config]
+    if nice:
+        os.nice(nice)  # before any thread pool starts, so every thread inherits it
     torch.set_num_threads(threads)
     if plan is not None:
         xdit_fx.init_distributed()
@@ -122,7 +124,8 @@ def bench_worker(config: str, tokens: int, repeats: int) -> dict[str, Any]:
     model = build_flux(**MODEL).eval()
     h, w = grid(tokens)
     inputs = flux_inputs(h, w, TEXT_TOKENS, text_dim=MODEL["text_dim"])
-    report: dict[str, Any] = {"rank": rank, "threads": torch.get_num_threads(), "config": config}
+    report: dict[str, Any] = {"rank": rank, "threads": torch.get_num_threads(), "config": config,
+                              "niceness": os.nice(0)}
     with torch.no_grad():
         if plan is None:
             fn = lambda: model(**inputs)[0]  # noqa: E731
@@ -203,13 +206,13 @@ def measured_bytes(comm: dict[str, dict[str, int]]) -> dict[str, int]:
 
 # ---- driver ------------------------------------------------------------------------------------------
 
-def run_config(config: str, tokens: int, repeats: int, quiet_wait_s: float) -> dict[str, Any]:
+def run_config(config: str, tokens: int, repeats: int, quiet_wait_s: float, nice: int = 0) -> dict[str, Any]:
     from xdit_fx.runtime.launch import launch
 
     nproc = CONFIGS[config][0]
     quiet = wait_for_quiet(quiet_wait_s)
     t0 = time.perf_counter()
-    results = launch(bench_worker, nproc, (config, tokens, repeats))
+    results = launch(bench_worker, nproc, (config, tokens, repeats, nice))
     wall = time.perf_counter() - t0
     ranks = [results[r] for r in sorted(results)]
     per_iter = [max(r["times_s"][i] for r in ranks) for i in range(repeats)]  # slowest rank per forward
@@ -223,7 +226,7 @@ def run_config(config: str, tokens: int, repeats: int, quiet_wait_s: float) -> d
         "median_s": statistics.median(per_iter), "min_s": min(per_iter),
         "capture_s": max(r["capture_s"] for r in ranks) if ranks[0]["capture_s"] is not None else None,
         "peak_rss_mib_per_rank": [r["peak_rss_mib"] for r in ranks],
-        "launch_wall_s": wall,
+        "launch_wall_s": wall, "niceness": ranks[0]["niceness"],
         "busy_before_run": quiet["busy_before"], "waited_for_quiet_s": quiet["waited_s"],
         # CPU time of other processes during the timed forwards, as a fraction of the machine
         "foreign_cpu_fraction": max(0.0, busy_s - own_s) / max(total_s, 1e-9),
@@ -340,13 +343,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--busy-threshold", type=float, default=0.10,
                    help="a run during which other processes used more than this fraction of the CPUs is retried")
     p.add_argument("--retries", type=int, default=2, help="re-runs of a configuration disturbed by other processes")
+    p.add_argument("--nice", type=int, default=0,
+                   help="niceness increment for the benchmark processes; negative (needs root) raises their "
+                        "priority over other processes on a shared machine, e.g. --nice -10")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
 
     tokens = sorted(set(args.tokens + ([2048] if args.with_2048 else [])))
     configs = [BASELINE, *args.configs] + (["single-1t"] if args.serial_1thread else [])
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"model": dict(MODEL, axes_dims_rope=list(MODEL["axes_dims_rope"])),
+    data: dict[str, Any] = {"model": dict(MODEL, axes_dims_rope=list(MODEL["axes_dims_rope"])), "nice": args.nice,
                             "text_tokens": TEXT_TOKENS, "tokens": tokens, "configs": configs,
                             "machine": machine_info(), "runs": [], "ref_max_abs": {}}
     t_start = time.perf_counter()
@@ -355,12 +361,12 @@ def main(argv: list[str] | None = None) -> None:
         ref = None
         for c in configs:
             print(f"[{time.perf_counter() - t_start:6.0f}s] {t} tokens, {c}, {repeats} repeats", flush=True)
-            rec = run_config(c, t, repeats, args.quiet_wait)
+            rec = run_config(c, t, repeats, args.quiet_wait, args.nice)
             tries = 1
             while rec["foreign_cpu_fraction"] > args.busy_threshold and tries <= args.retries:
                 print(f"    other processes used {rec['foreign_cpu_fraction']:.0%} of the CPUs meanwhile; "
                       f"running it again ({tries}/{args.retries})", flush=True)
-                again = run_config(c, t, repeats, args.quiet_wait)
+                again = run_config(c, t, repeats, args.quiet_wait, args.nice)
                 tries += 1
                 if again["foreign_cpu_fraction"] < rec["foreign_cpu_fraction"]:
                     rec = again

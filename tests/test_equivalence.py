@@ -13,7 +13,7 @@ from xdit_fx import zoo
 from dist_utils import spawn_gloo
 from tolerances import tolerance
 
-MODELS = ["flux", "sd3", "pixart", "wan", "hunyuan_video", "scratch_dit"]
+MODELS = ["flux", "sd3", "pixart", "wan", "hunyuan_video", "scratch_dit", "scratch_mmdit"]
 PLANS = ["ulysses=2", "ring=2", "ulysses=2,ring=2"]
 
 

@@ -173,18 +173,20 @@ class ScratchMMBlock(nn.Module):
 
 
 class ScratchMMDiT(nn.Module):
-    """An MMDiT written from scratch: token-linear patchify, 1-D RoPE over the joint sequence, GQA, and a
-    boolean key mask that hides padded text tokens."""
+    """An MMDiT written from scratch: token-linear patchify, a learned register token prepended to the image
+    tokens, 1-D RoPE over the joint sequence, GQA, and a boolean key mask that hides padded text tokens."""
 
     def __init__(self, in_features=16, text_features=24, dim=64, heads=4, kv_heads=2, depth=2):
         super().__init__()
         self.heads = heads
         self.x_embed, self.c_embed = nn.Linear(in_features, dim), nn.Linear(text_features, dim)
+        self.register = nn.Parameter(torch.randn(1, 1, dim))
         self.blocks = nn.ModuleList([ScratchMMBlock(dim, heads, kv_heads) for _ in range(depth)])
         self.proj_out = nn.Linear(dim, in_features)
 
     def forward(self, hidden_states, text, text_mask):
         x, c = self.x_embed(hidden_states), self.c_embed(text)
+        x = torch.cat([self.register.expand(x.shape[0], -1, -1), x], dim=1)  # one token: too short to shard
         b, n_img, n_txt = x.shape[0], x.shape[1], c.shape[1]
         head_dim = x.shape[-1] // self.heads
         pos = torch.arange(n_txt + n_img, device=x.device, dtype=torch.float32)
@@ -195,7 +197,7 @@ class ScratchMMDiT(nn.Module):
         mask = keep[:, None, None, :]  # [B, 1, 1, T+S]: padded text tokens are never attended to
         for block in self.blocks:
             x, c = block(x, c, cos, sin, mask)
-        return self.proj_out(x)
+        return self.proj_out(x[:, 1:])
 
 
 def _scratch_mmdit_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -> dict:
