@@ -80,14 +80,19 @@ def busy_fraction(seconds: float = 1.0) -> float:
     return (b1 - b0) / max(t1 - t0, 1)
 
 
-def wait_for_quiet(max_wait_s: float, threshold: float = 0.15) -> dict[str, float]:
-    """Wait (up to max_wait_s) until the machine is at most `threshold` busy; say how busy it was."""
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.10, quiet_s: float = 3.0) -> dict[str, float]:
+    """Wait (up to max_wait_s) until the machine has been at most `threshold` busy for `quiet_s` seconds;
+    say how busy it was."""
     start = time.perf_counter()
-    frac = busy_fraction()
+    frac = busy_fraction(quiet_s)
+    last_note = -math.inf
     while frac > threshold and time.perf_counter() - start < max_wait_s:
-        print(f"  machine {frac:.0%} busy before the run (other processes); waiting...", flush=True)
-        time.sleep(4.0)
-        frac = busy_fraction()
+        if time.perf_counter() - last_note > 30:
+            print(f"  other processes keep the machine {frac:.0%} busy; waiting for it to go idle "
+                  f"({time.perf_counter() - start:.0f}/{max_wait_s:.0f} s)", flush=True)
+            last_note = time.perf_counter()
+        time.sleep(1.0)
+        frac = busy_fraction(quiet_s)
     return {"busy_before": frac, "waited_s": time.perf_counter() - start}
 
 
@@ -280,8 +285,9 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         "Times: median over the repeats of the slowest rank's forward, after the capture call and one warm-up.",
         "",
         "| tokens | config | ms/forward (median) | speed-up vs 2-thread single process | max abs err "
-        "| KiB received/rank (measured / analytic) | capture s | other processes' CPU | peak RSS MiB/rank |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| KiB received/rank (measured / analytic) | capture s | min ms | other processes' CPU "
+        "| peak RSS MiB/rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["runs"]:
         base = next(b for b in data["runs"] if b["tokens"] == r["tokens"] and b["config"] == BASELINE)
@@ -296,7 +302,7 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         cap = f"{r['capture_s']:.1f}" if r["capture_s"] is not None else "-"
         lines.append(
             f"| {r['tokens']} + {TEXT_TOKENS} txt | {r['config']} ({r['processes']}x{r['threads_per_process']}t) "
-            f"| {r['median_s'] * 1e3:,.0f} | {speed:.2f}x | {err} | {kib} | {cap} "
+            f"| {r['median_s'] * 1e3:,.0f} | {speed:.2f}x | {err} | {kib} | {cap} | {r['min_s'] * 1e3:,.0f} "
             f"| {r['foreign_cpu_fraction']:.0%} | {max(r['peak_rss_mib_per_rank']):,.0f} |")
     refmax = ", ".join(f"{t}: {v:.3f}" for t, v in data["ref_max_abs"].items())
     lines += ["", f"Max abs value of the reference output (by image tokens): {refmax}.", ""]

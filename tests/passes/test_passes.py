@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from xdit_fx.capture import capture_graphs
 from xdit_fx.errors import PassError, UnsupportedGraph, XditFxError
 from xdit_fx.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT,
                               META_SP_ATTENTION, is_sdpa, shape_of)
@@ -145,18 +146,9 @@ class MLPStack(nn.Module):
 # ---- helpers -------------------------------------------------------------------------------------
 
 def capture(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
-    graphs: list[fx.GraphModule] = []
-
-    def recorder(gm: fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model.eval(), backend=recorder, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        compiled(*inputs)
-    assert len(graphs) == 1
-    return graphs[0]
+    """The one GraphModule dynamo captures for `model(*inputs)` (fullgraph, static shapes)."""
+    (gm,) = capture_graphs(model.eval(), *inputs, fullgraph=True)
+    return gm
 
 
 def _dit(seq=6, depth=2, heads=4, self_attn=True, cross=False, no_rule=None):

@@ -12,25 +12,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from xdit_fx.capture import capture_graphs
 from xdit_fx.passes.token_dims import TokenDims, infer, reshape_groups, rule_for
 
 B, S, T, H, D = 2, 6, 3, 2, 4  # batch, image tokens, text tokens, heads, head dim
 
 
 def capture(model: nn.Module, *inputs: torch.Tensor) -> fx.GraphModule:
-    """The GraphModule dynamo captures for one call of `model(*inputs)` (fullgraph, static shapes)."""
-    graphs: list[fx.GraphModule] = []
-
-    def recorder(gm: fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=recorder, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        compiled(*inputs)
-    assert len(graphs) == 1
-    return graphs[0]
+    """The one GraphModule dynamo captures for `model(*inputs)` (fullgraph, static shapes)."""
+    (gm,) = capture_graphs(model.eval(), *inputs, fullgraph=True)
+    return gm
 
 
 def placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
