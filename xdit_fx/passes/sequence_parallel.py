@@ -228,23 +228,27 @@ def _localize(node: fx.Node, n: int) -> None:
             node.args = (x, _localize_index(node.args[1], slot_shape((x, None)), lay, n), *node.args[2:])
     elif name in ("split", "split_with_sizes", "chunk", "tensor_split"):
         lay = layout_of(x)
-        dim_pos = 1 if name == "chunk" else 2
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        dim = _arg_at(node, 2, "dim", 0)
         if isinstance(lay, SeqLayout) and dim % len(slot_shape((x, None))) == lay.dim:
-            sizes = []
+            sizes = []  # every piece's local length along the token dim (a segment, or the whole space)
             for i, piece in enumerate(example_value(node)):
                 pl = layout_of(node, i)
                 sizes.append(pl.local_len(n) if isinstance(pl, SeqLayout) else piece.shape[lay.dim])
             node.target = "split" if node.op == "call_method" else torch.split
             node.args = (x, sizes, lay.dim)
             node.kwargs = {}
-        del dim_pos
     elif name == "narrow":
         lay = layout_of(x)
         dim, start, length = node.args[1], node.args[2], node.args[3]
         if isinstance(lay, SeqLayout) and dim % len(slot_shape((x, None))) == lay.dim:
             lo, hi = lay.local_range(start, start + length, n)
             node.args = (x, dim, lo, hi - lo)
+
+
+def _arg_at(node: fx.Node, pos: int, name: str, default: Any) -> Any:
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
 
 
 def _localize_index(index: Any, shape: tuple[int, ...], lay: SeqLayout, n: int) -> Any:

@@ -145,9 +145,12 @@ def sp_attention(
     if ulysses > 1:
         if heads % ulysses:
             raise ValueError(f"{heads} attention heads are not divisible by ulysses_degree={ulysses}")
-        q_in = all_to_all(q_in, 1, 2, ulysses_group)
-        k = all_to_all(k, 1, 2, ulysses_group)
-        v = all_to_all(v, 1, 2, ulysses_group)
+        if q_in.shape == k.shape == v.shape:  # one all-to-all for q, k and v: same bytes, a third of the latency
+            q_in, k, v = all_to_all(torch.stack([q_in, k, v]), 2, 3, ulysses_group).unbind(0)
+        else:
+            q_in = all_to_all(q_in, 1, 2, ulysses_group)
+            k = all_to_all(k, 1, 2, ulysses_group)
+            v = all_to_all(v, 1, 2, ulysses_group)
     if ring > 1:
         out = ring_attention(q_in, k, v, bias, scale, ring_group)
     else:
