@@ -3,7 +3,8 @@
 Run by hand (it takes a few minutes and wants an otherwise idle machine):
 
     .venv/bin/python benchmarks/sequence_parallel_cpu.py                      # 1024 and 4096 image tokens
-    .venv/bin/python benchmarks/sequence_parallel_cpu.py --tokens 1024 2048 4096 --serial-1thread
+    .venv/bin/python benchmarks/sequence_parallel_cpu.py --with-2048 --serial-1thread --rounds 2
+    .venv/bin/python benchmarks/sequence_parallel_cpu.py --render benchmarks/results/sequence_parallel_cpu.json
 
 Model: a random-weight (seed 0) Flux-architecture transformer, fp32: 2 double-stream + 6 single-stream
 blocks (8 joint-attention sites), hidden 512 = 8 heads x 64, RoPE axes (16, 24, 24), text dim 64, 64 text
@@ -14,7 +15,7 @@ tokens. Every configuration runs in fresh processes started by `xdit_fx.runtime.
 * ``ring=2``     two ranks x 1 thread, ``xdit_fx.parallelize(model, "ring=2")``;
 * ``single-1t``  (``--serial-1thread``) one process, 1 thread, for reference.
 
-For each: the first parallel call (dynamo capture + graph rewrite + first forward) is timed on its own,
+For each: (``--rounds`` times, interleaved, timings pooled) the first parallel call (dynamo capture + graph rewrite + first forward) is timed on its own,
 then one more warm-up call, then ``repeats`` timed forwards under ``torch.no_grad()``; each rank waits on
 a barrier before each forward and the time of a forward is the slowest rank's. Reported: the median, the
 max abs error of every rank's output vs the ``single-2t`` output, the bytes each rank received per forward
@@ -115,7 +116,10 @@ def bench_worker(config: str, tokens: int, repeats: int, nice: int = 0) -> dict[
 
     nproc, threads, plan = CONFIGS[config]
     if nice:
-        os.nice(nice)  # before any thread pool starts, so every thread inherits it
+        try:
+            os.nice(nice)  # before any thread pool starts, so every thread inherits it
+        except PermissionError:  # a negative increment needs root (CAP_SYS_NICE)
+            pass
     torch.set_num_threads(threads)
     if plan is not None:
         xdit_fx.init_distributed()
@@ -216,6 +220,7 @@ def run_config(config: str, tokens: int, repeats: int, quiet_wait_s: float, nice
 
     nproc = CONFIGS[config][0]
     quiet = wait_for_quiet(quiet_wait_s)
+    commit = git_state()  # the workers import xdit_fx afresh: note which version they ran
     t0 = time.perf_counter()
     results = launch(bench_worker, nproc, (config, tokens, repeats, nice))
     wall = time.perf_counter() - t0
@@ -231,7 +236,7 @@ def run_config(config: str, tokens: int, repeats: int, quiet_wait_s: float, nice
         "median_s": statistics.median(per_iter), "min_s": min(per_iter),
         "capture_s": max(r["capture_s"] for r in ranks) if ranks[0]["capture_s"] is not None else None,
         "peak_rss_mib_per_rank": [r["peak_rss_mib"] for r in ranks],
-        "launch_wall_s": wall, "niceness": ranks[0]["niceness"],
+        "launch_wall_s": wall, "niceness": ranks[0]["niceness"], "git_commit": commit,
         "busy_before_run": quiet["busy_before"], "waited_for_quiet_s": quiet["waited_s"],
         # CPU time of other processes during the timed forwards, as a fraction of the machine
         "foreign_cpu_fraction": max(0.0, busy_s - own_s) / max(total_s, 1e-9),
@@ -248,6 +253,21 @@ def run_config(config: str, tokens: int, repeats: int, quiet_wait_s: float, nice
         rec["bytes_analytic"] = ana
         rec["bytes_match"] = all(m == ana for m in meas)
     return rec
+
+
+def git_state() -> str:
+    """HEAD of the checkout, with "+dirty" when xdit_fx/ has uncommitted changes ("unknown" without git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "xdit_fx"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def machine_info() -> dict[str, Any]:
@@ -282,7 +302,10 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
         f"({m['heads']} heads x {m['head_dim']}), {TEXT_TOKENS} text tokens, batch 1, `torch.no_grad()`.",
         f"Machine: {data['machine']['cpu_count']} CPUs ({data['machine']['cpu_model']}), torch "
         f"{data['machine']['torch']}, diffusers {data['machine']['diffusers']}, {data['machine']['date']}.",
-        "Times: median over the repeats of the slowest rank's forward, after the capture call and one warm-up.",
+        f"xdit_fx commit {', '.join(data.get('git_commits', []))}; rounds: {data['args'].get('rounds', '1')}, "
+        f"niceness: {data['args'].get('nice', '0')}.",
+        "Times: median (and min) over all timed forwards (repeats x rounds) of the slowest rank's forward, "
+        "after the capture call and one warm-up. Speed-up = single-2t median / this median.",
         "",
         "| tokens | config | ms/forward (median) | speed-up vs 2-thread single process | max abs err "
         "| KiB received/rank (measured / analytic) | capture s | min ms | other processes' CPU "
@@ -312,14 +335,23 @@ def write_markdown(data: dict[str, Any], path: Path) -> None:
 
 
 def interpret(data: dict[str, Any]) -> str:
-    """A short reading of the numbers (generated; see the README for the investigation)."""
+    """A short reading of the numbers, generated from them."""
     parts = []
     for t in data["tokens"]:
         runs = {r["config"]: r for r in data["runs"] if r["tokens"] == t}
         base = runs[BASELINE]["median_s"]
         bits = [f"{c} {base / r['median_s']:.2f}x" for c, r in runs.items() if c != BASELINE]
-        parts.append(f"at {t} image tokens, vs the 2-thread process: " + ", ".join(bits))
-    text = "Speed-ups " + "; ".join(parts) + ". "
+        text = f"at {t} image tokens: " + ", ".join(bits)
+        if "single-1t" in runs:  # what two 1-thread ranks could reach with free communication
+            one = runs["single-1t"]["median_s"]
+            text += (f" (2 threads run {one / base:.2f}x faster than 1 thread, so the ideal of two 1-thread ranks, "
+                     f"half the 1-thread time, is {one / 2 * 1e3:,.0f} ms = {2 * base / one:.2f}x)")
+        parts.append(text)
+    text = "Speed-ups over the 2-thread single process " + "; ".join(parts) + ". "
+    spread = max((max(r["round_medians_s"]) / min(r["round_medians_s"]) - 1 for r in data["runs"]
+                  if len(r.get("round_medians_s", [])) > 1), default=None)
+    if spread is not None:
+        text += f"The medians of separate rounds of one configuration differ by up to {spread:.0%}. "
     busy = [r for r in data["runs"] if r["foreign_cpu_fraction"] > 0.1]
     if busy:
         text += ("Caution: other processes used more than 10% of the machine during "
@@ -332,15 +364,57 @@ def interpret(data: dict[str, Any]) -> str:
     return text
 
 
+def measure(config: str, tokens: int, repeats: int, args: argparse.Namespace) -> dict[str, Any]:
+    """run_config, re-run while other processes disturb it (up to --retries); keeps the least disturbed."""
+    rec = run_config(config, tokens, repeats, args.quiet_wait, args.nice)
+    tries = 1
+    while rec["foreign_cpu_fraction"] > args.busy_threshold and tries <= args.retries:
+        print(f"    other processes used {rec['foreign_cpu_fraction']:.0%} of the CPUs meanwhile; "
+              f"running it again ({tries}/{args.retries})", flush=True)
+        again = run_config(config, tokens, repeats, args.quiet_wait, args.nice)
+        tries += 1
+        if again["foreign_cpu_fraction"] < rec["foreign_cpu_fraction"]:
+            rec = again
+    rec["attempts"] = tries
+    return rec
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record per (tokens, config) from its rounds: times pooled, worst case for errors and load."""
+    first = rounds[0]
+    rec = {k: first[k] for k in ("config", "tokens", "grid", "text_tokens", "processes", "threads_per_process",
+                                 "plan", "niceness")}
+    times = [t for r in rounds for t in r["times_s"]]
+    captures = [r["capture_s"] for r in rounds if r["capture_s"] is not None]
+    rec.update({
+        "repeats": len(times), "rounds_count": len(rounds), "times_s": times,
+        "median_s": statistics.median(times), "min_s": min(times),
+        "round_medians_s": [r["median_s"] for r in rounds],
+        "capture_s": statistics.median(captures) if captures else None,
+        "peak_rss_mib_per_rank": [max(v) for v in zip(*(r["peak_rss_mib_per_rank"] for r in rounds))],
+        "foreign_cpu_fraction": max(r["foreign_cpu_fraction"] for r in rounds),
+        "max_abs_err": max(r["max_abs_err"] for r in rounds),
+        "git_commits": sorted({r["git_commit"] for r in rounds}),
+    })
+    if "bytes_analytic" in first:
+        rec.update({k: rounds[-1][k] for k in ("bytes_analytic", "bytes_measured_per_rank", "graphs", "counts")})
+        rec["bytes_match"] = all(r["bytes_match"] for r in rounds)
+    rec["rounds"] = rounds
+    return rec
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096],
                    help="image token counts (packed grid as square as possible); e.g. 1024 2048 4096")
     p.add_argument("--with-2048", action="store_true", help="also run 2048 image tokens (32x64)")
-    p.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration")
+    p.add_argument("--repeats", type=int, default=5, help="timed forwards per configuration and round")
     p.add_argument("--repeats-large", type=int, default=3,
                    help="timed forwards for token counts >= --large (they take seconds each)")
-    p.add_argument("--large", type=int, default=4096)
+    p.add_argument("--large", type=int, default=4096, help="token count from which --repeats-large applies")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the configurations of a token count this many times, interleaved, and pool the "
+                        "timings (evens out slow drifts of a shared machine)")
     p.add_argument("--configs", nargs="+", default=["ulysses=2", "ring=2"],
                    choices=[c for c in CONFIGS if c != BASELINE], help="parallel configurations")
     p.add_argument("--serial-1thread", action="store_true", help="also time one process with 1 thread")
@@ -353,50 +427,55 @@ def main(argv: list[str] | None = None) -> None:
                    help="niceness increment for the benchmark processes; negative (needs root) raises their "
                         "priority over other processes on a shared machine, e.g. --nice -10")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only rewrite the markdown (in --out-dir) from a results JSON; runs nothing")
     args = p.parse_args(argv)
+    if args.render:
+        data = json.loads(args.render.read_text())
+        data["interpretation"] = interpret(data)
+        args.render.write_text(json.dumps(data, indent=2, default=str))
+        write_markdown(data, args.out_dir / "sequence_parallel_cpu.md")
+        print((args.out_dir / "sequence_parallel_cpu.md").read_text())
+        return
 
     tokens = sorted(set(args.tokens + ([2048] if args.with_2048 else [])))
-    configs = [BASELINE, *args.configs] + (["single-1t"] if args.serial_1thread else [])
+    configs = list(dict.fromkeys([BASELINE, *args.configs] + (["single-1t"] if args.serial_1thread else [])))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = {"model": dict(MODEL, axes_dims_rope=list(MODEL["axes_dims_rope"])), "nice": args.nice,
+    data: dict[str, Any] = {"model": dict(MODEL, axes_dims_rope=list(MODEL["axes_dims_rope"])),
                             "text_tokens": TEXT_TOKENS, "tokens": tokens, "configs": configs,
+                            "args": {k: str(v) for k, v in vars(args).items()},
                             "machine": machine_info(), "runs": [], "ref_max_abs": {}}
     t_start = time.perf_counter()
     for t in tokens:
         repeats = args.repeats_large if t >= args.large else args.repeats
         ref = None
-        for c in configs:
-            print(f"[{time.perf_counter() - t_start:6.0f}s] {t} tokens, {c}, {repeats} repeats", flush=True)
-            rec = run_config(c, t, repeats, args.quiet_wait, args.nice)
-            tries = 1
-            while rec["foreign_cpu_fraction"] > args.busy_threshold and tries <= args.retries:
-                print(f"    other processes used {rec['foreign_cpu_fraction']:.0%} of the CPUs meanwhile; "
-                      f"running it again ({tries}/{args.retries})", flush=True)
-                again = run_config(c, t, repeats, args.quiet_wait, args.nice)
-                tries += 1
-                if again["foreign_cpu_fraction"] < rec["foreign_cpu_fraction"]:
-                    rec = again
-            rec["attempts"] = tries
-            outs = rec.pop("_outputs")
-            if c == BASELINE:
-                ref = outs[0]
-                data["ref_max_abs"][t] = ref.abs().max().item()
-                rec["max_abs_err"] = 0.0
-            else:
+        rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+        for rnd in range(args.rounds):
+            for c in configs:
+                print(f"[{time.perf_counter() - t_start:6.0f}s] {t} tokens, {c}, {repeats} repeats"
+                      + (f", round {rnd + 1}/{args.rounds}" if args.rounds > 1 else ""), flush=True)
+                rec = measure(c, t, repeats, args)
+                outs = rec.pop("_outputs")
+                if c == BASELINE and ref is None:
+                    ref = outs[0]
+                    data["ref_max_abs"][t] = ref.abs().max().item()
                 rec["max_abs_err_per_rank"] = [(o - ref).abs().max().item() for o in outs]
                 rec["max_abs_err"] = max(rec["max_abs_err_per_rank"])
+                rounds[c].append(rec)
+                msg = (f"    median {rec['median_s'] * 1e3:,.0f} ms, err {rec['max_abs_err']:.2e}, "
+                       f"other processes {rec['foreign_cpu_fraction']:.0%} of the CPUs")
+                if "bytes_match" in rec:
+                    msg += (f", KiB/rank {_fmt_kib(sum(rec['bytes_measured_per_rank'][0].values()))} measured / "
+                            f"{_fmt_kib(sum(rec['bytes_analytic'].values()))} analytic "
+                            f"({'match' if rec['bytes_match'] else 'MISMATCH'}), capture {rec['capture_s']:.1f} s")
+                print(msg, flush=True)
+        for c in configs:
+            rec = merge_rounds(rounds[c])
             rec["ref_max_abs"] = data["ref_max_abs"][t]
             data["runs"].append(rec)
-            msg = (f"    median {rec['median_s'] * 1e3:,.0f} ms, err {rec['max_abs_err']:.2e}, "
-                   f"other processes {rec['foreign_cpu_fraction']:.0%} of the CPUs")
-            if "bytes_match" in rec:
-                msg += (f", KiB/rank {_fmt_kib(sum(rec['bytes_measured_per_rank'][0].values()))} measured / "
-                        f"{_fmt_kib(sum(rec['bytes_analytic'].values()))} analytic "
-                        f"({'match' if rec['bytes_match'] else 'MISMATCH'})")
-                if rec["capture_s"] is not None:
-                    msg += f", capture {rec['capture_s']:.1f} s"
-            print(msg, flush=True)
     data["total_wall_s"] = time.perf_counter() - t_start
+    commits = sorted({g for r in data["runs"] for g in r["git_commits"]})
+    data["git_commits"] = commits
     data["interpretation"] = interpret(data)
     (args.out_dir / "sequence_parallel_cpu.json").write_text(json.dumps(data, indent=2, default=str))
     write_markdown(data, args.out_dir / "sequence_parallel_cpu.md")
@@ -404,6 +483,8 @@ def main(argv: list[str] | None = None) -> None:
     bad = [f"{r['config']}@{r['tokens']}" for r in data["runs"] if not r.get("bytes_match", True)]
     if bad:
         print(f"WARNING: measured bytes differ from the analytic count for {', '.join(bad)}", file=sys.stderr)
+    if len(commits) > 1:
+        print(f"WARNING: xdit_fx changed during the run (commits {', '.join(commits)})", file=sys.stderr)
 
 
 if __name__ == "__main__":

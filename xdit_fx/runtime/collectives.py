@@ -70,12 +70,13 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: str) -
     n = dist.get_world_size(pg)
     if n == 1:
         return x.clone()
-    chunks = x.chunk(n, dim=scatter_dim)
-    send = torch.stack([c.contiguous() for c in chunks], dim=0).contiguous()
+    # [..., S, ...] -> [n, ..., S/n, ...]: chunk i (for rank i) contiguous at the front, in one copy
+    send = x.unflatten(scatter_dim, (n, -1)).movedim(scatter_dim, 0).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=pg)
     COMM.add(group, "all_to_all", _nbytes(send) * (n - 1) // n)
-    return torch.cat(recv.unbind(0), dim=gather_dim)
+    # [n, ..., G, ...] -> [..., n*G, ...] with rank-major order, in one copy
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1).contiguous()
 
 
 @all_to_all.register_fake
