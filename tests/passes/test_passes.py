@@ -62,6 +62,15 @@ TOKEN_MIXING_OPS = {  # ops that mix the tokens of the sequence: each needs the 
     "normalize_tokens_kw": lambda h: F.normalize(h.transpose(1, 2), p=2, dim=2).transpose(1, 2),
     "normalize_tokens_positional": lambda h: F.normalize(h.transpose(1, 2), 2, 2).transpose(1, 2),
 }
+
+
+def _write_one_token(h: torch.Tensor) -> torch.Tensor:
+    h = h.clone()
+    h[:, 3] = 0.0  # an in-place write at a global token position: needs the whole sequence
+    return h
+
+
+TOKEN_MIXING_OPS["setitem_one_token"] = _write_one_token
 FALLBACK_CASES = sorted(TOKEN_MIXING_OPS)
 
 

@@ -263,6 +263,8 @@ def _localize_index(index: Any, shape: tuple[int, ...], lay: SeqLayout, n: int) 
         if i is None:
             out.append(i)
             continue
+        if d == lay.dim and not isinstance(i, slice):
+            raise TypeError(f"index {i!r} picks tokens by global position")
         if isinstance(i, slice) and d == lay.dim:
             start, stop, _ = i.indices(shape[d])
             if start == 0 and stop == shape[d]:
