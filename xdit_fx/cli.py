@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import XditFxError
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_worker, format_report
@@ -58,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_cmd_passes)
 
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except XditFxError as e:  # a user error: the message says what to change; no traceback
+        print(f"xdit-fx {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

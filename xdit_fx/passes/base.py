@@ -67,7 +67,7 @@ def graph_pass(*, reads: Sequence[str] = (), writes: Sequence[str] = (), mutates
             reads=frozenset(reads),
             writes=frozenset(writes),
             mutates_graph=mutates_graph,
-            doc=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
+            doc=" ".join((fn.__doc__ or "").strip().split("\n\n")[0].split()),  # the first paragraph
         )
         return fn
 
