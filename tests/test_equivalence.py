@@ -13,7 +13,9 @@ from xdit_fx import zoo
 from dist_utils import spawn_gloo
 from tolerances import tolerance
 
-MODELS = ["flux", "sd3", "pixart", "wan", "hunyuan_video", "scratch_dit", "scratch_mmdit"]
+MODELS = ["flux", "sd3", "pixart", "wan", "hunyuan_video", "scratch_dit", "scratch_mmdit",
+          "cogvideox",  # in-place write of a positional table through .data (uneven size)
+          "cogview4"]   # RoPE written in place into the image segment of q and k
 PLANS = ["ulysses=2", "ring=2", "ulysses=2,ring=2"]
 
 

@@ -401,6 +401,52 @@ def _hunyuan_video_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -
     }
 
 
+def _cogvideox_model() -> nn.Module:
+    from diffusers import CogVideoXTransformer3DModel
+
+    # sincos positional embeddings: at a size other than the configured 8x8 the table is rebuilt inside
+    # the graph and written in place (`pos.data[:, text:].copy_(...)`)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=8)
+
+
+def _cogvideox_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    f, h, w = (3, 6, 10) if uneven else (3, 8, 8)  # 3 x 15 = 45 vs 3 x 16 = 48 video tokens
+    return {
+        "hidden_states": _randn(g, batch, f, 4, h, w),
+        "encoder_hidden_states": _randn(g, batch, 8, 16),
+        "timestep": torch.full((batch,), 500),
+        "return_dict": False,
+    }
+
+
+def _cogview4_model() -> nn.Module:
+    from diffusers import CogView4Transformer2DModel
+
+    # RoPE is written in place into the image part of q and k: `query[:, :, text:] = rotate(...)`
+    return CogView4Transformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=4, pos_embed_max_size=16, sample_size=8,
+        rope_axes_dim=(16, 16))
+
+
+def _cogview4_inputs(uneven: bool = False, seed: int = 0, batch: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    hw = (6, 10) if uneven else (8, 8)
+    return {
+        "hidden_states": _randn(g, batch, 4, *hw),
+        "encoder_hidden_states": _randn(g, batch, _text_len(uneven), 16),
+        "timestep": torch.full((batch,), 500),
+        "original_size": torch.tensor([[64, 64]] * batch),
+        "target_size": torch.tensor([[64, 64]] * batch),
+        "crop_coords": torch.tensor([[0, 0]] * batch),
+        "return_dict": False,
+    }
+
+
 ZOO: dict[str, ZooModel] = {
     m.name: m
     for m in [
@@ -411,6 +457,8 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("hunyuan_video", _seeded_build(_hunyuan_video_model), _hunyuan_video_inputs, heads=4),
         ZooModel("scratch_dit", _seeded_build(ScratchDiT), _scratch_inputs, heads=4),
         ZooModel("scratch_mmdit", _seeded_build(ScratchMMDiT), _scratch_mmdit_inputs, heads=4),
+        ZooModel("cogvideox", _seeded_build(_cogvideox_model), _cogvideox_inputs, heads=4),
+        ZooModel("cogview4", _seeded_build(_cogview4_model), _cogview4_inputs, heads=4),
     ]
 }
 

@@ -266,6 +266,9 @@ def test_cross_attention_only_shards_nothing():
     gm, snaps = run(gm)
     assert [n.meta[META_ATTENTION].kind for n in gm.graph.nodes if is_sdpa(n)] == ["cross", "cross"]
     assert snaps["infer_token_dims"].counts["token_spaces"] == 0
+    # running whole on every rank is reported, not silent
+    assert snaps["infer_token_dims"].counts["unparallelized_graphs"] == 1
+    assert snaps["infer_token_dims"].summary.startswith("NOT PARALLELIZED")
     assert not snaps["shard_sequence"].changed and not snaps["parallelize_attention"].changed
     assert gm.code == code
 

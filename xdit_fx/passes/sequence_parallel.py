@@ -9,7 +9,7 @@ Layouts, per tensor, over the "sp" axis (ring x ulysses, n ranks):
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,8 @@ from ..runtime import attention as sp_attn
 from ..runtime import collectives
 from .base import PassContext, PassResult, graph_pass
 from .token_dims import infer, op_name, rule_for, slot_shape, tensor_slots
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,15 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             node.meta.pop(META_TOKEN_DIMS, None)
     spaces = len(sharded)
-    return PassResult(gm, changed=False,
-                      summary=f"{spaces} token spaces sharded, {tensors} nodes carry tokens",
-                      counts={"token_spaces": spaces, "token_nodes": tensors})
+    n_sites = sum(1 for n in gm.graph.nodes if is_sdpa(n))
+    summary = f"{spaces} token spaces sharded, {tensors} nodes carry tokens"
+    if n_sites and not spaces:
+        summary = (f"NOT PARALLELIZED: none of the {n_sites} attention sites has a sequence that is both its "
+                   f"query and its key sequence (only cross-attention found); this graph runs whole on every rank")
+        log.warning("xdit_fx: %s. Look at it with XDIT_FX_DUMP_DIR=... .", summary)
+    return PassResult(gm, changed=False, summary=summary,
+                      counts={"token_spaces": spaces, "token_nodes": tensors,
+                              "unparallelized_graphs": int(bool(n_sites and not spaces))})
 
 
 # ---- pass 2: slice at the sources, keep token-wise ops local, gather at the exits ------------------
@@ -142,7 +150,11 @@ def _carried(node: fx.Node, rule) -> tuple[set, set]:
         li, lo = lay(si), lay(so)
         if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di and lo.dim == do \
                 and li.local_range(start, stop, 1) is not None:
-            ins.add((si[0], si[1], di)); outs.add((so[1], do))
+            ins.add((si[0], si[1], di))
+            if so[0] is node:
+                outs.add((so[1], do))
+            else:  # x[..., a:b, ...] = value: the value fills one segment of x
+                ins.add((so[0], so[1], do))
     for (so, do, parts) in rule.concat:
         lo = lay(so)
         if isinstance(lo, SeqLayout) and lo.dim == do:
@@ -289,15 +301,19 @@ class _Rewriter:
         self.fallback_sites: list[str] = []
         self.sources = 0
 
-    def get_local(self, a: fx.Node) -> fx.Node:
+    # Slices and gathers go right before their first consumer, not after the producer: a value written in
+    # place (x[...] = v, x.data.copy_(...)) between the two must be seen by the copy.
+
+    def get_local(self, a: fx.Node, consumer: fx.Node) -> fx.Node:
         if a in self.local:
             return self.local[a]
         lay = layout_of(a)
         if not isinstance(lay, SeqLayout):
             return a
-        with self.gm.graph.inserting_after(a):
+        whole = self.full.get(a, a)  # the gathered copy, if a was last written whole
+        with self.gm.graph.inserting_before(consumer):
             s = self.gm.graph.call_function(collectives.shard_tokens,
-                                            (a, lay.dim, lay.segments, self.group, self.n))
+                                            (whole, lay.dim, lay.segments, self.group, self.n))
         s.name = f"shard_{a.name}"
         s.meta[META_LAYOUT] = lay
         self.local[a] = s
@@ -311,7 +327,7 @@ class _Rewriter:
             return a
         lay = layout_of(a)
         loc = self.local[a]
-        with self.gm.graph.inserting_after(loc):
+        with self.gm.graph.inserting_before(consumer):
             g = self.gm.graph.call_function(collectives.gather_tokens,
                                             (loc, lay.dim, lay.segments, self.group, self.n))
         g.name = f"gather_{a.name}"
@@ -371,7 +387,7 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             q, k, v, mask = sa.pop("query"), sa.pop("key"), sa.pop("value"), sa["attn_mask"]
             if mask is not None:
                 sa["attn_mask"] = rw.get_full(mask, node)
-            node.args = (rw.get_local(q), rw.get_local(k), rw.get_local(v))
+            node.args = (rw.get_local(q, node), rw.get_local(k, node), rw.get_local(v, node))
             node.kwargs = sa
             lk = layout_of(k)
             node.meta[META_SP_ATTENTION] = {
@@ -382,7 +398,7 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             def loc(a: fx.Node) -> fx.Node:
                 if (a, None) in rule.ignore:
                     return rw.local.get(a, a)
-                return rw.get_local(a)
+                return rw.get_local(a, node)
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), loc)
             _localize(node, n)
         rw.local[node] = node
@@ -390,7 +406,8 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if isinstance(lay, SeqLayout):
             node.meta[META_LAYOUT] = lay
         propagated += 1
-    gm.graph.eliminate_dead_code()
+    # fx counts no method call as impure: keep in-place writes (x.copy_(...)) whose result is unused
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutated_arg(n) is not None)
     changed = propagated > 0 or rw.sources > 0
     summary = (f"{propagated} nodes run on local tokens, {rw.sources} values sliced, "
                f"{rw.gathers['exit']} exit gathers, {rw.gathers['fallback']} fallback gathers")

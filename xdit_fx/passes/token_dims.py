@@ -242,7 +242,10 @@ def rule_for(node: fx.Node) -> Rule | None:
                 j = do - off
                 if 0 <= j < len(vs) and vs[j] == slot_shape(si)[di]:
                     rule.links.append((si, di, (value, None), j))
-        rule.selects = []
+            for (si, di, start, stop, _, do) in view.selects:  # writing one segment of x
+                j = do - off
+                if 0 <= j < len(vs) and vs[j] == stop - start:
+                    rule.selects.append((si, di, start, stop, (value, None), j))
         return rule
 
     if name == "scaled_dot_product_attention":
