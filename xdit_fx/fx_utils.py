@@ -11,7 +11,7 @@ import torch.fx as fx
 # ---- facts kept on nodes (node.meta keys) ----------------------------------------------------------
 META_BLOCK = "xfx.block"          # (stack_name, index) of the repeated transformer block the node is in
 META_ATTENTION = "xfx.attention"  # AttentionSite on scaled_dot_product_attention nodes
-META_TOKEN_DIMS = "xfx.token_dims"  # per output tensor: {dim: TokenSpace id}, from infer_token_dims
+META_TOKEN_DIMS = "xfx.token_dims"  # per output tensor: its SeqLayout (or "multi"), from infer_token_dims
 META_LAYOUT = "xfx.layout"        # SeqLayout of a value after shard_sequence (None: not sharded)
 META_SP_ATTENTION = "xfx.sp_attention"  # SPAttentionSpec on attention nodes that run on local shards
 META_CREATED_BY = "xfx.created_by"      # name of the pass that created the node (stamped by the runner)

@@ -14,7 +14,6 @@ reported as a fallback gather.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -481,16 +480,6 @@ def rule_for(node: fx.Node) -> Rule | None:
 
 # ---- union-find over dim slots ---------------------------------------------------------------------
 
-@dataclass
-class TokenSpace:
-    """A set of tensor dims that all index one sequence."""
-
-    id: int
-    size: int
-    segments: tuple[int, ...] | None = None  # composite: base space ids in order
-    sharded: bool = False
-
-
 class TokenDims:
     """The result of token-dim inference for one graph."""
 
@@ -630,11 +619,3 @@ def select_segments(td: TokenDims, src: DimSlot, start: int, stop: int) -> list[
             picked.extend(inner)
         pos += n
     return picked or None
-
-
-def covered_positions(td: TokenDims, src: DimSlot, start: int, stop: int) -> bool:
-    return select_segments(td, src, start, stop) is not None
-
-
-def ceil_to(n: int, m: int) -> int:
-    return int(math.ceil(n / m) * m)
