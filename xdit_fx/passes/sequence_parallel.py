@@ -36,7 +36,7 @@ class SeqLayout:
     segments: tuple[tuple[int, bool], ...]
 
     def local_lens(self, n: int) -> list[int]:
-        return [-(-length // n) if s else length for length, s in self.segments]
+        return [collectives.local_len(length, s, n) for length, s in self.segments]
 
     def local_len(self, n: int) -> int:
         return sum(self.local_lens(n))

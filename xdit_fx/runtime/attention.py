@@ -22,13 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .collectives import _group, all_gather, all_to_all, ring_attention, shard
+from .collectives import _group, all_gather, all_to_all, local_len, ring_attention, shard
 
 Segments = Sequence[Sequence]  # ((length, sharded), ...)
-
-
-def _local_len(length: int, sharded: bool, n: int) -> int:
-    return -(-length // n) if sharded else length
 
 
 @lru_cache(maxsize=4096)
@@ -51,7 +47,7 @@ def _shard_replicated(x: torch.Tensor, segments: Segments, n: int, group: str) -
     """Chunk the replicated segments of x's sequence dim (dim 2) so that every segment is sharded."""
     if all(s for _, s in segments):
         return x
-    pieces = x.split([_local_len(length, s, n) for length, s in segments], dim=2)
+    pieces = x.split([local_len(length, s, n) for length, s in segments], dim=2)
     return torch.cat([p if s else shard(p, 2, -(-length // n) * n, group)
                       for p, (length, s) in zip(pieces, segments)], dim=2)
 

@@ -133,7 +133,8 @@ def _(x, dim, length, group):
     return x.new_empty(shape)
 
 
-def _local_len(length: int, sharded: bool, n: int) -> int:
+def local_len(length: int, sharded: bool, n: int) -> int:
+    """Tokens a rank holds of a segment: ceil(length / n) if sharded (the last ranks padded), else all."""
     return -(-length // n) if sharded else length
 
 
@@ -154,7 +155,7 @@ def gather_tokens(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group
     if len(segments) == 1:
         length, sharded = segments[0]
         return all_gather(x, dim, length, group) if sharded else x
-    pieces = x.split([_local_len(length, sharded, n) for length, sharded in segments], dim=dim)
+    pieces = x.split([local_len(length, sharded, n) for length, sharded in segments], dim=dim)
     out = [all_gather(p, dim, length, group) if sharded else p for p, (length, sharded) in zip(pieces, segments)]
     return torch.cat(out, dim=dim)
 

@@ -56,9 +56,6 @@ class ProcessGroups:
     coords: dict[str, int]
     names: dict[str, str] = field(default_factory=dict)  # axis -> c10d group name
 
-    def group_name(self, axis: str) -> str:
-        return self.names[axis]
-
 
 def build_groups(plan: Plan) -> ProcessGroups:
     """Create the process groups of every axis (collectively: all ranks must call it in the same order)."""
