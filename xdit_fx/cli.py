@@ -1,4 +1,4 @@
-"""`xdit-fx`: demo | run | passes."""
+"""`xdit-fx`: demo | generate | run | passes."""
 
 from __future__ import annotations
 
@@ -6,17 +6,26 @@ import argparse
 import sys
 
 from .errors import XditFxError
+from .plan import Plan
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_worker, format_report
     from .runtime.launch import launch
 
-    plans = args.plan or ([f"ulysses={args.nproc}", f"ring={args.nproc}"] if args.nproc > 1 else [])
-    results = launch(demo_worker, args.nproc, (plans,))
+    plans = args.plan or (["cfg=2", f"ulysses={args.nproc}"] if args.nproc == 2 else [f"ulysses={args.nproc}"])
+    for text in plans:
+        Plan.from_string(text).check_world_size(args.nproc)
+    results = launch(demo_worker, args.nproc, (plans, args.output))
     print(format_report(results[0], args.nproc))
     worst = max((p["max_abs_err"] for p in results[0]["plans"]), default=0.0)
     return 0 if worst < 1e-4 else 1
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import run
+
+    return run(args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -28,7 +37,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_passes(args: argparse.Namespace) -> int:
     from .passes import build_pipeline
-    from .plan import Plan
 
     plan = Plan.from_string(args.plan)
     print(f"# passes for plan {plan.to_string()} (world size {plan.world_size})")
@@ -44,10 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xdit-fx", description="Parallel inference for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="serial vs sequence-parallel Flux-architecture forward on local processes")
+    p = sub.add_parser("demo", help="the embedded digits model, serial vs parallel on local processes: "
+                                    "parity, time, digit accuracy, demo.png")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--plan", action="append", help="plan string, repeatable (default: ulysses=N and ring=N)")
+    p.add_argument("--plan", action="append", help="plan string, repeatable (default: cfg=2 and ulysses=2)")
+    p.add_argument("--output", default="demo.png")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("generate", help="generate images with a pipeline folder or the embedded digits model, "
+                                        "in parallel (xDiT-style flags)")
+    from .generate import add_arguments
+    add_arguments(p)
+    p.set_defaults(fn=_cmd_generate)
 
     p = sub.add_parser("run", help="run a script on N local processes (torchrun's launcher)")
     p.add_argument("--nproc", type=int, required=True)
