@@ -1,7 +1,7 @@
-"""Parallel VAE decode (xdit_fx.runtime.vae) vs single-process decode, on 2 gloo ranks.
+"""Parallel VAE decode (xdit_fx.runtime.vae) vs single-process decode, on 2 and 4 gloo ranks.
 
 Every case runs inside one spawn per world size (starting processes that import diffusers is most of the
-cost): each rank decodes the same random latent alone and in parallel and reports the difference, the
+cost, so the 4-rank case uses a decoder written in plain torch): each rank decodes the same random latent alone and in parallel and reports the difference, the
 bytes it received, and the errors the refused ops raise.
 """
 
@@ -42,6 +42,26 @@ def latent(*shape):
     return torch.randn(shape, generator=torch.Generator().manual_seed(1))
 
 
+class MiniDecoder(torch.nn.Module):
+    """The ops of a VAE decoder (3x3 convs, group norm, pixel attention, nearest upsampling) in a few lines
+    of torch, for the 4-rank case: its processes start without importing diffusers, which costs most."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv_in = torch.nn.Conv2d(4, 16, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(4, 16)
+        self.to_qkv = torch.nn.Conv2d(16, 48, 1)
+        self.conv_out = torch.nn.Conv2d(16, 3, 3, padding=1)
+
+    def decode(self, z, return_dict=True):
+        x = F.silu(self.norm(self.conv_in(z)))
+        b, c, h, w = x.shape
+        q, k, v = self.to_qkv(x).flatten(2).transpose(1, 2).chunk(3, dim=-1)   # [B, h*w, C] each
+        x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c, h, w)
+        return (self.conv_out(F.interpolate(x, scale_factor=2.0, mode="nearest")),)
+
+
 class OpDecoder(torch.nn.Module):
     """A stand-in VAE whose decode is one op, to check which ops are refused."""
 
@@ -77,14 +97,14 @@ REFUSED = {
 }
 
 
-def _parity(vae, z, **kw):
+def _parity(vae, z):
     from xdit_fx.runtime.collectives import COMM
     from xdit_fx.runtime.vae import parallel_decode
 
     with torch.no_grad():
-        ref = vae.decode(z, **kw).sample
+        ref = vae.decode(z, return_dict=False)[0]
         COMM.reset()
-        out = parallel_decode(vae, z, **kw).sample
+        out = parallel_decode(vae, z, return_dict=False)[0]
     return {"err": (out - ref).abs().max().item(), "same_shape": out.shape == ref.shape,
             "comm": {op: v for (_, op), v in COMM.bytes.items()}}
 
@@ -110,7 +130,7 @@ def _analytic_bytes(vae, z, n):
 
     hooks = [m.register_forward_hook(on_conv) for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
     with torch.no_grad(), RecordKV():
-        vae.decode(z)
+        vae.decode(z, return_dict=False)
     for h in hooks:
         h.remove()
     return counts
@@ -173,9 +193,21 @@ def _two_ranks(rank, world_size):
     }
 
 
+def _four_ranks(rank, world_size):
+    dec = MiniDecoder()
+    z = latent(1, 4, 8, 8)
+    return {"mini": _parity(dec, z), "mini_analytic": _analytic_bytes(dec, z, world_size),
+            "mini_uneven": _parity(dec, latent(1, 4, 10, 6))}   # 3, 3, 2, 2 rows
+
+
 @pytest.fixture(scope="module")
 def two_ranks():
     return spawn_gloo(2, _two_ranks)
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return spawn_gloo(4, _four_ranks)
 
 
 @pytest.mark.parametrize("case", ["kl", "kl_uneven", "wan", "wan_uneven"])
@@ -191,6 +223,19 @@ def test_halo_and_kv_bytes_match_analytic_count(two_ranks):
         assert comm["vae_halo"] == expected["vae_halo"]
         assert comm["vae_kv_gather"] == expected["vae_kv_gather"]
         assert comm["vae_norm_stats"] < comm["vae_halo"] / 10   # per-group sums: tiny
+
+
+@pytest.mark.parametrize("case", ["mini", "mini_uneven"])
+def test_parity_on_four_ranks(four_ranks, case):
+    for rank in four_ranks:
+        assert rank[case]["err"] <= ATOL, (case, rank[case]["err"])
+
+
+def test_inner_ranks_receive_halos_from_both_neighbours(four_ranks):
+    neighbours = [1, 2, 2, 1]
+    for rank, n in zip(four_ranks, neighbours):
+        assert rank["mini"]["comm"]["vae_halo"] == n * rank["mini_analytic"]["vae_halo"]
+        assert rank["mini"]["comm"]["vae_kv_gather"] == rank["mini_analytic"]["vae_kv_gather"]
 
 
 def test_wrapper_is_a_drop_in_decode(two_ranks):

@@ -134,7 +134,7 @@ def exchange_halo(x: torch.Tensor, top: int, bottom: int, shard: RowShard, op: s
 
 
 def all_reduce_sum(x: torch.Tensor, shard: RowShard) -> torch.Tensor:
-    """Sum of `x` over the ranks (counted as a ring all-reduce receives: 2 (N-1)/N of it)."""
+    """Sum of `x` over the ranks, in place (counted as a ring all-reduce receives: 2 (N-1)/N of it)."""
     x = x.contiguous()
     dist.all_reduce(x, group=shard.group)
     COMM.add(shard.name, "vae_norm_stats", _nbytes(x) * 2 * (shard.size - 1) // shard.size)
@@ -304,7 +304,7 @@ def _attention(mode, func, args, kwargs):
         raise UnsupportedVAEOp("parallel VAE decode: scaled_dot_product_attention with an attn_mask or "
                                "is_causal=True: the mask indexes local tokens, not the gathered keys.")
     shard = mode.shard
-    sizes = torch.tensor([k.shape[-2], mode.last_pixels], dtype=torch.int64)
+    sizes = torch.tensor([k.shape[-2], mode.last_pixels], dtype=torch.int64, device=k.device)
     parts = [torch.empty_like(sizes) for _ in range(shard.size)]
     dist.all_gather(parts, sizes, group=shard.group)
     if any(int(tokens) != int(pixels) for tokens, pixels in parts):
