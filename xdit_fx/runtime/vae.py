@@ -272,23 +272,25 @@ def _pad(mode, func, args, kwargs):
 
 @_handles(F.group_norm)
 def _group_norm(mode, func, args, kwargs):
-    """GroupNorm with mean and variance over the full height: a sum, then a centred sum of squares
-    (two all-reduces, fp32), which is as accurate as the single-process kernel."""
+    """GroupNorm with mean and variance over the full height: a sum, then a centred sum of squares (two
+    all-reduces of [B, groups] float64 numbers), as accurate as the single-process kernel. Holds one
+    extra activation-sized tensor (the centred input) where the native kernel holds none."""
     x, num_groups, weight, bias, eps = _group_norm_signature(*args, **kwargs)
     mode.seen(x)
     grouped = x.float().reshape(x.shape[0], num_groups, -1)
-    stats = torch.cat([grouped.sum(-1).flatten(), grouped.new_tensor([grouped.shape[-1]])])
+    stats = torch.cat([grouped.sum(-1, dtype=torch.float64).flatten(),
+                       grouped.new_tensor([grouped.shape[-1]], dtype=torch.float64)])
     stats = all_reduce_sum(stats, mode.shard)
     count = stats[-1]
     mean = (stats[:-1] / count).reshape(x.shape[0], num_groups, 1)
-    centred = grouped - mean
-    var = all_reduce_sum(centred.square().sum(-1), mode.shard) / count
-    out = (centred * torch.rsqrt(var.unsqueeze(-1) + eps)).reshape(x.shape)
+    centred = grouped - mean.float()
+    var = all_reduce_sum(centred.square().sum(-1, dtype=torch.float64), mode.shard) / count
+    out = centred.mul_(torch.rsqrt(var + eps).float().unsqueeze(-1)).reshape(x.shape)
     affine_shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
     if weight is not None:
-        out = out * weight.float().reshape(affine_shape)
+        out.mul_(weight.float().reshape(affine_shape))
     if bias is not None:
-        out = out + bias.float().reshape(affine_shape)
+        out.add_(bias.float().reshape(affine_shape))
     return out.to(x.dtype)
 
 
