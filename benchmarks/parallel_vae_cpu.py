@@ -57,14 +57,15 @@ def _busy_jiffies() -> tuple[int, int]:
 def wait_for_quiet(max_wait_s: float, threshold: float = 0.15, window_s: float = 3.0) -> float:
     """Wait (up to max_wait_s) until other processes keep the machine at most `threshold` busy over
     `window_s`; return the last busy fraction seen."""
-    deadline = time.monotonic() + max_wait_s
+    start = time.monotonic()
     while True:
         (b0, t0), _ = _busy_jiffies(), time.sleep(window_s)
         b1, t1 = _busy_jiffies()
         busy = (b1 - b0) / max(t1 - t0, 1)
-        if busy <= threshold or time.monotonic() > deadline:
+        waited = time.monotonic() - start
+        if busy <= threshold or waited > max_wait_s:
+            print(f"  machine {busy:.0%} busy after waiting {waited:.0f} s", flush=True)
             return busy
-        print(f"  machine {busy:.0%} busy; waiting for it to go idle", flush=True)
 
 
 def _own_cpu_s() -> float:
@@ -162,8 +163,8 @@ def render(data: dict[str, Any]) -> str:
     for run in data["runs"]:
         r0 = run["ranks"][0]
         comm = r0["comm"]
-        kib = " / ".join(f"{comm.get(k, 0) / 1024:,.1f}" for k in ("vae_halo", "vae_norm_stats", "vae_kv_gather",
-                                                                   "vae_output")) if comm else "-"
+        kinds = ("vae_halo", "vae_norm_stats", "vae_kv_gather", "vae_output")
+        kib = " / ".join(f"{comm.get(k, 0) / 1024:,.1f}" for k in kinds) if comm else "-"
         halo_share = f"{comm['vae_halo'] / r0['conv_input_bytes']:.2%}" if comm else "-"
         err = "reference" if run["config"] == BASELINE else f"{run['max_abs_err']:.2e}"
         rss = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in run["ranks"])

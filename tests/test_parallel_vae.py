@@ -1,8 +1,9 @@
 """Parallel VAE decode (xdit_fx.runtime.vae) vs single-process decode, on 2 and 4 gloo ranks.
 
 Every case runs inside one spawn per world size (starting processes that import diffusers is most of the
-cost, so the 4-rank case uses a decoder written in plain torch): each rank decodes the same random latent alone and in parallel and reports the difference, the
-bytes it received, and the errors the refused ops raise.
+cost, so the 4-rank case uses a decoder written in plain torch): each rank decodes the same random latent
+alone and in parallel and reports the difference, the bytes it received, and the errors the refused ops
+raise.
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def _analytic_bytes(vae, z, n):
                 counts["vae_kv_gather"] += (k.nbytes + v.nbytes) * (n - 1) // n
             return func(*args, **(kwargs or {}))
 
-    hooks = [m.register_forward_hook(on_conv) for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    convs = [m for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    hooks = [m.register_forward_hook(on_conv) for m in convs]
     with torch.no_grad(), RecordKV():
         vae.decode(z, return_dict=False)
     for h in hooks:
@@ -167,7 +169,8 @@ def _plan_errors(vae):
     from xdit_fx.runtime.vae import parallel_decode
 
     messages = {}
-    for name, z, setup in (("one row", latent(1, 4, 1, 8), lambda: None), ("tiling", latent(1, 4, 8, 8), vae.enable_tiling)):
+    cases = (("one row", latent(1, 4, 1, 8), lambda: None), ("tiling", latent(1, 4, 8, 8), vae.enable_tiling))
+    for name, z, setup in cases:
         setup()
         try:
             parallel_decode(vae, z)
