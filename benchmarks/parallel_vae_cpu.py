@@ -150,8 +150,8 @@ def render(data: dict[str, Any]) -> str:
     base = next(r for r in data["runs"] if r["config"] == BASELINE)
     lines = [
         "# Parallel VAE decode on CPU (xdit_fx)", "",
-        f"AutoencoderKL, random weights (seed 0), fp32, {_describe(data['vae'])}; latent {data['latent']}x{data['latent']} "
-        f"-> image {8 * data['latent']}x{8 * data['latent']}, batch 1, `torch.no_grad()`.",
+        f"AutoencoderKL, random weights (seed 0), fp32, {_describe(data['vae'])}; "
+        f"latent {data['latent']}x{data['latent']} -> image {8 * data['latent']}x{8 * data['latent']}, batch 1, `torch.no_grad()`.",
         f"Machine: {data['machine']}, torch {data['torch']}, diffusers {data['diffusers']}, {data['date']}; "
         f"xdit_fx commit {data['commit']}; {data['repeats']} timed decodes per configuration after one warm-up.",
         "",
