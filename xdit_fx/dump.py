@@ -161,7 +161,8 @@ def node_info(node: fx.Node) -> NodeLine:
     if site is not None:
         info.attention = site.describe()
     if node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith(_RUNTIME_MODULE):
-        groups = sorted({str(v) for k, v in node.kwargs.items() if k.endswith("group")}
+        groups = sorted({str(v) for k, v in node.kwargs.items()
+                         if k.endswith("group") and node.kwargs.get(k[:-len("_group")], 2) != 1}
                         | {a for a in node.args if isinstance(a, str)})
         info.comm = f"comm({', '.join(groups)})" if groups else "comm"
     if META_GATHER in node.meta:

@@ -273,3 +273,35 @@ def write_html(path: str) -> list[str]:
             f.write(render_html(read_dump(d)))
         written.append(out)
     return written
+
+
+# ---- screenshots (checks that the page renders in a real browser) --------------------------------------
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_browser() -> str | None:
+    import shutil
+
+    return next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+
+
+def screenshot(html_path: str, png_path: str, width: int = 1400, height: int = 2400, fragment: str = "",
+               timeout_s: float = 120.0) -> str:
+    """Render `html_path` in headless Chromium and save a PNG; returns png_path. Raises RuntimeError without a
+    browser or when none was written."""
+    import subprocess
+    import tempfile
+
+    browser = find_browser()
+    if browser is None:
+        raise RuntimeError(f"no headless browser found (tried {', '.join(BROWSERS)}); e.g. apt-get install chromium")
+    url = "file://" + os.path.abspath(html_path) + (f"#{fragment}" if fragment else "")
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
+               f"--user-data-dir={profile}", f"--window-size={width},{height}",
+               f"--screenshot={os.path.abspath(png_path)}", url]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if not os.path.exists(png_path) or os.path.getsize(png_path) == 0:
+        raise RuntimeError(f"{browser} wrote no screenshot (exit {proc.returncode}): {proc.stderr[-500:]}")
+    return png_path

@@ -17,7 +17,6 @@ config fields.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
 import json
@@ -149,14 +148,15 @@ def load_model(spec: str, *, config: str | None = None, dtype: str | None = None
                sizes: InputSizes | None = None, overrides: list[str] = ()) -> LoadedModel:
     """Build MODEL (see the module docstring) and the inputs to capture it with."""
     sizes = sizes or InputSizes()
+    given = {parse_shape_override(text)[0] for text in overrides}
     from . import zoo
 
     if spec in zoo.ZOO and config is None:
         loaded = _load_zoo(spec, device or "cpu", sizes)
     elif ":" in spec and not os.path.exists(spec):
-        loaded = _load_class(spec, config, dtype, device or "meta", sizes)
+        loaded = _load_class(spec, config, dtype, device or "meta", sizes, given)
     elif os.path.exists(spec):
-        loaded = _load_folder(spec, dtype, device or "meta", sizes)
+        loaded = _load_folder(spec, dtype, device or "meta", sizes, given)
     else:
         raise ModelSpecError(
             f"model {spec!r} not found: MODEL is a zoo name ({', '.join(sorted(zoo.ZOO))}), a diffusers model "
@@ -185,7 +185,7 @@ def _load_zoo(name: str, device: str, sizes: InputSizes) -> LoadedModel:
     return LoadedModel(model, inputs, f"{name} (xdit_fx.zoo, {type(model).__name__}, {device})")
 
 
-def _load_folder(path: str, dtype: str | None, device: str, sizes: InputSizes) -> LoadedModel:
+def _load_folder(path: str, dtype: str | None, device: str, sizes: InputSizes, given: set) -> LoadedModel:
     cfg_path = path
     if os.path.isdir(path):
         for candidate in ("config.json", os.path.join("transformer", "config.json")):
@@ -207,11 +207,12 @@ def _load_folder(path: str, dtype: str | None, device: str, sizes: InputSizes) -
     if cls is None:
         raise ModelSpecError(f"{cfg_path}: class {name!r} is not in diffusers {diffusers.__version__}")
     model = _build(cls, cfg, dtype, device)
-    inputs = derive_inputs(model, sizes, device)
+    inputs = derive_inputs(model, sizes, device, given)
     return LoadedModel(model, inputs, f"{name} from {cfg_path} ({device}, {_model_dtype(model)})")
 
 
-def _load_class(spec: str, config: str | None, dtype: str | None, device: str, sizes: InputSizes) -> LoadedModel:
+def _load_class(spec: str, config: str | None, dtype: str | None, device: str, sizes: InputSizes,
+                given: set) -> LoadedModel:
     mod_name, _, cls_name = spec.partition(":")
     try:
         cls = getattr(importlib.import_module(mod_name), cls_name)
@@ -224,7 +225,7 @@ def _load_class(spec: str, config: str | None, dtype: str | None, device: str, s
         except (OSError, json.JSONDecodeError) as e:
             raise ModelSpecError(f"--config {config!r}: not a JSON file or a JSON object ({e})") from None
     model = _build(cls, cfg, dtype, device)
-    inputs = derive_inputs(model, sizes, device)
+    inputs = derive_inputs(model, sizes, device, given)
     return LoadedModel(model, inputs, f"{spec} ({device}, {_model_dtype(model)})")
 
 
@@ -253,7 +254,7 @@ _TEXT_WIDTH_KEYS = ("joint_attention_dim", "text_dim", "text_embed_dim", "captio
                     "encoder_hidden_dim", "context_dim")
 
 
-def derive_inputs(model: nn.Module, sizes: InputSizes, device: str) -> dict[str, Any]:
+def derive_inputs(model: nn.Module, sizes: InputSizes, device: str, given: set = frozenset()) -> dict[str, Any]:
     """Inputs for `model(**inputs)` from its forward parameters and its config (see the module docstring).
 
     hidden_states: packed latent tokens [B, N, C] when the forward takes `img_ids` (2x2 patches packed into
@@ -310,7 +311,7 @@ def derive_inputs(model: nn.Module, sizes: InputSizes, device: str) -> dict[str,
         required = p.default is inspect.Parameter.empty
         if name in rules and (required or name in optional_wanted):
             inputs[name] = rules[name]()
-        elif required:
+        elif required and name not in given:
             missing.append(name)
     if "return_dict" in params:
         inputs["return_dict"] = False
@@ -330,6 +331,3 @@ def describe_inputs(inputs: dict[str, Any]) -> dict[str, str]:
             out[k] = repr(v)
     return out
 
-
-def replace_plan(plan: Plan, **changes: Any) -> Plan:
-    return dataclasses.replace(plan, **changes)
