@@ -252,3 +252,17 @@ def test_flux_dev_sized_config_dumps_on_meta_in_bounded_time(tmp_path, capsys):
     assert "57 attention sites" in index and "transformer_blocks x19, single_transformer_blocks x38" in index
     assert "57 attention sites -> ulysses+ring (0 self, 57 joint, 0 cross)" in index
     assert "0 fallback gathers" in index
+
+
+def test_dump_from_inside_a_run(tmp_path, monkeypatch):
+    """XDIT_FX_DUMP_DIR (or Plan(debug_dump_dir=...)) makes parallelize write the same files, per rank and graph."""
+    import xdit_fx
+
+    monkeypatch.setenv("XDIT_FX_DUMP_DIR", str(tmp_path))
+    monkeypatch.setenv("XDIT_FX_DUMP_FORMAT", "text,html")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    pm = xdit_fx.parallelize(ThreeHeads(), xdit_fx.Plan())
+    pm(torch.randn(1, 8, 12))
+    d = tmp_path / "rank0" / "graph0"
+    assert (d / "index.md").exists() and (d / "index.html").exists()
+    assert [p.name for p in read_dump(str(d)).passes] == ["captured", "find_attention", "find_transformer_blocks"]

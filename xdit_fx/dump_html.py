@@ -20,7 +20,9 @@ _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 _ARG = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def _group_key(n: NodeLine) -> str:
+def _group_key(n: NodeLine, stacks: set[str]) -> str:
+    """'parameters', 'inputs', 'output', a block ('transformer_blocks.3': an entry of a module list that
+    holds attention somewhere in the graph), or 'outside blocks'."""
     if n.op == "param":
         return "parameters"
     if n.op == "input":
@@ -28,9 +30,18 @@ def _group_key(n: NodeLine) -> str:
     if n.op.startswith("return"):
         return "output"
     m = _BLOCK.match(n.module)
-    if m:
+    if m and m.group(1).rsplit(".", 1)[0] in stacks:
         return m.group(1)
     return "outside blocks"
+
+
+def _block_stacks(nodes: list[NodeLine]) -> set[str]:
+    out = set()
+    for n in nodes:
+        m = _BLOCK.match(n.module) if n.attention else None
+        if m:
+            out.add(m.group(1).rsplit(".", 1)[0])
+    return out
 
 
 def _esc(s: str) -> str:
@@ -86,6 +97,7 @@ def _pass_html(p: PassDump, prev: PassDump | None, pid: int, last: bool) -> str:
     known = {n.name for n in p.nodes}
     removed = [n for n in (prev.nodes if prev is not None else []) if n.name not in known]
     groups: list[tuple[str, list[tuple[NodeLine, str]]]] = []
+    stacks = _block_stacks(p.nodes)
     for n in p.nodes:
         status = ""
         if prev is not None:
@@ -94,7 +106,7 @@ def _pass_html(p: PassDump, prev: PassDump | None, pid: int, last: bool) -> str:
                 status = "new"
             elif old.format() != n.format():
                 status = "chg"
-        key = _group_key(n)
+        key = _group_key(n, stacks)
         fixed = next((g for g in groups if g[0] == key), None) if key in ("inputs", "parameters") else None
         if fixed is not None:
             fixed[1].append((n, status))
@@ -118,7 +130,7 @@ def _pass_html(p: PassDump, prev: PassDump | None, pid: int, last: bool) -> str:
             badges.append(f'<span class="chip c-new">+{n_new} new</span>')
         if n_chg:
             badges.append(f'<span class="chip c-chg">~{n_chg} changed</span>')
-        is_block = bool(_BLOCK.match(key))
+        is_block = key not in ("parameters", "inputs", "output", "outside blocks")
         if key == "outside blocks":
             tops = list(dict.fromkeys(m.module.split(".")[0] for m in nodes if m.module))
             label = ", ".join(tops[:6]) + (f", +{len(tops) - 6}" if len(tops) > 6 else "")

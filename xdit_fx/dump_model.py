@@ -240,7 +240,12 @@ def _build(cls: type, cfg: dict, dtype: str | None, device: str) -> nn.Module:
                 model = cls(**cfg)
     except TypeError as e:
         raise ModelSpecError(f"cannot build {cls.__name__} from its config: {e}") from None
-    return model.to(dt).eval()
+    nn.Module.to(model, dt)  # not ModelMixin.to, which warns about the float32 modules handled here
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    for name, module in model.named_modules():  # as from_pretrained(torch_dtype=...) leaves them
+        if dt != torch.float32 and any(k in name.split(".") for k in keep):
+            module.float()
+    return model.eval()
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
