@@ -6,8 +6,9 @@ Each node is one line: what it computes, then a comment with what xdit_fx knows 
 
 The facts, in this order, each present only when known: shape and dtype (global, as captured), token
 layout (`tokens@DIM[SEGMENTS]`, `/sp` = sharded over the sequence-parallel ranks), attention site,
-`comm` (a runtime collective), `gather (...)` (why a gather was inserted), module path, `+ PASS` (the
-pass that created the node), source line. Lines hold no ids, addresses or timings, so two dumps of the
+`comm` (a runtime collective), `gather (...)` (why a gather was inserted), any other `xfx.*` fact as
+`xfx.key=value` (what newer passes record), module path, `+ PASS` (the pass that created the node), source
+line. Lines hold no ids, addresses or timings, so two dumps of the
 same model and plan are identical and `diff -r` / `xdit-fx diff` show only real changes.
 
 A dump directory (`write_dump`):
@@ -31,8 +32,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .fx_utils import (META_ATTENTION, META_CREATED_BY, META_GATHER, META_LAYOUT, META_TOKEN_DIMS, example_value,
-                       module_path, source_line, target_name)
+from .fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
+                       META_TOKEN_DIMS, example_value, module_path, source_line, target_name)
 from .passes.base import GraphHistory
 
 #: Environment variables read by in-run dumps (`Plan(debug_dump_dir=...)` is the other way in).
@@ -59,6 +60,7 @@ class NodeLine:
     module: str = ""
     created_by: str = ""
     source: str = ""
+    extra: tuple[str, ...] = ()   # other xfx.* facts, "xfx.stage=1": what passes added after this writer
 
     @property
     def op(self) -> str:
@@ -66,8 +68,8 @@ class NodeLine:
         return self.expr.split("(", 1)[0].strip()
 
     def facts(self) -> list[str]:
-        return [f for f in (self.shape, self.layout, self.attention, self.comm, self.gather, self.module,
-                            f"+ {self.created_by}" if self.created_by else "", self.source) if f]
+        return [f for f in (self.shape, self.layout, self.attention, self.comm, self.gather, *self.extra,
+                            self.module, f"+ {self.created_by}" if self.created_by else "", self.source) if f]
 
     def format(self) -> str:
         facts = self.facts()
@@ -96,6 +98,8 @@ def parse_line(line: str) -> NodeLine | None:
             n.comm = fact
         elif fact.startswith("gather ("):
             n.gather = fact
+        elif fact.startswith("xfx."):
+            n.extra += (fact,)
         elif fact.startswith("+ "):
             n.created_by = fact[2:]
         elif re.search(r"\.py:\d+", fact):
@@ -133,6 +137,17 @@ def _shape(node: fx.Node) -> str:
     return ""
 
 
+# facts shown in their own form above, or implied by another (the block by the module path, the sp spec by
+# the attention site); any other xfx.* key is shown as key=value
+_SHOWN_META = {META_ATTENTION, META_CREATED_BY, META_GATHER, META_LAYOUT, META_TOKEN_DIMS, META_BLOCK,
+               META_SP_ATTENTION}
+
+
+def _fact_value(v: Any) -> str:
+    text = " ".join(_fmt(v).replace(" | ", " / ").split())
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def _is_param(node: fx.Node) -> bool:
     return isinstance(example_value(node), torch.nn.Parameter) or "_parameters_" in node.name \
         or "_buffers_" in node.name
@@ -167,6 +182,8 @@ def node_info(node: fx.Node) -> NodeLine:
         info.comm = f"comm({', '.join(groups)})" if groups else "comm"
     if META_GATHER in node.meta:
         info.gather = f"gather ({node.meta[META_GATHER]})"
+    info.extra = tuple(f"{k}={_fact_value(v)}" for k, v in sorted(node.meta.items())
+                       if k.startswith("xfx.") and k not in _SHOWN_META)
     info.module = module_path(node)
     info.created_by = str(node.meta.get(META_CREATED_BY, ""))
     if node.op != "placeholder":

@@ -13,7 +13,7 @@ from collections import Counter
 from .dump import Dump, NodeLine, PassDump, graph_dirs, plan_string, read_dump
 from .errors import XditFxError
 
-_FACTS = ("shape", "layout", "attention", "comm", "gather", "module", "created_by", "source")
+_FACTS = ("shape", "layout", "attention", "comm", "gather", "extra", "module", "created_by", "source")
 
 
 def _load(path: str) -> list[Dump]:

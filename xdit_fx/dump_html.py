@@ -74,19 +74,21 @@ def _row(n: NodeLine, pid: int, known: set[str], status: str) -> str:
         cls.append("gather")
     chips = []
     if n.attention:
-        chips.append(f'<span class="chip c-attn" title="attention site">&#9670; {_esc(n.attention)}</span>')
+        chips.append(f'<span class="chip c-attn">&#9670; {_esc(n.attention)}</span>')
     if n.comm:
-        chips.append(f'<span class="chip c-comm" title="collective / runtime op">&#8644; {_esc(n.comm)}</span>')
+        chips.append(f'<span class="chip c-comm">&#8644; {_esc(n.comm)}</span>')
     if n.gather:
         chips.append(f'<span class="chip c-gather">{_esc(n.gather)}</span>')
+    for fact in n.extra:
+        chips.append(f'<span class="chip c-xfx">{_esc(fact)}</span>')
     if n.layout:
-        chips.append(f'<span class="chip c-layout" title="token layout">{_esc(n.layout)}</span>')
+        chips.append(f'<span class="chip c-layout">{_esc(n.layout)}</span>')
     if n.created_by:
-        chips.append(f'<span class="chip c-new" title="created by">+ {_esc(n.created_by)}</span>')
-    search = " ".join((n.name, n.expr, n.module, n.layout, n.attention, n.comm, n.created_by, n.source)).lower()
+        chips.append(f'<span class="chip c-new">+ {_esc(n.created_by)}</span>')
     expr = n.expr if len(n.expr) <= 220 else n.expr[:217] + "..."
-    return (f'<div class="{" ".join(cls)}" id="p{pid}-{_esc(n.name)}" data-s="{_esc(search)}">'
-            f'<span class="nm">%{_esc(n.name)}</span><span class="ex" title="{_esc(n.expr)}">'
+    title = f' title="{_esc(n.expr)}"' if expr != n.expr else ""  # search reads the row's text
+    return (f'<div class="{" ".join(cls)}" id="p{pid}-{_esc(n.name)}">'
+            f'<span class="nm">%{_esc(n.name)}</span><span class="ex"{title}>'
             f'{_expr_html(expr, pid, known)}</span><span class="sh">{_esc(n.shape)}</span>'
             f'<span class="ch">{"".join(chips)}</span><span class="md">{_esc(n.module)}</span>'
             f'<span class="src">{_esc(n.source)}</span></div>')
@@ -98,6 +100,8 @@ def _pass_html(p: PassDump, prev: PassDump | None, pid: int, last: bool) -> str:
     removed = [n for n in (prev.nodes if prev is not None else []) if n.name not in known]
     groups: list[tuple[str, list[tuple[NodeLine, str]]]] = []
     stacks = _block_stacks(p.nodes)
+    # a pass that only annotates: show the nodes it annotated (the graph itself is the previous pass's)
+    same_nodes = prev is not None and not removed and all(n.name in before for n in p.nodes)
     for n in p.nodes:
         status = ""
         if prev is not None:
@@ -106,6 +110,8 @@ def _pass_html(p: PassDump, prev: PassDump | None, pid: int, last: bool) -> str:
                 status = "new"
             elif old.format() != n.format():
                 status = "chg"
+        if same_nodes and not status:
+            continue
         key = _group_key(n, stacks)
         fixed = next((g for g in groups if g[0] == key), None) if key in ("inputs", "parameters") else None
         if fixed is not None:
@@ -143,11 +149,15 @@ def _pass_html(p: PassDump, prev: PassDump | None, pid: int, last: bool) -> str:
         body.append(f'<details class="{kind}"{open_}><summary><span class="gk">{key_html}</span>{"".join(badges)}'
                     f'</summary>{rows}</details>')
     if removed:
-        rows = "".join(f'<div class="n gone" data-s="{_esc(r.name.lower())}"><span class="nm">%{_esc(r.name)}</span>'
+        rows = "".join(f'<div class="n gone"><span class="nm">%{_esc(r.name)}</span>'
                        f'<span class="ex">{_esc(r.expr)}</span><span class="sh">{_esc(r.shape)}</span></div>'
                        for r in removed)
         body.append(f'<details class="grp"><summary><span class="gk">removed by this pass</span>'
                     f'<span class="chip c-gone">-{len(removed)}</span></summary>{rows}</details>')
+    if same_nodes:
+        note = (f"the graph is that of pass {prev.index:02d}; shown: the {sum(len(g[1]) for g in groups)} nodes "
+                f"whose facts this pass added or changed")
+        body.insert(0, f'<div class="note">{_esc(note)}</div>')
     tag = '<span class="chip c-new">rewrite</span>' if p.changed else '<span class="chip c-an">analysis / unchanged</span>'
     n_new = sum(1 for n in p.nodes if prev is not None and n.name not in before)
     n_chg = sum(1 for n in p.nodes if n.name in before and before[n.name].format() != n.format())
@@ -215,17 +225,17 @@ font-family:-apple-system,Segoe UI,Roboto,sans-serif;white-space:nowrap}
 background:#fff4ea}.c-gather{color:var(--gather);border-color:#f1b4b4;background:#fdeeee}.c-layout{color:var(--lay);
 border-color:#b9d3f2;background:#eef5fd}.c-new{color:var(--newb);border-color:#a9ddb6;background:#eefaf1}
 .c-chg{color:#8a6a00;border-color:#ecd27a;background:#fff9e3}.c-an{color:var(--mut);border-color:#d5dae0}
-.c-gone{color:var(--gather);border-color:#f1b4b4}
+.c-gone{color:var(--gather);border-color:#f1b4b4}.c-xfx{color:#00695c;border-color:#9fd6cc;background:#edf8f6}
 .legend{display:flex;gap:10px;flex-wrap:wrap;margin:4px 0 12px;color:var(--mut)}
 .legend .sw{display:inline-block;width:12px;height:12px;border-radius:3px;vertical-align:-2px;margin-right:4px}
-.hide{display:none!important}
+.hide{display:none!important}.note{color:var(--mut);font-style:italic;margin:2px 0 6px}
 """
 
 _JS = """
 const q=document.getElementById('q'),hits=document.getElementById('hits'),onlyNew=document.getElementById('onlynew');
 function apply(){const s=q.value.trim().toLowerCase(),on=onlyNew.checked;let h=0;
  document.querySelectorAll('.graph').forEach(g=>{g.querySelectorAll('details.blk,details.grp').forEach(d=>{let any=false;
-  d.querySelectorAll('.n').forEach(r=>{const ok=(!s||r.dataset.s.includes(s))&&(!on||r.classList.contains('new')||
+  d.querySelectorAll('.n').forEach(r=>{const ok=(!s||(r.title+r.textContent).toLowerCase().includes(s))&&(!on||r.classList.contains('new')||
    r.classList.contains('chg')||r.classList.contains('gone'));r.classList.toggle('hide',!ok);if(ok){any=true;
    if(s)h++;}});d.classList.toggle('hide',!any);if((s||on)&&any)d.open=true;});
   if(s){const p=g.closest('details.pass');if(g.querySelector('.n:not(.hide)'))p.open=true;}});
