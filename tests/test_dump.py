@@ -266,3 +266,30 @@ def test_dump_from_inside_a_run(tmp_path, monkeypatch):
     d = tmp_path / "rank0" / "graph0"
     assert (d / "index.md").exists() and (d / "index.html").exists()
     assert [p.name for p in read_dump(str(d)).passes] == ["captured", "find_attention", "find_transformer_blocks"]
+
+
+class BrokenForward(nn.Module):
+    """Two attention blocks with a dynamo graph break between them: two graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 48), nn.Linear(16, 48)])
+
+    def forward(self, x):
+        for i, qkv in enumerate(self.blocks):
+            if i == 1:
+                torch._dynamo.graph_break()
+            q, k, v = qkv(x).view(1, -1, 3, 4, 4).permute(2, 0, 3, 1, 4)
+            x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, -1, 16)
+        return x
+
+
+def test_graph_breaks_dump_one_folder_per_graph(tmp_path):
+    res = dump_module(BrokenForward(), {"x": torch.randn(1, 8, 16)}, "ulysses=2", str(tmp_path / "a"),
+                      formats=("text", "html"))
+    assert res.graphs == 2
+    assert "- [graph1](graph1/index.md)" in (tmp_path / "a" / "index.md").read_text()
+    assert (tmp_path / "a" / "graph1" / "05_parallelize_attention.txt").exists()
+    assert (tmp_path / "a" / "graph0" / "index.html").exists()
+    text, same = diff_dumps(str(tmp_path / "a"), str(tmp_path / "a"))
+    assert same and "## graph1" in text

@@ -453,7 +453,17 @@ def dump_module(model: torch.nn.Module, inputs: dict, plan, out_dir: str, *, for
     info = DumpInfo(model=model_name, inputs=describe_inputs(inputs), notes=list(notes) + ([note] if note else []),
                     versions=library_versions())
     t0 = time.perf_counter()
-    graphs = capture_graphs(model, **inputs)
+    try:
+        graphs = capture_graphs(model, **inputs)
+    except Exception as e:  # dynamo's message is long; the first lines say what failed
+        first = "\n  ".join(str(e).strip().splitlines()[:3])[:600]
+        on_meta = any(isinstance(v, torch.Tensor) and v.is_meta for v in inputs.values())
+        raise XditFxError(
+            f"capturing {model_name or type(model).__name__} failed: {type(e).__name__}: {first}\n"
+            f"  inputs: {', '.join(f'{k} {v}' for k, v in info.inputs.items())}\n"
+            + ("  on the meta device a forward cannot read tensor values (.item(), .tolist(), data-dependent "
+               "shapes); try --device cpu on a smaller config, or other --input shapes" if on_meta else
+               "  check the inputs (--input NAME=SHAPE[:dtype]) against the model's forward")) from e
     capture_s = time.perf_counter() - t0
     passes = build_pipeline(gplan)
     histories = []

@@ -208,11 +208,11 @@ font-size:11.5px}
 details.blk,details.grp{border-left:3px solid #d5dae0;margin:3px 0;padding-left:6px}
 details.blk>summary,details.grp>summary{cursor:pointer;padding:2px 0;display:flex;gap:8px;align-items:center}
 .gk{font-family:ui-monospace,Menlo,monospace;font-weight:600}.cnt{color:var(--mut);font-size:11.5px}
-.n{display:grid;grid-template-columns:minmax(120px,210px) minmax(200px,1fr) 150px auto;gap:2px 10px;padding:1px 6px;
+.n{display:grid;grid-template-columns:190px minmax(200px,1fr) 160px 330px;gap:2px 10px;padding:1px 6px;
 font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11.5px;border-radius:3px;align-items:baseline}
-.n:hover{background:#f0f3f7}.n .nm{color:#0b5394;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.n:hover{background:#f0f3f7}.n:hover .ex{white-space:normal;word-break:break-all}.n .nm{color:#0b5394;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 .n .ex{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}.n .ex a{color:#0b5394;text-decoration:none}
-.n .sh{color:var(--mut);white-space:nowrap}.n .ch{white-space:nowrap}
+.n .sh{color:var(--mut);white-space:nowrap;overflow:hidden;text-overflow:ellipsis}.n .ch{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .n .md,.n .src{grid-column:2/5;color:var(--mut);font-size:10.5px;display:none}
 .n:hover .md,.n:hover .src,.n:target .md,.n:target .src{display:block}
 .n.new{background:var(--new);box-shadow:inset 3px 0 0 var(--newb)}.n.chg{background:var(--chg);
