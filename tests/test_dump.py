@@ -169,7 +169,7 @@ def test_passes_with_cfg_explains_the_axis_outside_the_graph(capsys):
     assert main(["passes", "--plan", "ulysses=2,cfg=2"]) == 0
     out = capsys.readouterr().out
     assert "world size 4" in out and "cfg=2: applied outside the graph" in out
-    assert "the pass list is the same as without them" in out
+    assert "the pass list is the same as without it" in out
     assert "why: runs because of ulysses=2" in out
 
 

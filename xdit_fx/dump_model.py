@@ -89,14 +89,25 @@ def parse_tool_plan(text: str) -> ToolPlan:
 
 
 def outside_graph_note(tp: ToolPlan) -> str | None:
-    """One line saying which axes the graph passes do not see, or None."""
+    """One line saying which axes the graph passes do not see (cfg, dp > 1), or None.
+
+    If this version's pipeline does have passes for them (the pass list changes with the degree), the
+    line says so instead."""
+    import dataclasses
+
+    from .passes import build_pipeline
+
     axes = {a: d for a, d in tp.outside.items() if d > 1}
     if not axes:
         return None
     what = ", ".join(f"{a}={d}" for a, d in axes.items())
+    without = dataclasses.replace(tp.graph, **{_SHORT_NAMES[a]: 1 for a in axes})
+    if [p.info.name for p in build_pipeline(without)] != [p.info.name for p in build_pipeline(tp.graph)]:
+        return f"{what}: the pass list includes passes for these axes"
     return (f"{what}: applied outside the graph, not by a pass: the runtime splits the batch "
             f"(cfg: conditional / unconditional halves; dp: prompts) over those ranks before the transformer "
-            f"call, so each rank captures and rewrites the graph below for its share of the batch")
+            f"call, so each rank captures and rewrites the graph below for its share of the batch; the pass "
+            f"list is the same as without {'them' if len(axes) > 1 else 'it'}")
 
 
 # ---- models ------------------------------------------------------------------------------------------
