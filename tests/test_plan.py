@@ -14,7 +14,7 @@ from xdit_fx import Plan, PlanError
 from xdit_fx.plan import AXES
 
 DEGREE_FIELDS = ["ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree", "dp_degree"]
-UNSUPPORTED = [("cfg_degree", "cfg"), ("pipefusion_degree", "pipefusion"), ("dp_degree", "dp")]
+UNSUPPORTED = [("pipefusion_degree", "pipefusion")]
 
 
 # ---- construction and validation ---------------------------------------------------------------
@@ -48,6 +48,13 @@ def test_unsupported_axes_are_refused(field, axis):
     assert f"Plan.{field}=2" in msg
     assert f"'{axis}' axis is not yet supported" in msg
     assert f"Set {field}=1" in msg
+
+
+def test_batch_axes():
+    plan = Plan.from_string("dp=2,cfg=2,ulysses=2")
+    assert plan.world_size == 8 and plan.batch_degree == 4 and plan.sequence_parallel_degree == 2
+    assert Plan.from_string(plan.to_string()) == plan
+    assert Plan.from_string("cfg=2,parallel_vae=0").to_string() == "cfg=2,parallel_vae=0"
 
 
 def test_plan_error_is_a_value_error_and_an_xdit_fx_error():
@@ -121,7 +128,9 @@ def test_serial_plan_string_round_trip():
     ("foo=2", "Unknown plan key 'foo'"),
     ("compile=yes", "use compile=1 or compile=0"),
     ("ulysses=0", "must be an integer >= 1"),
-    ("cfg=2", "not yet supported"),
+    ("pipefusion=2", "not yet supported"),
+    ("cfg=3", "cfg_degree is 1 or 2"),
+    ("parallel_vae=maybe", "use parallel_vae=1 or parallel_vae=0"),
 ])
 def test_bad_strings(text, fragment):
     with pytest.raises(PlanError, match=fragment) as info:
@@ -138,7 +147,7 @@ def test_bad_strings(text, fragment):
 def test_dict_and_json_round_trip(plan):
     d = plan.to_dict()
     assert set(d) == {"ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree", "dp_degree", "compile",
-                      "debug_dump_dir"}
+                      "parallel_vae", "debug_dump_dir"}
     assert Plan.from_dict(d) == plan
     assert Plan.from_dict(json.loads(plan.to_json())) == plan
 

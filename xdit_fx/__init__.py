@@ -2,14 +2,16 @@
 
     import xdit_fx
     pipe.transformer = xdit_fx.parallelize(pipe.transformer, xdit_fx.Plan(ulysses_degree=2, ring_degree=2))
+    pipe = xdit_fx.parallelize(pipe, "cfg=2,ulysses=2")  # a whole pipeline: CFG, data parallel, VAE
 """
 
 from .api import parallelize
 from .errors import MissingBackend, PassError, PlanError, UnsupportedGraph, XditFxError
+from .pipeline import ParallelPipeline
 from .plan import Plan
 from .runtime.collectives import COMM
 from .runtime.mesh import init_distributed
 
-__all__ = ["COMM", "MissingBackend", "PassError", "Plan", "PlanError", "UnsupportedGraph", "XditFxError",
+__all__ = ["COMM", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "UnsupportedGraph", "XditFxError",
            "init_distributed", "parallelize"]
 __version__ = "0.1.0"

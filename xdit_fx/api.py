@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .errors import PlanError
+from .pipeline import ParallelPipeline, is_pipeline
 from .plan import Plan
 from .runtime.mesh import build_groups, env_world_size, init_distributed
 from .runtime.module import ParallelModule
 
 
-def parallelize(model: nn.Module, plan: Plan | str | None = None) -> ParallelModule:
-    """Return a parallel version of a DiT (a diffusers transformer or any nn.Module); `model` itself is
-    not modified.
+def parallelize(model: nn.Module | Any, plan: Plan | str | None = None) -> ParallelModule | ParallelPipeline:
+    """Return a parallel version of a DiT (a diffusers transformer or any nn.Module), or of a whole diffusers
+    pipeline. A module itself is not modified; a pipeline's denoisers, ``scheduler.step`` and ``vae.decode``
+    are replaced in place (``ParallelPipeline.unwrap()`` puts them back).
 
     Call it on every rank (under `torchrun` or `xdit-fx run`), with the same plan. The plan is checked
     against the world size before any process group is created.
@@ -21,13 +25,17 @@ def parallelize(model: nn.Module, plan: Plan | str | None = None) -> ParallelMod
     Example::
 
         pipe.transformer = xdit_fx.parallelize(pipe.transformer, xdit_fx.Plan(ulysses_degree=2))
+        pipe = xdit_fx.parallelize(pipe, "cfg=2,ulysses=2")  # 4 ranks; images on rank 0
     """
     if plan is None:
         plan = Plan()
     elif isinstance(plan, str):
         plan = Plan.from_string(plan)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"parallelize() takes an nn.Module, got {type(model).__name__}")
+    pipeline = is_pipeline(model)
+    if not pipeline and not isinstance(model, nn.Module):
+        raise TypeError(f"parallelize() takes an nn.Module or a diffusers pipeline, got {type(model).__name__}")
+    if isinstance(model, ParallelPipeline):
+        raise PlanError("this pipeline has already been parallelized; call .unwrap() first to change the plan")
     if isinstance(model, ParallelModule):
         raise PlanError("this model has already been parallelized; pass the original module instead")
     if type(model).__name__ == "OptimizedModule":
@@ -39,6 +47,8 @@ def parallelize(model: nn.Module, plan: Plan | str | None = None) -> ParallelMod
         init_distributed()
         groups = build_groups(plan)
     _raise_recompile_limit()
+    if pipeline:
+        return ParallelPipeline(model, plan, groups)
     return ParallelModule(model, plan, groups)
 
 

@@ -1,4 +1,4 @@
-"""`xdit-fx`: demo | run | passes | dump | diff (the last three live in dump_cli.py)."""
+"""`xdit-fx`: demo | generate | run | passes | dump | diff (the last three live in dump_cli.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,26 @@ import sys
 
 from .dump_cli import add_subcommands
 from .errors import XditFxError
+from .plan import Plan
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo_worker, format_report
     from .runtime.launch import launch
 
-    plans = args.plan or ([f"ulysses={args.nproc}", f"ring={args.nproc}"] if args.nproc > 1 else [])
-    results = launch(demo_worker, args.nproc, (plans,))
+    plans = args.plan or (["cfg=2", f"ulysses={args.nproc}"] if args.nproc == 2 else [f"ulysses={args.nproc}"])
+    for text in plans:
+        Plan.from_string(text).check_world_size(args.nproc)
+    results = launch(demo_worker, args.nproc, (plans, args.output))
     print(format_report(results[0], args.nproc))
     worst = max((p["max_abs_err"] for p in results[0]["plans"]), default=0.0)
     return 0 if worst < 1e-4 else 1
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import run
+
+    return run(args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -31,10 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xdit-fx", description="Parallel inference for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="serial vs sequence-parallel Flux-architecture forward on local processes")
+    p = sub.add_parser("demo", help="the embedded digits model, serial vs parallel on local processes: "
+                                    "parity, time, digit accuracy, demo.png")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--plan", action="append", help="plan string, repeatable (default: ulysses=N and ring=N)")
+    p.add_argument("--plan", action="append", help="plan string, repeatable (default: cfg=2 and ulysses=2)")
+    p.add_argument("--output", default="demo.png")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("generate", help="generate images with a pipeline folder or the embedded digits model, "
+                                        "in parallel (xDiT-style flags)")
+    from .generate import add_arguments
+    add_arguments(p)
+    p.set_defaults(fn=_cmd_generate)
 
     p = sub.add_parser("run", help="run a script on N local processes (torchrun's launcher)")
     p.add_argument("--nproc", type=int, required=True)

@@ -281,12 +281,20 @@ def write_dump(history: GraphHistory, plan, out_dir: str, info: DumpInfo | None 
 
 
 def plan_string(plan_dict: dict) -> str:
-    """`Plan.to_string()` of a plan dict, without constructing a Plan (which may refuse some axes)."""
-    from .plan import AXES, _SHORT_NAMES
+    """`Plan.to_string()` of a plan dict; also for a dict this version's Plan refuses (a dump from another)."""
+    from .errors import XditFxError
+    from .plan import AXES, Plan, _SHORT_NAMES
+
+    try:
+        return Plan.from_dict(plan_dict).to_string()
+    except (XditFxError, TypeError):
+        pass
     parts = [f"{axis}={plan_dict.get(_SHORT_NAMES[axis], 1)}" for axis in AXES
              if plan_dict.get(_SHORT_NAMES[axis], 1) > 1]
     if plan_dict.get("compile"):
         parts.append("compile=1")
+    if plan_dict.get("parallel_vae") is False:
+        parts.append("parallel_vae=0")
     return ",".join(parts) or "serial"
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError, XditFxError
-from .plan import AXES, Plan, _SHORT_NAMES
+from .plan import AXES, SUPPORTED_AXES, Plan, _SHORT_NAMES
 
 #: Axes applied outside the captured graph (the runtime splits the batch before the transformer call).
 OUTSIDE_GRAPH_AXES = ("dp", "cfg")
@@ -66,6 +66,8 @@ def parse_tool_plan(text: str) -> ToolPlan:
     try:
         plan = Plan.from_string(text)
     except PlanError:
+        if all(a in SUPPORTED_AXES for a in OUTSIDE_GRAPH_AXES):  # this Plan takes them: its error stands
+            raise
         kept, outside = [], {}
         for item in filter(None, (p.strip() for p in text.split(","))):
             key, _, value = item.partition("=")

@@ -26,7 +26,7 @@ from .errors import PlanError
 #: Mesh axes from outermost to innermost.
 AXES = ("dp", "cfg", "pipefusion", "ring", "ulysses")
 #: Axes whose passes exist; the others are accepted and validated, then refused until implemented.
-SUPPORTED_AXES = ("ring", "ulysses")
+SUPPORTED_AXES = ("dp", "cfg", "ring", "ulysses")
 
 _SHORT_NAMES = {
     "dp": "dp_degree",
@@ -48,10 +48,12 @@ class Plan:
     Args:
         ulysses_degree: ranks that split attention heads with all-to-alls (needs heads % degree == 0).
         ring_degree: ranks that pass key/value chunks around a ring (no head constraint).
-        cfg_degree: ranks that split the classifier-free-guidance batch (not yet supported).
+        cfg_degree: 1 or 2: ranks that share the two classifier-free-guidance branches (the conditional
+            and unconditional halves of a batched call, or the two calls of a two-call pipeline).
         pipefusion_degree: pipeline stages over the block stack (not yet supported).
-        dp_degree: data-parallel replicas (not yet supported).
+        dp_degree: data-parallel replicas; each takes a share of the images of every batched call.
         compile: run the rewritten graph through ``torch.compile`` (Inductor).
+        parallel_vae: on a pipeline, decode the latent split by rows over all ranks (halo exchange).
         debug_dump_dir: if set, every pass writes a snapshot of the graph there.
     """
 
@@ -61,6 +63,7 @@ class Plan:
     pipefusion_degree: int = 1
     dp_degree: int = 1
     compile: bool = False
+    parallel_vae: bool = True
     debug_dump_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -68,8 +71,13 @@ class Plan:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PlanError(f"Plan.{field} must be an integer >= 1, got {value!r}.")
-        if not isinstance(self.compile, bool):
-            raise PlanError(f"Plan.compile must be a bool, got {self.compile!r}.")
+        for flag in ("compile", "parallel_vae"):
+            if not isinstance(getattr(self, flag), bool):
+                raise PlanError(f"Plan.{flag} must be a bool, got {getattr(self, flag)!r}.")
+        if self.cfg_degree > 2:
+            raise PlanError(
+                f"Plan.cfg_degree={self.cfg_degree}: classifier-free guidance has two branches, so cfg_degree "
+                "is 1 or 2. Put the other ranks on dp, ulysses or ring.")
         if self.debug_dump_dir is not None and not isinstance(self.debug_dump_dir, str):
             raise PlanError(f"Plan.debug_dump_dir must be a path string or None, got {self.debug_dump_dir!r}.")
         for axis, field in _SHORT_NAMES.items():
@@ -90,6 +98,11 @@ class Plan:
         for axis in AXES:
             size *= self.degree(axis)
         return size
+
+    @property
+    def batch_degree(self) -> int:
+        """Ranks that split the batch of each transformer call: dp * cfg."""
+        return self.dp_degree * self.cfg_degree
 
     @property
     def sequence_parallel_degree(self) -> int:
@@ -123,7 +136,7 @@ class Plan:
 
     @classmethod
     def from_string(cls, text: str) -> "Plan":
-        """Parse ``"ulysses=2,ring=2"``. Keys are axis names (or full field names), ``compile``."""
+        """Parse ``"ulysses=2,ring=2"``. Keys are axis names (or full field names), ``compile``, ``parallel_vae``."""
         if text.strip().lower() == "serial":
             return cls()
         fields: dict[str, Any] = {}
@@ -135,9 +148,9 @@ class Plan:
             name = _SHORT_NAMES.get(key, key)
             if name in fields:
                 raise PlanError(f"Plan string {text!r} sets {key!r} twice.")
-            if name == "compile":
+            if name in ("compile", "parallel_vae"):
                 if value.lower() not in ("0", "1", "true", "false"):
-                    raise PlanError(f"compile={value!r}: use compile=1 or compile=0.")
+                    raise PlanError(f"{name}={value!r}: use {name}=1 or {name}=0.")
                 fields[name] = value.lower() in ("1", "true")
             elif name in _SHORT_NAMES.values():
                 try:
@@ -146,7 +159,7 @@ class Plan:
                     raise PlanError(f"{key}={value!r}: a degree must be an integer.") from None
             else:
                 raise PlanError(
-                    f"Unknown plan key {key!r}; use one of {', '.join(AXES)}, compile (e.g. 'ulysses=2,ring=2')."
+                    f"Unknown plan key {key!r}; use one of {', '.join(AXES)}, compile, parallel_vae (e.g. 'ulysses=2,ring=2')."
                 )
         return cls(**fields)
 
@@ -154,4 +167,6 @@ class Plan:
         parts = [f"{axis}={self.degree(axis)}" for axis in AXES if self.degree(axis) > 1]
         if self.compile:
             parts.append("compile=1")
+        if not self.parallel_vae:
+            parts.append("parallel_vae=0")
         return ",".join(parts) or "serial"

@@ -42,6 +42,16 @@ class CommCounter:
     def total(self, axis: str | None = None, op: str | None = None) -> int:
         return sum(v for (a, o), v in self.bytes.items() if (axis is None or a == axis) and (op is None or o == op))
 
+    def since(self, before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        """Bytes moved since `before` (an earlier snapshot), in snapshot form."""
+        out: dict[str, dict[str, int]] = {}
+        for axis, ops in self.snapshot().items():
+            for op, v in ops.items():
+                delta = v - before.get(axis, {}).get(op, 0)
+                if delta:
+                    out.setdefault(axis, {})[op] = delta
+        return out
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         for (axis, op), v in sorted(self.bytes.items()):

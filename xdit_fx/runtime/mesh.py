@@ -1,5 +1,9 @@
 """Process groups for a Plan's named mesh axes (outer -> inner: dp, cfg, pipefusion, ring, ulysses).
 
+Besides one group per axis there are two composite groups: "sp" (ring x ulysses, the ranks that share one
+token sequence) and "batch" (dp x cfg, the ranks that share the images of one transformer call; batch rank =
+dp_rank * cfg + cfg_rank).
+
 Ranks are laid out row-major over the axes, so the innermost axis (ulysses) spans consecutive ranks. The
 sequence-parallel group "sp" = ring x ulysses; inside it, sp rank = ring_rank * ulysses + ulysses_rank,
 which is the order in which token chunks are laid out.
@@ -49,7 +53,7 @@ def env_world_size() -> int:
 
 @dataclass
 class ProcessGroups:
-    """This rank's groups, one per mesh axis plus "sp" (ring x ulysses), and its coordinates."""
+    """This rank's groups, one per mesh axis plus "sp" and "batch", and its coordinates."""
 
     plan: Plan
     rank: int
@@ -78,6 +82,8 @@ def build_groups(plan: Plan) -> ProcessGroups:
     axes = [(a, (a,)) for a in AXES if plan.degree(a) > 1]
     if plan.sequence_parallel_degree > 1:
         axes.append(("sp", ("ring", "ulysses")))
+    if plan.batch_degree > 1:
+        axes.append(("batch", ("dp", "cfg")))
     for axis, varying in axes:
         for ranks in members(varying):
             pg = dist.new_group(ranks)

@@ -19,6 +19,7 @@ from torch import nn
 from ..passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
 from ..errors import XditFxError
 from ..plan import Plan
+from .batch import BatchSplitter
 from .collectives import COMM
 from .mesh import ProcessGroups
 
@@ -46,7 +47,12 @@ class ParallelModule(nn.Module):
         self.histories: list[GraphHistory] = []
         self.graphs: list[fx.GraphModule] = []
         self.last_comm: dict[str, dict[str, int]] = {}
-        self._compiled = torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False)
+        # cfg/dp alone need no graph rewrite: without sequence parallel, compile or a dump, run eagerly
+        rewrite = plan.sequence_parallel_degree > 1 or plan.compile or plan.debug_dump_dir \
+            or os.environ.get("XDIT_FX_DUMP_DIR")
+        self._compiled = torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False) \
+            if rewrite else model
+        self.batch = BatchSplitter(plan, groups) if plan.batch_degree > 1 else None
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
         plan = self.plan
@@ -74,16 +80,19 @@ class ParallelModule(nn.Module):
         return gm.forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        COMM.reset()
+        before = COMM.snapshot()
+        out = self.batch(self._run, args, kwargs) if self.batch is not None else self._run(*args, **kwargs)
+        self.last_comm = COMM.since(before)
+        return out
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            out = self._compiled(*args, **kwargs)
+            return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:  # show our error, not dynamo's wrapper
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, XditFxError):
                 raise inner.with_traceback(None) from None
             raise
-        self.last_comm = COMM.snapshot()
-        return out
 
     def __getattr__(self, name: str) -> Any:
         try:

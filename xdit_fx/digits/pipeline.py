@@ -1,0 +1,156 @@
+"""DigitsPipeline: class-conditional sampling from the embedded digits DiT, with classifier-free guidance.
+
+A real ``diffusers.DiffusionPipeline`` (components registered with ``register_modules``), so anything that
+wraps stock pipelines - swapping ``pipe.transformer`` for a parallelized one, CFG- or data-parallel
+wrappers - wraps this one the same way.
+
+Sampling is rectified flow: ``x_sigma = (1 - sigma) * x0 + sigma * noise``, the transformer predicts the
+velocity ``noise - x0`` at timestep ``sigma * 1000``, and ``FlowMatchEulerDiscreteScheduler.step`` takes the
+Euler step ``x += (sigma_next - sigma) * velocity`` from sigma = 1 (noise) to 0 (image).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 2.0
+CFG_MODES = ("batched", "two_call")
+
+
+class DigitsPipeline(DiffusionPipeline):
+    """Generate 16x16 digits: ``pipe([0, 1, 2, ...]).images``.
+
+    ``transformer``: a class-conditional ``DiTTransformer2DModel`` with ``num_embeds_ada_norm`` classes and
+    a learned "null" label at index ``num_embeds_ada_norm`` (the extra embedding row diffusers adds when
+    label dropout is on), used for the unconditional half of CFG.
+    """
+
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer: DiTTransformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, torch_dtype: torch.dtype = torch.float32) -> "DigitsPipeline":
+        """Load a checkpoint directory (default: the embedded one) through the diffusers ``from_pretrained`` path.
+
+        """
+        root = Path(path) if path is not None else CHECKPOINT_DIR
+        transformer = DiTTransformer2DModel.from_pretrained(
+            root / "transformer", torch_dtype=torch_dtype, low_cpu_mem_usage=False
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+        return cls(transformer=transformer.eval(), scheduler=scheduler)
+
+    @property
+    def null_class(self) -> int:
+        return self.transformer.config.num_embeds_ada_norm
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: list[int],
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pt",
+        cfg_mode: str = "batched",
+        progress: bool = True,
+        return_dict: bool = True,
+    ):
+        """Sample one image per entry of ``class_labels``.
+
+        ``guidance_scale`` <= 1 runs the conditional model only. ``cfg_mode="batched"`` runs conditional and
+        unconditional in one transformer call on a doubled batch; ``"two_call"`` runs them as two calls
+        (the shape a CFG-parallel wrapper splits over ranks). Both give the same images up to float
+        reassociation. ``output_type``: ``"pt"`` (``(N, 1, 16, 16)`` tensor in [0, 1]), ``"np"``
+        (``(N, 16, 16, 1)`` array in [0, 1]) or ``"pil"`` (list of grayscale images).
+        """
+        if cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
+        labels = self._check_labels(class_labels)
+        x = self._initial_latents(len(labels), generator, latents)
+        null = torch.full_like(labels, self.null_class)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        for t in self.progress_bar(timesteps) if progress else timesteps:
+            velocity = self._velocity(x, t, labels, null, guidance_scale, cfg_mode)
+            x = self.scheduler.step(velocity, t, x, return_dict=False)[0]
+
+        images = self._postprocess(x, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _check_labels(self, class_labels) -> torch.Tensor:
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= self.null_class:
+            raise ValueError(f"class_labels must be non-empty, each in [0, {self.null_class}), got {class_labels}")
+        return labels
+
+    def _initial_latents(self, batch: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
+        config = self.transformer.config
+        shape = (batch, config.in_channels, config.sample_size, config.sample_size)
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=self.device, dtype=self.transformer.dtype)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        return latents.to(device=self.device, dtype=self.transformer.dtype)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=x, timestep=t.expand(x.shape[0]), class_labels=labels, return_dict=False
+        )[0]
+
+    def _velocity(self, x, t, labels, null, guidance_scale: float, cfg_mode: str) -> torch.Tensor:
+        """The (guided) velocity ``uncond + g * (cond - uncond)``; plain conditional when g <= 1."""
+        if guidance_scale <= 1.0:
+            return self._predict(x, t, labels)
+        if cfg_mode == "batched":
+            cond, uncond = self._predict(torch.cat([x, x]), t, torch.cat([labels, null])).chunk(2)
+        else:
+            cond = self._predict(x, t, labels)
+            uncond = self._predict(x, t, null)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @staticmethod
+    def _postprocess(x: torch.Tensor, output_type: str):
+        images = (x.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        if output_type == "pil":
+            return [Image.fromarray((a[..., 0] * 255).round().astype(np.uint8), mode="L") for a in array]
+        raise ValueError(f"output_type must be 'pt', 'np' or 'pil', got {output_type!r}")
+
+
+def load_pipeline(path: str | os.PathLike | None = None, torch_dtype: torch.dtype = torch.float32) -> DigitsPipeline:
+    """``DigitsPipeline.load``: the embedded checkpoint unless ``path`` names another directory."""
+    return DigitsPipeline.load(path, torch_dtype=torch_dtype)
+
+
+def make_grid(images: torch.Tensor, nrow: int = 10, scale: int = 4, padding: int = 1) -> Image.Image:
+    """Tile ``(N, 1, H, W)`` images in [0, 1], ``nrow`` per row, into one grayscale PIL image upscaled ``scale``x."""
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    cell_h, cell_w = h + padding, w + padding
+    canvas = torch.zeros(rows * cell_h + padding, nrow * cell_w + padding)
+    for i, image in enumerate(images.float().cpu()):
+        top, left = (i // nrow) * cell_h + padding, (i % nrow) * cell_w + padding
+        canvas[top:top + h, left:left + w] = image[0]
+    pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    grid = Image.fromarray(pixels, mode="L")
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)

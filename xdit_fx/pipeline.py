@@ -1,0 +1,119 @@
+"""`parallelize(pipe, plan)` for a whole diffusers pipeline: the stock denoising loop, unchanged, on every rank.
+
+Every rank runs the pipeline's own ``__call__`` with the same arguments. What is parallel:
+
+* each denoiser component (``transformer``, ``transformer_2``, ``unet``, ... — the diffusers naming
+  convention for the networks called inside the loop) becomes a `ParallelModule`: sequence parallel inside
+  the call (ring x ulysses), and its batch shared by the dp x cfg ranks (runtime/batch.py);
+* ``scheduler.step`` is hooked to mark denoising steps, which is how two-call CFG pipelines get paired;
+* ``vae.decode`` splits the latent by rows over all ranks (runtime/vae.py), if ``plan.parallel_vae``;
+* progress bars show on rank 0 only, and only rank 0 returns the pipeline's output (the others get None).
+
+Everything else (text encoders, the scheduler, latents preparation) runs replicated: it is cheap next to the
+denoiser and keeping it replicated is what lets any pipeline work without a copied loop. The random latents
+are drawn by the same generator on every rank, so they agree.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+
+from .errors import PlanError
+from .plan import Plan
+from .runtime.batch import PairState
+from .runtime.mesh import ProcessGroups
+from .runtime.module import ParallelModule
+
+#: Pipeline components called inside the denoising loop, by diffusers' naming convention.
+DENOISER_PREFIXES = ("transformer", "unet", "prior")
+
+
+def is_pipeline(obj: Any) -> bool:
+    """A diffusers DiffusionPipeline, or anything shaped like one (components + scheduler + __call__)."""
+    return isinstance(getattr(obj, "components", None), dict) and hasattr(obj, "scheduler") and callable(obj)
+
+
+def denoiser_names(pipe: Any) -> list[str]:
+    return [name for name, comp in pipe.components.items()
+            if isinstance(comp, nn.Module) and name.startswith(DENOISER_PREFIXES)]
+
+
+class ParallelPipeline:
+    """A pipeline whose denoisers, scheduler steps and VAE decode run over the plan's ranks.
+
+    Call it like the pipeline. Attributes fall through to the wrapped pipeline. `unwrap()` restores the
+    original components.
+
+    Attributes:
+        pipe: the wrapped pipeline (its denoisers replaced by ParallelModules).
+        plan: the Plan.
+        rank: this process's global rank.
+        denoisers: name -> ParallelModule.
+        pair_state: what the scheduler hook has learnt about the current generation.
+    """
+
+    def __init__(self, pipe: Any, plan: Plan, groups: ProcessGroups | None) -> None:
+        names = denoiser_names(pipe)
+        if not names:
+            raise PlanError(
+                f"{type(pipe).__name__} has no denoiser component (an nn.Module named "
+                f"{'/'.join(p + '*' for p in DENOISER_PREFIXES)}); components are {sorted(pipe.components)}. "
+                "Parallelize the denoising model itself with parallelize(model, plan).")
+        self.pipe = pipe
+        self.plan = plan
+        self.groups = groups
+        self.rank = groups.rank if groups is not None else 0
+        self.pair_state = PairState()
+        self._originals: dict[str, Any] = {}
+        self.denoisers: dict[str, ParallelModule] = {}
+        for name in names:
+            original = getattr(pipe, name)
+            pm = ParallelModule(original, plan, groups)
+            if pm.batch is not None:
+                pm.batch.state = self.pair_state
+            self._originals[name] = original
+            self.denoisers[name] = pm
+            setattr(pipe, name, pm)
+        self._hook_scheduler()
+        self._vae_decode = False
+        if plan.parallel_vae and plan.world_size > 1 and getattr(pipe, "vae", None) is not None:
+            from .runtime.vae import ParallelVAE
+            self._vae_decode = True
+            pipe.vae.decode = ParallelVAE(pipe.vae, group=None).decode
+        if self.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+
+    def _hook_scheduler(self) -> None:
+        scheduler = self.pipe.scheduler
+        step = scheduler.step
+        plan, state = self.plan, self.pair_state
+
+        @functools.wraps(step)
+        def hooked_step(model_output, *args, **kwargs):
+            state.end_step(model_output, plan.cfg_degree, plan.batch_degree)
+            return step(model_output, *args, **kwargs)
+
+        scheduler.step = hooked_step
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.pair_state.reset()
+        out = self.pipe(*args, **kwargs)
+        return out if self.rank == 0 else None
+
+    def unwrap(self) -> Any:
+        """Put the original components back and return the plain pipeline."""
+        for name, original in self._originals.items():
+            setattr(self.pipe, name, original)
+        del self.pipe.scheduler.step  # the hook is an instance attribute over the class's method
+        if self._vae_decode:
+            del self.pipe.vae.decode
+        if self.rank != 0 and hasattr(self.pipe, "set_progress_bar_config"):
+            self.pipe.set_progress_bar_config(disable=False)
+        return self.pipe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["pipe"], name)
+
