@@ -1,10 +1,11 @@
-"""`xdit-fx`: demo | generate | run | passes."""
+"""`xdit-fx`: demo | generate | run | passes | dump | diff (the last three live in dump_cli.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .dump_cli import add_subcommands
 from .errors import XditFxError
 from .plan import Plan
 
@@ -35,19 +36,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_passes(args: argparse.Namespace) -> int:
-    from .passes import build_pipeline
-
-    plan = Plan.from_string(args.plan)
-    print(f"# passes for plan {plan.to_string()} (world size {plan.world_size})")
-    for i, p in enumerate(build_pipeline(plan), start=1):
-        info = p.info
-        kind = "rewrite" if info.mutates_graph else "analysis"
-        print(f"{i}. {info.name} [{kind}] reads {sorted(info.reads) or '-'} writes {sorted(info.writes) or '-'}")
-        print(f"   {info.doc}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xdit-fx", description="Parallel inference for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("script_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_cmd_run)
 
-    p = sub.add_parser("passes", help="list the passes a plan runs, in order, with what they read and write")
-    p.add_argument("--plan", default="ulysses=2")
-    p.set_defaults(fn=_cmd_passes)
+    add_subcommands(sub)  # passes, dump, diff
 
     args = parser.parse_args(argv)
     try:

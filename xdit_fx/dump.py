@@ -1,7 +1,23 @@
 """Readable graph dumps: one text file per pass plus an index. A by-product of run_pipeline, never a pass.
 
-Each node is one line: the fx node, then a comment with what xdit_fx knows about it:
-    %q_1 = call_method[view](args = (%linear, 1, 8, 4, 16))   # [1, 16, 4, 16] f32 | tokens@1[16/sp] | blocks.0.attn | + shard_sequence
+Each node is one line: what it computes, then a comment with what xdit_fx knows about it:
+
+    %view_1 = view(%linear, 1, 8, 4, 16)   # [1, 16, 4, 16] float32 | tokens@1[16/sp] | blocks.0.attn | + shard_sequence | xdit_fx/zoo.py:95, in forward
+
+The facts, in this order, each present only when known: shape and dtype (global, as captured), token
+layout (`tokens@DIM[SEGMENTS]`, `/sp` = sharded over the sequence-parallel ranks), attention site,
+`comm` (a runtime collective), `gather (...)` (why a gather was inserted), any other `xfx.*` fact as
+`xfx.key=value` (what newer passes record), module path, `+ PASS` (the pass that created the node), source
+line. Lines hold no ids, addresses or timings, so two dumps of the
+same model and plan are identical and `diff -r` / `xdit-fx diff` show only real changes.
+
+A dump directory (`write_dump`):
+    index.md              one row per pass: changed, nodes before -> after, op deltas, summary, ms
+    NN_<pass>.txt         the graph after pass NN (00_captured: as dynamo captured it)
+    NN_<pass>.diff        unified diff against the previous pass (rewriting passes only)
+    plan.json             the plan
+    index.html            with `formats=("text", "html")`: the same, as one self-contained page
+Several graphs (dynamo graph breaks) go to graph0/, graph1/, ... under one top-level index.md.
 """
 
 from __future__ import annotations
@@ -9,13 +25,107 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx as fx
 
-from .fx_utils import (META_ATTENTION, META_CREATED_BY, META_GATHER, META_LAYOUT, META_TOKEN_DIMS, example_value,
-                       module_path, source_line)
+from .fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
+                       META_TOKEN_DIMS, example_value, module_path, source_line, target_name)
 from .passes.base import GraphHistory
+
+#: Environment variables read by in-run dumps (`Plan(debug_dump_dir=...)` is the other way in).
+ENV_DUMP_DIR = "XDIT_FX_DUMP_DIR"
+ENV_DUMP_FORMAT = "XDIT_FX_DUMP_FORMAT"  # "text" (default) or "text,html"
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_RUNTIME_MODULE = "xdit_fx.runtime"
+
+
+# ---- one node, one line ------------------------------------------------------------------------------
+
+@dataclass
+class NodeLine:
+    """One node of a dump, as written to and read back from a `.txt` line."""
+
+    name: str
+    expr: str                     # "input", "param", "view(%linear, 1, 8)", "return (%out,)"
+    shape: str = ""
+    layout: str = ""
+    attention: str = ""
+    comm: str = ""
+    gather: str = ""
+    module: str = ""
+    created_by: str = ""
+    source: str = ""
+    extra: tuple[str, ...] = ()   # other xfx.* facts, "xfx.stage=1": what passes added after this writer
+
+    @property
+    def op(self) -> str:
+        """'input', 'param', 'return' or the called target's short name."""
+        return self.expr.split("(", 1)[0].strip()
+
+    def facts(self) -> list[str]:
+        return [f for f in (self.shape, self.layout, self.attention, self.comm, self.gather, *self.extra,
+                            self.module, f"+ {self.created_by}" if self.created_by else "", self.source) if f]
+
+    def format(self) -> str:
+        facts = self.facts()
+        return f"%{self.name} = {self.expr}" + (f"   # {' | '.join(facts)}" if facts else "")
+
+
+_LINE = re.compile(r"^%(?P<name>\S+) = (?P<expr>.*?)(?:   # (?P<facts>.*))?$")
+
+
+def parse_line(line: str) -> NodeLine | None:
+    """Read back a line `NodeLine.format` wrote (None for headers and blank lines)."""
+    m = _LINE.match(line.rstrip("\n"))
+    if not m:
+        return None
+    n = NodeLine(m["name"], m["expr"])
+    for fact in (m["facts"] or "").split(" | "):
+        if not fact:
+            continue
+        if fact[0] in "[(" and not n.shape:
+            n.shape = fact
+        elif fact.startswith("tokens@"):
+            n.layout = fact
+        elif fact.startswith("attention["):
+            n.attention = fact
+        elif fact.startswith("comm"):
+            n.comm = fact
+        elif fact.startswith("gather ("):
+            n.gather = fact
+        elif fact.startswith("xfx."):
+            n.extra += (fact,)
+        elif fact.startswith("+ "):
+            n.created_by = fact[2:]
+        elif re.search(r"\.py:\d+", fact):
+            n.source = fact
+        else:
+            n.module = fact
+    return n
+
+
+def _fmt(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        return f"%{a.name}"
+    if isinstance(a, tuple):
+        return "(" + ", ".join(_fmt(x) for x in a) + ("," if len(a) == 1 else "") + ")"
+    if isinstance(a, list):
+        return "[" + ", ".join(_fmt(x) for x in a) + "]"
+    if isinstance(a, dict):
+        return "{" + ", ".join(f"{k!r}: {_fmt(v)}" for k, v in a.items()) + "}"
+    if isinstance(a, slice):
+        return f"{'' if a.start is None else _fmt(a.start)}:{'' if a.stop is None else _fmt(a.stop)}" + (
+            f":{_fmt(a.step)}" if a.step is not None else "")
+    if isinstance(a, torch.dtype):
+        return str(a).replace("torch.", "")
+    if isinstance(a, (torch.device, torch.memory_format, torch.layout)):
+        return repr(str(a))
+    return _ADDRESS.sub("", repr(a))
 
 
 def _shape(node: fx.Node) -> str:
@@ -27,56 +137,361 @@ def _shape(node: fx.Node) -> str:
     return ""
 
 
-def node_line(node: fx.Node) -> str:
-    facts = [f for f in (_shape(node),) if f]
+# facts shown in their own form above, or implied by another (the block by the module path, the sp spec by
+# the attention site); any other xfx.* key is shown as key=value
+_SHOWN_META = {META_ATTENTION, META_CREATED_BY, META_GATHER, META_LAYOUT, META_TOKEN_DIMS, META_BLOCK,
+               META_SP_ATTENTION}
+
+
+def _fact_value(v: Any) -> str:
+    text = " ".join(_fmt(v).replace(" | ", " / ").split())
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _is_param(node: fx.Node) -> bool:
+    return isinstance(example_value(node), torch.nn.Parameter) or "_parameters_" in node.name \
+        or "_buffers_" in node.name
+
+
+def node_info(node: fx.Node) -> NodeLine:
+    """What the dump says about one node."""
+    if node.op == "placeholder":
+        expr = "param" if _is_param(node) else "input"
+    elif node.op == "output":
+        expr = f"return {_fmt(node.args[0])}"
+    elif node.op == "get_attr":
+        expr = f"get_attr {node.target}"
+    else:
+        args = [_fmt(a) for a in node.args] + [f"{k}={_fmt(v)}" for k, v in node.kwargs.items()]
+        name = target_name(node) if node.op != "call_module" else f"module {node.target}"
+        expr = f"{name}({', '.join(args)})"
+    info = NodeLine(node.name, expr, shape=_shape(node))
     layout = node.meta.get(META_LAYOUT)
     if layout is None and META_TOKEN_DIMS in node.meta:
         tok = node.meta[META_TOKEN_DIMS]
         layout = tok.get(None) if isinstance(tok, dict) else None
     if layout is not None:
-        facts.append(str(layout))
+        info.layout = str(layout) if str(layout).startswith("tokens@") else f"tokens@{layout}"
     site = node.meta.get(META_ATTENTION)
     if site is not None:
-        facts.append(site.describe())
+        info.attention = site.describe()
+    if node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith(_RUNTIME_MODULE):
+        groups = sorted({str(v) for k, v in node.kwargs.items()
+                         if k.endswith("group") and node.kwargs.get(k[:-len("_group")], 2) != 1}
+                        | {a for a in node.args if isinstance(a, str)})
+        info.comm = f"comm({', '.join(groups)})" if groups else "comm"
     if META_GATHER in node.meta:
-        facts.append(f"gather ({node.meta[META_GATHER]})")
-    path = module_path(node)
-    if path:
-        facts.append(path)
-    if META_CREATED_BY in node.meta:
-        facts.append(f"+ {node.meta[META_CREATED_BY]}")
-    src = source_line(node)
-    if src and node.op != "placeholder":
-        facts.append(src)
-    text = node.format_node() or f"{node.op} {node.name}"
-    return f"{text}   # {' | '.join(facts)}" if facts else text
+        info.gather = f"gather ({node.meta[META_GATHER]})"
+    info.extra = tuple(f"{k}={_fact_value(v)}" for k, v in sorted(node.meta.items())
+                       if k.startswith("xfx.") and k not in _SHOWN_META)
+    info.module = module_path(node)
+    info.created_by = str(node.meta.get(META_CREATED_BY, ""))
+    if node.op != "placeholder":
+        info.source = source_line(node)
+    return info
+
+
+def node_line(node: fx.Node) -> str:
+    return node_info(node).format()
 
 
 def render_graph(gm: fx.GraphModule) -> str:
+    """The graph as dump text: one `node_line` per node. `run_pipeline(..., render=render_graph)`."""
     return "\n".join(node_line(n) for n in gm.graph.nodes) + "\n"
 
 
-def write_dump(history: GraphHistory, plan, out_dir: str) -> None:
-    """index.md, NN_<pass>.txt per pass, NN_<pass>.diff for passes that changed the graph, plan.json."""
+def parse_graph(text: str) -> list[NodeLine]:
+    return [n for n in (parse_line(line) for line in text.splitlines()) if n is not None]
+
+
+# ---- writing a dump directory -----------------------------------------------------------------------
+
+@dataclass
+class DumpInfo:
+    """What the dump header says besides the plan: the model and the inputs it was captured with."""
+
+    model: str = ""
+    inputs: dict[str, str] = field(default_factory=dict)  # name -> "[1, 16, 64] bfloat16"
+    notes: list[str] = field(default_factory=list)
+    versions: str = ""  # "torch 2.13.0, diffusers 0.42.1": kept out of golden comparisons
+
+
+def library_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    parts = [f"xdit_fx {__version__}", f"torch {torch.__version__}"]
+    try:
+        parts.append(f"diffusers {version('diffusers')}")
+    except PackageNotFoundError:  # pragma: no cover - diffusers is a dependency
+        pass
+    return ", ".join(parts)
+
+
+def pass_stem(index: int, name: str) -> str:
+    return f"{index:02d}_{name}"
+
+
+def write_dump(history: GraphHistory, plan, out_dir: str, info: DumpInfo | None = None,
+               formats: Sequence[str] = ("text",), plan_dict: dict | None = None) -> None:
+    """index.md, NN_<pass>.txt per pass, NN_<pass>.diff for passes that changed the graph, plan.json;
+    index.html too if "html" is in `formats`. `plan_dict` overrides what plan.json says (the plan as the
+    user asked for it, when axes applied outside the graph were taken out of `plan`)."""
+    info = info or DumpInfo()
     os.makedirs(out_dir, exist_ok=True)
+    plan_dict = plan_dict if plan_dict is not None else plan.to_dict()
+    plan_str = plan_string(plan_dict)
     with open(os.path.join(out_dir, "plan.json"), "w") as f:
-        json.dump(plan.to_dict(), f, indent=2, sort_keys=True)
+        json.dump(plan_dict, f, indent=2, sort_keys=True)
+        f.write("\n")
     rows = ["| # | pass | changed | nodes | op deltas | summary | ms |", "|---|---|---|---|---|---|---|"]
     prev = None
+    last = len(history.snapshots) - 1
     for s in history.snapshots:
-        stem = f"{s.index:02d}_{s.name}"
-        header = (f"# xdit_fx · pass {s.index}/{len(history.snapshots) - 1} · {s.name}\n"
-                  f"# plan: {plan.to_string()}\n# summary: {s.summary}\n"
-                  f"# nodes: {s.nodes_before} -> {s.nodes_after}; ops: {s.op_delta or '{}'}\n")
+        stem = pass_stem(s.index, s.name)
+        delta = ", ".join(f"{k} {v:+d}" for k, v in s.op_delta.items())
+        header = (f"# xdit_fx · pass {s.index}/{last} · {s.name}\n"
+                  f"# plan: {plan_str}\n# summary: {s.summary}\n"
+                  f"# nodes: {s.nodes_before} -> {s.nodes_after}; ops: {delta or 'no change'}\n")
         with open(os.path.join(out_dir, stem + ".txt"), "w") as f:
             f.write(header + s.graph_text)
         if prev is not None and s.changed:
-            diff = difflib.unified_diff(prev.splitlines(), s.graph_text.splitlines(), "before", "after", lineterm="")
+            diff = difflib.unified_diff(prev.splitlines(), s.graph_text.splitlines(),
+                                        f"{pass_stem(s.index - 1, history.snapshots[s.index - 1].name)}.txt",
+                                        f"{stem}.txt", lineterm="", n=1)
             with open(os.path.join(out_dir, stem + ".diff"), "w") as f:
                 f.write("\n".join(diff) + "\n")
-        delta = ", ".join(f"{k} {v:+d}" for k, v in s.op_delta.items())
-        rows.append(f"| {s.index} | {s.name} | {'yes' if s.changed else 'no'} | {s.nodes_before} -> {s.nodes_after} "
+        link = f"[{s.name}]({stem}.txt)" + (f" ([diff]({stem}.diff))" if prev is not None and s.changed else "")
+        rows.append(f"| {s.index} | {link} | {'yes' if s.changed else 'no'} | {s.nodes_before} -> {s.nodes_after} "
                     f"| {delta} | {s.summary} | {s.seconds * 1e3:.1f} |")
         prev = s.graph_text
+    head = [f"# xdit_fx graph dump ({plan_str})", ""]
+    if info.model:
+        head.append(f"- model: {info.model}")
+    if info.inputs:
+        head.append("- inputs: " + ", ".join(f"`{k}` {v}" for k, v in info.inputs.items()))
+    head += [f"- {note}" for note in info.notes]
+    if info.versions:
+        head.append(f"- generated by {info.versions}")
     with open(os.path.join(out_dir, "index.md"), "w") as f:
-        f.write(f"# xdit_fx graph dump ({plan.to_string()})\n\n" + "\n".join(rows) + "\n")
+        f.write("\n".join(head) + ("\n\n" if len(head) > 2 else "") + "\n".join(rows) + "\n")
+    if "html" in formats:
+        from .dump_html import write_html
+        write_html(out_dir)
+
+
+def plan_string(plan_dict: dict) -> str:
+    """`Plan.to_string()` of a plan dict; also for a dict this version's Plan refuses (a dump from another)."""
+    from .errors import XditFxError
+    from .plan import AXES, Plan, _SHORT_NAMES
+
+    try:
+        return Plan.from_dict(plan_dict).to_string()
+    except (XditFxError, TypeError):
+        pass
+    parts = [f"{axis}={plan_dict.get(_SHORT_NAMES[axis], 1)}" for axis in AXES
+             if plan_dict.get(_SHORT_NAMES[axis], 1) > 1]
+    if plan_dict.get("compile"):
+        parts.append("compile=1")
+    if plan_dict.get("parallel_vae") is False:
+        parts.append("parallel_vae=0")
+    return ",".join(parts) or "serial"
+
+
+def write_graphs_index(out_dir: str, subdirs: Iterable[str], title: str) -> None:
+    """Top-level index.md for a forward that dynamo split into several graphs."""
+    lines = [f"# {title}", "", "dynamo split the forward into several graphs; each is parallelized on its own:", ""]
+    for d in subdirs:
+        first = ""
+        idx = os.path.join(out_dir, d, "index.md")
+        if os.path.exists(idx):
+            first = next((ln for ln in open(idx) if ln.startswith("| ") and "captured" in ln), "").strip()
+        lines.append(f"- [{d}]({d}/index.md) {first.split('|')[-3].strip() if first else ''}")
+    with open(os.path.join(out_dir, "index.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def dump_dir_for_run(plan) -> str | None:
+    """Where an in-run dump goes: `Plan(debug_dump_dir=...)`, else $XDIT_FX_DUMP_DIR, else nowhere."""
+    return plan.debug_dump_dir or os.environ.get(ENV_DUMP_DIR) or None
+
+
+def run_formats() -> tuple[str, ...]:
+    return tuple(f.strip() for f in os.environ.get(ENV_DUMP_FORMAT, "text").split(",") if f.strip())
+
+
+# ---- reading a dump directory back -----------------------------------------------------------------
+
+_STEM = re.compile(r"^(\d\d)_(.+)\.txt$")
+
+
+@dataclass
+class PassDump:
+    index: int
+    name: str
+    summary: str
+    header: list[str]
+    nodes: list[NodeLine]
+    changed: bool = False
+    nodes_before: int = 0
+    nodes_after: int = 0
+    op_delta: str = ""
+    ms: str = ""
+
+
+@dataclass
+class Dump:
+    """A dump directory as read back: its passes (in order), plan and index header."""
+
+    path: str
+    passes: list[PassDump]
+    plan: dict
+    header: list[str]
+
+
+def graph_dirs(path: str) -> list[str]:
+    """The graph dump directories under `path`: itself, or graph0/, graph1/, ... (sorted)."""
+    if any(_STEM.match(f) for f in os.listdir(path)):
+        return [path]
+    subs = sorted((d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))),
+                  key=lambda d: (len(d), d))
+    return [os.path.join(path, d) for d in subs if graph_dirs_has_passes(os.path.join(path, d))]
+
+
+def graph_dirs_has_passes(path: str) -> bool:
+    return os.path.isdir(path) and any(_STEM.match(f) for f in os.listdir(path))
+
+
+def read_dump(path: str) -> Dump:
+    """Read one graph dump directory written by `write_dump`."""
+    rows: dict[int, list[str]] = {}
+    header: list[str] = []
+    index = os.path.join(path, "index.md")
+    if os.path.exists(index):
+        for line in open(index):
+            if line.startswith("| ") and not line.startswith("| #"):
+                cells = [c.strip() for c in line.strip().strip("|").split("|")]
+                if cells and cells[0].isdigit():
+                    rows[int(cells[0])] = cells
+            elif line.startswith("- "):
+                header.append(line[2:].rstrip("\n"))
+    plan: dict = {}
+    if os.path.exists(os.path.join(path, "plan.json")):
+        plan = json.load(open(os.path.join(path, "plan.json")))
+    passes = []
+    for f in sorted(os.listdir(path)):
+        m = _STEM.match(f)
+        if not m:
+            continue
+        text = open(os.path.join(path, f)).read()
+        head = [ln[2:] for ln in text.splitlines() if ln.startswith("# ")]
+        summary = next((h[len("summary: "):] for h in head if h.startswith("summary: ")), "")
+        p = PassDump(int(m[1]), m[2], summary, head, parse_graph(text))
+        cells = rows.get(p.index)
+        if cells and len(cells) >= 7:
+            p.changed = cells[2] == "yes"
+            before, _, after = cells[3].partition(" -> ")
+            p.nodes_before, p.nodes_after = int(before or 0), int(after or 0)
+            p.op_delta, p.ms = cells[4], cells[6]
+        else:
+            p.nodes_before = p.nodes_after = len(p.nodes)
+        passes.append(p)
+    return Dump(path, passes, plan, header)
+
+
+# ---- golden comparisons ----------------------------------------------------------------------------
+
+_MS_CELL = re.compile(r"\| [0-9.]+ \|$")
+
+
+def normalise_for_golden(name: str, text: str) -> str:
+    """Drop what legitimately differs between two runs of the same dump: timings and versions."""
+    if name.endswith("index.md"):
+        lines = []
+        for line in text.splitlines():
+            if line.startswith("- generated by "):
+                continue
+            lines.append(_MS_CELL.sub("| - |", line))
+        return "\n".join(lines) + "\n"
+    return text
+
+
+# ---- dumping a module from the command line or a script -------------------------------------------
+
+@dataclass
+class DumpResult:
+    out_dir: str
+    graphs: int
+    capture_s: float
+    passes_s: float
+    histories: list[GraphHistory]
+
+
+def dump_module(model: torch.nn.Module, inputs: dict, plan, out_dir: str, *, formats: Sequence[str] = ("text",),
+                model_name: str = "", notes: Sequence[str] = ()) -> DumpResult:
+    """Capture `model(**inputs)` with dynamo and write a dump of every pass the plan runs, without running the
+    rewritten graph and without any process group (passes see a MeshSpec and symbolic group names), so any
+    world size dumps in one process. Inputs may live on the meta device.
+
+    `plan` is a Plan or a plan string; cfg/dp degrees this version's Plan refuses are reported as applied
+    outside the graph. If a pass fails, the passes before it are still dumped and the error says where.
+
+    Example::
+
+        from xdit_fx import zoo
+        from xdit_fx.dump import dump_module
+        z = zoo.get("scratch_dit")
+        dump_module(z.build(), z.inputs(), "ulysses=2", "/tmp/scratch_dump")
+    """
+    import time
+
+    from .capture import capture_graphs
+    from .dump_model import describe_inputs, outside_graph_note, parse_tool_plan, ToolPlan
+    from .errors import XditFxError
+    from .passes import MeshSpec, PassContext, build_pipeline, run_pipeline
+
+    if isinstance(plan, ToolPlan):
+        tp = plan
+    else:
+        tp = parse_tool_plan(plan if isinstance(plan, str) else plan.to_string())
+        if not isinstance(plan, str):
+            tp = ToolPlan(plan, plan.to_dict(), tp.outside)
+    gplan = tp.graph
+    note = outside_graph_note(tp)
+    info = DumpInfo(model=model_name, inputs=describe_inputs(inputs), notes=list(notes) + ([note] if note else []),
+                    versions=library_versions())
+    t0 = time.perf_counter()
+    try:
+        graphs = capture_graphs(model, **inputs)
+    except Exception as e:  # dynamo's message is long; the first lines say what failed
+        first = "\n  ".join(str(e).strip().splitlines()[:3])[:600]
+        on_meta = any(isinstance(v, torch.Tensor) and v.is_meta for v in inputs.values())
+        raise XditFxError(
+            f"capturing {model_name or type(model).__name__} failed: {type(e).__name__}: {first}\n"
+            f"  inputs: {', '.join(f'{k} {v}' for k, v in info.inputs.items())}\n"
+            + ("  on the meta device a forward cannot read tensor values (.item(), .tolist(), data-dependent "
+               "shapes); try --device cpu on a smaller config, or other --input shapes" if on_meta else
+               "  check the inputs (--input NAME=SHAPE[:dtype]) against the model's forward")) from e
+    capture_s = time.perf_counter() - t0
+    passes = build_pipeline(gplan)
+    histories = []
+    t1 = time.perf_counter()
+    subdirs = [f"graph{i}" for i in range(len(graphs))]
+    for i, gm in enumerate(graphs):
+        gdir = out_dir if len(graphs) == 1 else os.path.join(out_dir, subdirs[i])
+        history = GraphHistory()
+        histories.append(history)
+        ctx = PassContext(plan=gplan, mesh=MeshSpec(ring=gplan.ring_degree, ulysses=gplan.ulysses_degree))
+        try:
+            run_pipeline(gm, passes, ctx, history, render_graph)
+        except XditFxError as e:
+            write_dump(history, gplan, gdir, info, formats, tp.requested)
+            with open(os.path.join(gdir, "error.txt"), "w") as f:
+                f.write(f"{type(e).__name__}: {e}\n")
+            done = history.snapshots[-1].name if history.snapshots else "nothing"
+            e.args = (f"{e}\n  the passes up to {done} are dumped in {gdir}",)
+            raise
+        write_dump(history, gplan, gdir, info, formats, tp.requested)
+    if len(graphs) > 1:
+        write_graphs_index(out_dir, subdirs, f"xdit_fx graph dump ({plan_string(tp.requested)}): {len(graphs)} graphs")
+    return DumpResult(out_dir, len(graphs), capture_s, time.perf_counter() - t1, histories)

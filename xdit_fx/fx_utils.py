@@ -48,8 +48,17 @@ def source_line(node: fx.Node) -> str:
     if not frames:
         return ""
     path, line, fn = frames[-1]
-    short = "/".join(path.split("/")[-3:])
-    return f"{short}:{line}, in {fn}"
+    return f"{short_source_path(path)}:{line}, in {fn}"
+
+
+_PACKAGE_ROOTS = re.compile(r"^.*/(?:site-packages|dist-packages)/|^.*/(?=(?:xdit_fx|tests|examples|benchmarks)/)")
+
+
+def short_source_path(path: str) -> str:
+    """A source path that reads the same on every checkout: 'diffusers/models/attention.py',
+    'xdit_fx/zoo.py' (from the package root), else the last two components."""
+    short, n = _PACKAGE_ROOTS.subn("", path, count=1)
+    return short if n else "/".join(path.split("/")[-2:])
 
 
 def example_value(node: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch.fx as fx
 
-from ..errors import PassError, XditFxError
+from ..errors import PassError, XditFxError, pass_failure_message, with_pass_context
 from ..fx_utils import META_CREATED_BY, count_ops
 
 log = logging.getLogger(__name__)
@@ -137,13 +137,10 @@ def run_pipeline(
         t0 = time.perf_counter()
         try:
             result = p(gm, ctx)
-        except XditFxError:
-            raise
-        except Exception as e:  # wrap with the pass name and what ran before it
-            raise PassError(
-                f"pass '{p.info.name}' failed (after {done or 'no passes'}): {type(e).__name__}: {e}\n"
-                f"  to look at the graph: xdit-fx dump <model> --plan <plan> --out DIR"
-            ) from e
+        except XditFxError as e:  # the pass's own message; add the pass name and how to dump
+            raise with_pass_context(e, p.info.name, ctx.plan)
+        except Exception as e:  # wrap with the pass name, what ran before it and the node it was on
+            raise PassError(pass_failure_message(p.info.name, done, e, ctx.plan)) from e
         seconds = time.perf_counter() - t0
         gm = result.gm
         if not p.info.mutates_graph and [n.name for n in gm.graph.nodes] != before_names:

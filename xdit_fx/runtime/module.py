@@ -64,13 +64,16 @@ class ParallelModule(nn.Module):
         if dump_dir:
             from ..dump import render_graph
             render = render_graph
-        gm = run_pipeline(gm, build_pipeline(plan), ctx, history, render)
+        try:
+            gm = run_pipeline(gm, build_pipeline(plan), ctx, history, render)
+        finally:  # also when a pass fails: the passes before it are dumped
+            if dump_dir:
+                from ..dump import run_formats, write_dump
+                rank = self.groups.rank if self.groups is not None else 0
+                write_dump(history, plan, os.path.join(dump_dir, f"rank{rank}", f"graph{len(self.histories)}"),
+                           formats=run_formats())
         self.histories.append(history)
         self.graphs.append(gm)
-        if dump_dir:
-            from ..dump import write_dump
-            rank = self.groups.rank if self.groups is not None else 0
-            write_dump(history, plan, os.path.join(dump_dir, f"rank{rank}", f"graph{len(self.histories) - 1}"))
         if plan.compile:
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(gm, example_inputs)
