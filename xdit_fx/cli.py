@@ -1,4 +1,4 @@
-"""`xdit-fx`: demo | run | passes."""
+"""`xdit-fx`: demo | run | passes | coverage."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_coverage(args: argparse.Namespace) -> int:
+    from .coverage import main as coverage_main
+
+    return coverage_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xdit-fx", description="Parallel inference for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("passes", help="list the passes a plan runs, in order, with what they read and write")
     p.add_argument("--plan", default="ulysses=2")
     p.set_defaults(fn=_cmd_passes)
+
+    p = sub.add_parser("coverage", help="run zoo models (or yours) under sequence-parallel plans; write COVERAGE.md")
+    from .coverage import add_arguments as _coverage_arguments
+
+    _coverage_arguments(p)
+    p.set_defaults(fn=_cmd_coverage)
 
     args = parser.parse_args(argv)
     try:
