@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 from .core import ZOO, ScratchDiT, ZooModel, build_flux, flux_inputs
+from .scratch import SCRATCH_ENTRIES, ManualVideoDiT, MHAUViT
 
-__all__ = ["ZooModel", "ZOO", "get", "ScratchDiT", "build_flux", "flux_inputs", "coverage_zoo", "excluded"]
+ZOO.update({m.name: m for m in SCRATCH_ENTRIES})
+
+__all__ = ["ZooModel", "ZOO", "get", "ScratchDiT", "MHAUViT", "ManualVideoDiT", "build_flux", "flux_inputs", "coverage_zoo", "excluded"]
 
 
 def coverage_zoo() -> dict[str, ZooModel]:
