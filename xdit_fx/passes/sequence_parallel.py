@@ -223,21 +223,25 @@ def _local_shape(node: fx.Node, n: int, index: Any = None) -> list[int]:
     return shape
 
 
-def _localize(node: fx.Node, n: int) -> None:
+def _localize(node: fx.Node, n: int, original: Any = None) -> None:
     """Rewrite the sizes baked into a propagated node's arguments to rank-local sizes."""
     name = op_name(node)
     x = node.args[0] if node.args else None
+    # node.args[0] may already be the local copy of a value sliced at its first use (a shard_tokens node,
+    # which carries no shape or token dims): read layouts and shapes from the original value
+    if original is not None:
+        x = original
     if name in ("view", "reshape", "expand", "broadcast_to") and layout_of(node) is not None:
         shape = _local_shape(node, n)
         if node.op == "call_method":
-            node.args = (x, *shape)
+            node.args = (node.args[0], *shape)
         else:
-            node.args = (x, tuple(shape))
+            node.args = (node.args[0], tuple(shape))
         node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("shape", "size")}
     elif name in ("getitem", "setitem") and not isinstance(example_value(x), (tuple, list)):
         lay = layout_of(x)
         if isinstance(lay, SeqLayout):
-            node.args = (x, _localize_index(node.args[1], slot_shape((x, None)), lay, n), *node.args[2:])
+            node.args = (node.args[0], _localize_index(node.args[1], slot_shape((x, None)), lay, n), *node.args[2:])
     elif name in ("split", "split_with_sizes", "chunk", "tensor_split"):
         lay = layout_of(x)
         dim = _arg_at(node, 2, "dim", 0)
@@ -247,14 +251,14 @@ def _localize(node: fx.Node, n: int) -> None:
                 pl = layout_of(node, i)
                 sizes.append(pl.local_len(n) if isinstance(pl, SeqLayout) else piece.shape[lay.dim])
             node.target = "split" if node.op == "call_method" else torch.split
-            node.args = (x, sizes, lay.dim)
+            node.args = (node.args[0], sizes, lay.dim)
             node.kwargs = {}
     elif name == "narrow":
         lay = layout_of(x)
         dim, start, length = node.args[1], node.args[2], node.args[3]
         if isinstance(lay, SeqLayout) and dim % len(slot_shape((x, None))) == lay.dim:
             lo, hi = lay.local_range(start, start + length, n)
-            node.args = (x, dim, lo, hi - lo)
+            node.args = (node.args[0], dim, lo, hi - lo)
 
 
 def _arg_at(node: fx.Node, pos: int, name: str, default: Any) -> Any:
@@ -399,8 +403,9 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 if (a, None) in rule.ignore:
                     return rw.local.get(a, a)
                 return rw.get_local(a, node)
+            original = node.args[0] if node.args else None
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), loc)
-            _localize(node, n)
+            _localize(node, n, original)
         rw.local[node] = node
         lay = layout_of(node)
         if isinstance(lay, SeqLayout):
