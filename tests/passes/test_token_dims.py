@@ -250,3 +250,18 @@ def test_normalize_with_positional_dim_does_not_link_the_normalized_dim():
     x, (y,) = placeholder(gm, "x"), outputs(gm)
     assert linked(td, x, 1, y, 1)  # the channel dim is kept
     assert not linked(td, x, 2, y, 2)  # the normalized (token) dim is not
+
+
+def test_one_tensor_index_keeps_the_other_dims_and_ids_carry_the_picked_dim():
+    class Index(nn.Module):
+        def forward(self, x, ids, table):
+            cols = torch.arange(1, 4, 2)
+            return x[..., cols], table[ids]  # pick feature columns; gather table rows by token ids
+
+    x, ids, table = torch.randn(B, S, D), torch.arange(S), torch.randn(10, D)
+    gm = capture(Index(), x, ids, table)
+    td = infer(gm.graph)
+    picked, rows = outputs(gm)
+    assert linked(td, placeholder(gm, "x"), 1, picked, 1)  # token dim of x passes through x[..., cols]
+    assert linked(td, placeholder(gm, "ids"), 0, rows, 0)  # table[ids]: the row dim comes from the ids
+    assert not linked(td, placeholder(gm, "table"), 0, rows, 0)
