@@ -19,11 +19,11 @@ import torch.fx as fx
 
 from ..errors import UnsupportedGraph, describe_node
 from ..fx_utils import (META_ATTENTION, META_BLOCK, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
-                        META_TOKEN_DIMS, example_value, is_sdpa, sdpa_args, target_name)
+                        META_TOKEN_DIMS, example_value, is_sdpa, sdpa_args, shape_of, target_name)
 from ..runtime import attention as sp_attn
 from ..runtime import collectives
 from .base import PassContext, PassResult, graph_pass
-from .token_dims import infer, op_name, rule_for, slot_shape, tensor_slots
+from .token_dims import ELEMENTWISE, infer, op_name, rule_for, slot_shape, tensor_slots
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,7 @@ class _Rewriter:
         self.gathers = {"exit": 0, "fallback": 0}
         self.fallback_sites: list[str] = []
         self.sources = 0
+        self.aligned: dict[tuple, fx.Node] = {}
 
     # Slices and gathers go right before their first consumer, not after the producer: a value written in
     # place (x[...] = v, x.data.copy_(...)) between the two must be seen by the copy.
@@ -323,6 +324,42 @@ class _Rewriter:
         self.local[a] = s
         self.sources += 1
         return s
+
+    def slice_full_operands(self, node: fx.Node) -> None:
+        """An elementwise op whose output carries tokens may also get a whole operand that spans the full
+        token dim without being linked to it (built by a different chain of concatenations, e.g. per-token
+        timestep tables [history | current] against hidden states [short | mid | long | current]).
+        Broadcasting pairs position i with position i, so slicing that operand with the output's layout
+        is exact and needs no communication."""
+        lay = layout_of(node)
+        if not isinstance(lay, SeqLayout) or op_name(node) not in ELEMENTWISE:
+            return
+        out_nd = len(slot_shape((node, None)))
+        total = sum(length for length, _ in lay.segments)
+        if total < 2:
+            return
+
+        def fix(a: Any) -> Any:
+            if not isinstance(a, fx.Node) or a.op == "call_function" and a.target in (
+                    collectives.shard_tokens, collectives.gather_tokens) or layout_of(a) is not None:
+                return a
+            shp = shape_of(a)
+            if not shp:
+                return a
+            d = lay.dim - (out_nd - len(shp))
+            if d < 0 or shp[d] != total:
+                return a
+            key = (a, d, lay.segments)
+            if key not in self.aligned:
+                with self.gm.graph.inserting_before(node):
+                    s = self.gm.graph.call_function(collectives.shard_tokens, (a, d, lay.segments, self.group, self.n))
+                s.name = f"shard_{a.name}"
+                s.meta[META_LAYOUT] = SeqLayout(d, lay.segments)
+                self.aligned[key] = s
+                self.sources += 1
+            return self.aligned[key]
+
+        node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), fix)
 
     def get_full(self, a: fx.Node, consumer: fx.Node) -> fx.Node:
         if a in self.full:
@@ -376,6 +413,10 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             ok = _can_propagate(node, rule)
         mutated = _mutated_arg(node)
+        if ok and not is_sdpa(node) and not tuple_in and not any(
+                a in rw.local or isinstance(layout_of(a), SeqLayout) for a in args
+                if rule is None or (a, None) not in rule.ignore):
+            ok = False  # every input is whole (e.g. a cat of whole tables): the result is whole too
         if not ok:
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: rw.get_full(a, node))
             if META_TOKEN_DIMS in node.meta:
@@ -406,6 +447,7 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             original = node.args[0] if node.args else None
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), loc)
             _localize(node, n, original)
+            rw.slice_full_operands(node)
         rw.local[node] = node
         lay = layout_of(node)
         if isinstance(lay, SeqLayout):
