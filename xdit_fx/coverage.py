@@ -362,7 +362,8 @@ def _fmt_err(r: dict | None) -> str:
 
 
 def write_report(records: list[dict], entries: dict, excluded: dict[str, str], path: str,
-                 required: Sequence[str] = ("ulysses=2", "ring=2"), header: str = "") -> dict:
+                 required: Sequence[str] = ("ulysses=2", "ring=2"), header: str = "",
+                 not_configured: dict[str, str] | None = None) -> dict:
     by_model: dict[str, dict[str, dict]] = {}
     for r in records:
         by_model.setdefault(r["model"], {})[r["plan"]] = r
@@ -398,6 +399,9 @@ def write_report(records: list[dict], entries: dict, excluded: dict[str, str], p
     for n in diff_names:
         c = entries.get(n, {}).get("source", n)
         per_class[c] = min(per_class.get(c, "fail"), verdicts[n], key=rank.get)
+    for c, why in (not_configured or {}).items():
+        per_class.setdefault(c, "fail")
+        rows.append(f"| - | {c} | - | - | - | " + " | ".join("-" for _ in plans) + f" | fail | no tiny config: {why} |")
     cls_count = {k: sum(1 for v in per_class.values() if v == k) for k in rank}
     n_cls = len(per_class)
     summary = {"classes": n_cls, **{f"classes_{k}": v for k, v in cls_count.items()}, "entries": len(diff_names),
@@ -465,7 +469,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .zoo import coverage_zoo, excluded
+    from .zoo import coverage_zoo, excluded, not_configured
 
     zoo = coverage_zoo()
     if args.list:
@@ -507,7 +511,8 @@ def main(args) -> int:
               f"Raw results: `{os.path.basename(jsonl)}`.")
     required = [p for p in ("ulysses=2", "ring=2") if p in plans] or plans[:1]
     summary = write_report(records, entries, excluded() if not (args.model_class or args.model_dir) else {},
-                           args.out, required=required, header=header)
+                           args.out, required=required, header=header,
+                           not_configured=not_configured() if not (args.model_class or args.model_dir) else None)
     print(json.dumps(summary, indent=1))
     print(f"wrote {args.out} ({elapsed:.0f}s)")
     return 0
