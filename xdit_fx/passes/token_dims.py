@@ -434,7 +434,9 @@ def rule_for(node: fx.Node) -> Rule | None:
                     rule.links.append(((t, None), d, out, d if d < dim else d + 1))
             return rule
         parts = [t for t in tensors if slot_shape((t, None)) and slot_shape((t, None))[dim] > 0]
-        for t in parts:
+        # an empty piece along the cat dim (RoPE on all of the head dim: x[..., rot:] is empty) still shares
+        # the other dims with the output
+        for t in [t for t in tensors if slot_shape((t, None)) and len(slot_shape((t, None))) == len(os_)]:
             for d in range(len(os_)):
                 if d != dim:
                     rule.links.append(((t, None), d, out, d))
