@@ -120,12 +120,12 @@ def _compare(got: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, f
 def _graph_facts(pm) -> dict:
     facts = {"graphs": len(pm.histories), "self": 0, "cross": 0, "joint": 0, "attention": 0, "sp_attention": 0,
              "fallback_gathers": 0, "exit_gathers": 0, "unparallelized_graphs": 0, "token_spaces": 0,
-             "normalized_attention": 0, "linear_attention": 0}
+             "normalized_attention": 0, "linear_attention": 0, "mask_gathers": 0}
     keys = {"self_sites": "self", "cross_sites": "cross", "joint_sites": "joint", "attention_sites": "attention",
             "sp_attention_sites": "sp_attention", "fallback_gathers": "fallback_gathers",
             "exit_gathers": "exit_gathers", "unparallelized_graphs": "unparallelized_graphs",
             "token_spaces": "token_spaces", "normalized_attention": "normalized_attention",
-            "linear_attention_sites": "linear_attention"}
+            "linear_attention_sites": "linear_attention", "mask_gathers": "mask_gathers"}
     notes = []
     for h in pm.histories:
         c = h.counts()

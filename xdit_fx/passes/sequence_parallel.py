@@ -301,7 +301,7 @@ class _Rewriter:
         self.gm, self.n, self.group = gm, n, group
         self.local: dict[fx.Node, fx.Node] = {}
         self.full: dict[fx.Node, fx.Node] = {}
-        self.gathers = {"exit": 0, "fallback": 0}
+        self.gathers = {"exit": 0, "fallback": 0, "mask": 0}
         self.fallback_sites: list[str] = []
         self.sources = 0
         self.aligned: dict[tuple, fx.Node] = {}
@@ -361,7 +361,7 @@ class _Rewriter:
 
         node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), fix)
 
-    def get_full(self, a: fx.Node, consumer: fx.Node) -> fx.Node:
+    def get_full(self, a: fx.Node, consumer: fx.Node, kind: str | None = None) -> fx.Node:
         if a in self.full:
             return self.full[a]
         if a not in self.local:
@@ -372,7 +372,7 @@ class _Rewriter:
             g = self.gm.graph.call_function(collectives.gather_tokens,
                                             (loc, lay.dim, lay.segments, self.group, self.n))
         g.name = f"gather_{a.name}"
-        kind = "fallback" if META_BLOCK in consumer.meta else "exit"
+        kind = kind or ("fallback" if META_BLOCK in consumer.meta else "exit")
         g.meta[META_GATHER] = f"{kind}: needed by {consumer.name} ({target_name(consumer)})"
         if kind == "fallback":
             self.fallback_sites.append(f"{consumer.name} ({target_name(consumer)}, {consumer.meta[META_BLOCK]})")
@@ -431,7 +431,9 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             sa = sdpa_args(node)
             q, k, v, mask = sa.pop("query"), sa.pop("key"), sa.pop("value"), sa["attn_mask"]
             if mask is not None:
-                sa["attn_mask"] = rw.get_full(mask, node)
+                # attention reads the whole mask (re-indexed to the key order): a mask computed on local
+                # tokens is gathered like keys are, counted apart from fallback gathers
+                sa["attn_mask"] = rw.get_full(mask, node, kind="mask")
             node.args = (rw.get_local(q, node), rw.get_local(k, node), rw.get_local(v, node))
             node.kwargs = sa
             lk = layout_of(k)
@@ -458,11 +460,14 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     changed = propagated > 0 or rw.sources > 0
     summary = (f"{propagated} nodes run on local tokens, {rw.sources} values sliced, "
                f"{rw.gathers['exit']} exit gathers, {rw.gathers['fallback']} fallback gathers")
+    if rw.gathers["mask"]:
+        summary += f", {rw.gathers['mask']} attention masks gathered"
     if rw.fallback_sites:
         summary += " at " + "; ".join(rw.fallback_sites[:5])
     return PassResult(gm, changed=changed, summary=summary,
                       counts={"local_nodes": propagated, "sliced_values": rw.sources,
-                              "exit_gathers": rw.gathers["exit"], "fallback_gathers": rw.gathers["fallback"]})
+                              "exit_gathers": rw.gathers["exit"], "fallback_gathers": rw.gathers["fallback"],
+                              "mask_gathers": rw.gathers["mask"]})
 
 
 # ---- pass 3: attention over the whole sequence from local shards -----------------------------------
