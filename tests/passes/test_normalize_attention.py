@@ -147,3 +147,18 @@ def test_rewritten_nodes_keep_module_path_and_fake_values():
     (sdpa,) = [n for n in gm.graph.nodes if is_sdpa(n)]
     assert tuple(sdpa.meta["example_value"].shape) == (1, 2, 6, 8)
     assert sdpa.meta.get("stack_trace")
+
+
+def test_flex_attention_is_refused_with_the_node_and_a_dump_hint():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from xdit_fx.errors import UnsupportedGraph
+    from xdit_fx.passes import find_attention
+
+    class Flex(nn.Module):
+        def forward(self, q, k, v):
+            return flex_attention(q, k, v)
+
+    gm, _ = capture(Flex(), *(torch.randn(1, 2, 8, 4) for _ in range(3)))
+    with pytest.raises(UnsupportedGraph, match="flex_attention.*\\n.*position.*\\n.*xdit-fx dump"):
+        run_pipeline(gm, [normalize_attention, find_attention], CTX)
