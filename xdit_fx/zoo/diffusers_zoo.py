@@ -118,7 +118,7 @@ def _(g, uneven):
     patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), full_chunk_limit=3, num_attention_heads=2,
     attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
     cross_attn_norm=True, rope_max_seq_len=32, gate_value=0.25, deltatime_type="r"), heads=2,
-    note="causal chunks through flex_attention")
+    note="causal chunks through flex_attention (refused: its block mask indexes keys by global position)")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 4, 4, 8, 8), timestep=torch.full((1, 4), 500.0),
                 r_timestep=torch.full((1, 4), 250.0), encoder_hidden_states=_r(g, 1, 12, 16),
@@ -422,7 +422,7 @@ def _(g, uneven):
     in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
     num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     video_length=2), heads=2,
-    note="spatial and temporal attention alternate (frames folded into the batch)")
+    note="temporal attention folds the spatial tokens into the batch dim ([B*HW, F, D]); a token dim merged into the batch is not tracked, so the blocks gather")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 4, 2, 8, 8), encoder_hidden_states=_r(g, 1, 8, 8), timestep=torch.tensor([500]),
                 enable_temporal_attentions=True)
@@ -529,7 +529,7 @@ def _(g, uneven):
 @E("mochi", "MochiTransformer3DModel", dict(
     patch_size=2, num_attention_heads=4, attention_head_dim=16, num_layers=2, pooled_projection_dim=16, in_channels=4,
     out_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=16), heads=4,
-    note="per-sample text compaction (nonzero) in the attention processor")
+    note="per-sample text compaction (nonzero) in the attention processor breaks the graph: the joint attention runs eagerly between graphs, so no captured graph holds a self-attention to shard")
 def _(g, uneven):
     f, h, w = (3, 6, 6) if uneven else (2, 4, 8)
     txt = _txt(uneven)
@@ -617,7 +617,7 @@ def _(g, uneven):
 @E("sana", "SanaTransformer2DModel", dict(
     in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=8, num_layers=2,
     num_cross_attention_heads=4, cross_attention_head_dim=8, cross_attention_dim=32, caption_channels=16,
-    mlp_ratio=2.5, sample_size=8, patch_size=1), heads=4, note="ReLU linear self-attention; depthwise conv FFN")
+    mlp_ratio=2.5, sample_size=8, patch_size=1), heads=4, note="ReLU linear self-attention (no softmax; its sum over tokens would need an all-reduce rule, not written yet): the only SDPA is cross-attention to text, so nothing is sharded")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 4, *_hw(uneven)), encoder_hidden_states=_r(g, 1, _txt(uneven), 16),
                 timestep=torch.tensor([500.0]))
@@ -628,7 +628,7 @@ def _(g, uneven):
     num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=16,
     mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
     norm_elementwise_affine=False, norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32), heads=2,
-    note="linear self-attention with RoPE; temporal conv FFN")
+    note="linear self-attention with RoPE (no all-reduce rule yet) and a temporal conv FFN: the only SDPA is cross-attention, nothing is sharded")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 16, 2, 8, 8), encoder_hidden_states=_r(g, 1, 12, 16), timestep=torch.tensor([500]))
 
@@ -671,7 +671,7 @@ def _(g, uneven):
     qk_norm="rms_norm_across_heads", image_dim=16, rope_max_seq_len=32,
     motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
     motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
-    inject_face_latents_blocks=2), heads=2, note="pose/face control, image cross-attention")
+    inject_face_latents_blocks=2), heads=2, note="pose/face control, image cross-attention; the face adapter unflattens tokens into (frames, tokens per frame)")
 def _(g, uneven):
     f, h, w = 20, 8, 8  # the motion path needs 21 | (frames + 1)
     return dict(hidden_states=_r(g, 1, 12, f + 1, h, w), timestep=torch.tensor([500]),
@@ -728,7 +728,7 @@ def _(g, uneven):
 
 @E("kandinsky6_sr", "Kandinsky6SRTransformer3DModel", dict(
     in_visual_dim=4, out_visual_dim=4, time_dim=16, patch_size=(1, 1, 1), model_dim=48, ff_dim=64,
-    num_visual_blocks=2, axes_dims=(4, 4, 4)), heads=4, note="NABLA sparse attention through flex_attention")
+    num_visual_blocks=2, axes_dims=(4, 4, 4)), heads=4, note="NABLA sparse attention through flex_attention (refused: block mask indexes keys by global position)")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 2, 8, 8, 9), timestep=torch.tensor([500.0]))
 
