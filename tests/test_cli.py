@@ -6,7 +6,7 @@ from xdit_fx.cli import main
 def test_passes_lists_the_pipeline_in_order(capsys):
     assert main(["passes", "--plan", "ulysses=2,ring=2"]) == 0
     out = capsys.readouterr().out
-    names = ["find_attention", "find_transformer_blocks", "infer_token_dims", "shard_sequence",
+    names = ["normalize_attention", "find_attention", "find_transformer_blocks", "infer_token_dims", "shard_sequence",
              "parallelize_attention"]
     positions = [out.index(f". {n} [") for n in names]
     assert positions == sorted(positions)

@@ -15,7 +15,9 @@ from tolerances import tolerance
 
 MODELS = ["flux", "sd3", "pixart", "wan", "hunyuan_video", "scratch_dit", "scratch_mmdit",
           "cogvideox",  # in-place write of a positional table through .data (uneven size)
-          "cogview4"]   # RoPE written in place into the image segment of q and k
+          "cogview4",   # RoPE written in place into the image segment of q and k
+          "scratch_mha_uvit",  # nn.MultiheadAttention, U-ViT long skips (normalize_attention)
+          "scratch_manual_video"]  # hand-written softmax(q k^T) v, bmm/baddbmm, Conv3d patching
 PLANS = ["ulysses=2", "ring=2", "ulysses=2,ring=2"]
 
 

@@ -1,4 +1,4 @@
-"""`xdit-fx`: demo | generate | run | passes | dump | diff (the last three live in dump_cli.py)."""
+"""`xdit-fx`: demo | generate | run | coverage | passes | dump | diff (the last three live in dump_cli.py)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_coverage(args: argparse.Namespace) -> int:
+    from .coverage import main as coverage_main
+
+    return coverage_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xdit-fx", description="Parallel inference for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_cmd_run)
 
     add_subcommands(sub)  # passes, dump, diff
+
+    p = sub.add_parser("coverage", help="run zoo models (or yours) under sequence-parallel plans; write COVERAGE.md")
+    from .coverage import add_arguments as _coverage_arguments
+
+    _coverage_arguments(p)
+    p.set_defaults(fn=_cmd_coverage)
 
     args = parser.parse_args(argv)
     try:

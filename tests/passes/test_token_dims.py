@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xdit_fx.capture import capture_graphs
+from xdit_fx.fx_utils import example_value
 from xdit_fx.passes.token_dims import TokenDims, infer, reshape_groups, rule_for
 
 B, S, T, H, D = 2, 6, 3, 2, 4  # batch, image tokens, text tokens, heads, head dim
@@ -250,3 +251,32 @@ def test_normalize_with_positional_dim_does_not_link_the_normalized_dim():
     x, (y,) = placeholder(gm, "x"), outputs(gm)
     assert linked(td, x, 1, y, 1)  # the channel dim is kept
     assert not linked(td, x, 2, y, 2)  # the normalized (token) dim is not
+
+
+def test_one_tensor_index_keeps_the_other_dims_and_ids_carry_the_picked_dim():
+    class Index(nn.Module):
+        def forward(self, x, ids, table):
+            cols = torch.arange(1, 4, 2)
+            return x[..., cols], table[ids]  # pick feature columns; gather table rows by token ids
+
+    x, ids, table = torch.randn(B, S, D), torch.arange(S), torch.randn(10, D)
+    gm = capture(Index(), x, ids, table)
+    td = infer(gm.graph)
+    picked, rows = outputs(gm)
+    assert linked(td, placeholder(gm, "x"), 1, picked, 1)  # token dim of x passes through x[..., cols]
+    assert linked(td, placeholder(gm, "ids"), 0, rows, 0)  # table[ids]: the row dim comes from the ids
+    assert not linked(td, placeholder(gm, "table"), 0, rows, 0)
+
+
+def test_cat_with_an_empty_piece_still_links_the_other_dims():
+    class PartialRope(nn.Module):
+        def forward(self, x):
+            rot, rest = x[..., :4], x[..., 4:]  # rest is empty: the rotation covers the whole head dim
+            return torch.cat((rot * 2.0, rest), dim=-1)
+
+    gm = capture(PartialRope(), torch.randn(B, S, H, D))
+    td = infer(gm.graph)
+    (out,) = outputs(gm)
+    rest = next(n for n in gm.graph.nodes if n.op != "output" and isinstance(example_value(n), torch.Tensor)
+                and example_value(n).shape[-1] == 0)
+    assert linked(td, rest, 1, out, 1)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from .analysis import find_attention, find_transformer_blocks
+from .normalize_attention import normalize_attention
 from .base import (GraphHistory, GraphPass, MeshSpec, PassContext, PassInfo, PassResult, check_pipeline,
                    graph_pass, run_pipeline)
 from .sequence_parallel import infer_token_dims, parallelize_attention, shard_sequence
 
 ALL_PASSES: tuple[GraphPass, ...] = (
-    find_attention, find_transformer_blocks, infer_token_dims, shard_sequence, parallelize_attention,
+    normalize_attention, find_attention, find_transformer_blocks, infer_token_dims, shard_sequence, parallelize_attention,
 )
 
 
 def build_pipeline(plan) -> list[GraphPass]:
     """The passes a plan needs, in order."""
-    passes: list[GraphPass] = [find_attention, find_transformer_blocks]  # analysis first
+    # attention written by hand or as nn.MultiheadAttention becomes SDPA first, so analysis sees one form
+    passes: list[GraphPass] = [normalize_attention, find_attention, find_transformer_blocks]
     if plan.sequence_parallel_degree > 1:
         # token dims need the attention sites (a space is sharded if it is a query and key sequence);
         # sharding must run before attention is rewritten (it marks which sites run on local shards)
@@ -26,5 +28,5 @@ def build_pipeline(plan) -> list[GraphPass]:
 __all__ = [
     "ALL_PASSES", "GraphHistory", "GraphPass", "MeshSpec", "PassContext", "PassInfo", "PassResult",
     "build_pipeline", "check_pipeline", "graph_pass", "run_pipeline",
-    "find_attention", "find_transformer_blocks", "infer_token_dims", "parallelize_attention", "shard_sequence",
+    "normalize_attention", "find_attention", "find_transformer_blocks", "infer_token_dims", "parallelize_attention", "shard_sequence",
 ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from ..errors import UnsupportedGraph, describe_node
 from ..fx_utils import META_ATTENTION, META_BLOCK, is_sdpa, module_path, sdpa_args, shape_of
 from .base import PassContext, PassResult, graph_pass
 
@@ -42,11 +43,22 @@ def block_of(path: str) -> str | None:
     return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
+def _is_flex_attention(node: fx.Node) -> bool:
+    return node.op == "call_function" and "flex_attention" in str(getattr(node.target, "__name__", node.target))
+
+
 @graph_pass(writes=[META_ATTENTION], mutates_graph=False)
 def find_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Record an AttentionSite on every scaled_dot_product_attention node."""
     sites = 0
     for node in gm.graph.nodes:
+        if ctx.mesh.sp > 1 and _is_flex_attention(node):
+            raise UnsupportedGraph(
+                f"find_attention: {describe_node(node)}\n"
+                "  is flex_attention: its block mask and score/mask functions index keys by global token "
+                "position, which sequence parallelism cannot re-index yet.\n"
+                "  fix: use the model's SDPA attention backend if it has one, or run it without sequence "
+                "parallelism; to look at the graph: xdit-fx dump MODEL --plan ... --out DIR")
         if not is_sdpa(node):
             continue
         a = sdpa_args(node)

@@ -19,11 +19,11 @@ import torch.fx as fx
 
 from ..errors import UnsupportedGraph, describe_node
 from ..fx_utils import (META_ATTENTION, META_BLOCK, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
-                        META_TOKEN_DIMS, example_value, is_sdpa, sdpa_args, target_name)
+                        META_TOKEN_DIMS, example_value, is_sdpa, sdpa_args, shape_of, target_name)
 from ..runtime import attention as sp_attn
 from ..runtime import collectives
 from .base import PassContext, PassResult, graph_pass
-from .token_dims import infer, op_name, rule_for, slot_shape, tensor_slots
+from .token_dims import ELEMENTWISE, infer, op_name, rule_for, slot_shape, tensor_slots
 
 log = logging.getLogger(__name__)
 
@@ -223,21 +223,25 @@ def _local_shape(node: fx.Node, n: int, index: Any = None) -> list[int]:
     return shape
 
 
-def _localize(node: fx.Node, n: int) -> None:
+def _localize(node: fx.Node, n: int, original: Any = None) -> None:
     """Rewrite the sizes baked into a propagated node's arguments to rank-local sizes."""
     name = op_name(node)
     x = node.args[0] if node.args else None
+    # node.args[0] may already be the local copy of a value sliced at its first use (a shard_tokens node,
+    # which carries no shape or token dims): read layouts and shapes from the original value
+    if original is not None:
+        x = original
     if name in ("view", "reshape", "expand", "broadcast_to") and layout_of(node) is not None:
         shape = _local_shape(node, n)
         if node.op == "call_method":
-            node.args = (x, *shape)
+            node.args = (node.args[0], *shape)
         else:
-            node.args = (x, tuple(shape))
+            node.args = (node.args[0], tuple(shape))
         node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("shape", "size")}
     elif name in ("getitem", "setitem") and not isinstance(example_value(x), (tuple, list)):
         lay = layout_of(x)
         if isinstance(lay, SeqLayout):
-            node.args = (x, _localize_index(node.args[1], slot_shape((x, None)), lay, n), *node.args[2:])
+            node.args = (node.args[0], _localize_index(node.args[1], slot_shape((x, None)), lay, n), *node.args[2:])
     elif name in ("split", "split_with_sizes", "chunk", "tensor_split"):
         lay = layout_of(x)
         dim = _arg_at(node, 2, "dim", 0)
@@ -247,14 +251,14 @@ def _localize(node: fx.Node, n: int) -> None:
                 pl = layout_of(node, i)
                 sizes.append(pl.local_len(n) if isinstance(pl, SeqLayout) else piece.shape[lay.dim])
             node.target = "split" if node.op == "call_method" else torch.split
-            node.args = (x, sizes, lay.dim)
+            node.args = (node.args[0], sizes, lay.dim)
             node.kwargs = {}
     elif name == "narrow":
         lay = layout_of(x)
         dim, start, length = node.args[1], node.args[2], node.args[3]
         if isinstance(lay, SeqLayout) and dim % len(slot_shape((x, None))) == lay.dim:
             lo, hi = lay.local_range(start, start + length, n)
-            node.args = (x, dim, lo, hi - lo)
+            node.args = (node.args[0], dim, lo, hi - lo)
 
 
 def _arg_at(node: fx.Node, pos: int, name: str, default: Any) -> Any:
@@ -297,9 +301,10 @@ class _Rewriter:
         self.gm, self.n, self.group = gm, n, group
         self.local: dict[fx.Node, fx.Node] = {}
         self.full: dict[fx.Node, fx.Node] = {}
-        self.gathers = {"exit": 0, "fallback": 0}
+        self.gathers = {"exit": 0, "fallback": 0, "mask": 0}
         self.fallback_sites: list[str] = []
         self.sources = 0
+        self.aligned: dict[tuple, fx.Node] = {}
 
     # Slices and gathers go right before their first consumer, not after the producer: a value written in
     # place (x[...] = v, x.data.copy_(...)) between the two must be seen by the copy.
@@ -320,7 +325,43 @@ class _Rewriter:
         self.sources += 1
         return s
 
-    def get_full(self, a: fx.Node, consumer: fx.Node) -> fx.Node:
+    def slice_full_operands(self, node: fx.Node) -> None:
+        """An elementwise op whose output carries tokens may also get a whole operand that spans the full
+        token dim without being linked to it (built by a different chain of concatenations, e.g. per-token
+        timestep tables [history | current] against hidden states [short | mid | long | current]).
+        Broadcasting pairs position i with position i, so slicing that operand with the output's layout
+        is exact and needs no communication."""
+        lay = layout_of(node)
+        if not isinstance(lay, SeqLayout) or op_name(node) not in ELEMENTWISE:
+            return
+        out_nd = len(slot_shape((node, None)))
+        total = sum(length for length, _ in lay.segments)
+        if total < 2:
+            return
+
+        def fix(a: Any) -> Any:
+            if not isinstance(a, fx.Node) or a.op == "call_function" and a.target in (
+                    collectives.shard_tokens, collectives.gather_tokens) or layout_of(a) is not None:
+                return a
+            shp = shape_of(a)
+            if not shp:
+                return a
+            d = lay.dim - (out_nd - len(shp))
+            if d < 0 or shp[d] != total:
+                return a
+            key = (a, d, lay.segments)
+            if key not in self.aligned:
+                with self.gm.graph.inserting_before(node):
+                    s = self.gm.graph.call_function(collectives.shard_tokens, (a, d, lay.segments, self.group, self.n))
+                s.name = f"shard_{a.name}"
+                s.meta[META_LAYOUT] = SeqLayout(d, lay.segments)
+                self.aligned[key] = s
+                self.sources += 1
+            return self.aligned[key]
+
+        node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), fix)
+
+    def get_full(self, a: fx.Node, consumer: fx.Node, kind: str | None = None) -> fx.Node:
         if a in self.full:
             return self.full[a]
         if a not in self.local:
@@ -331,7 +372,7 @@ class _Rewriter:
             g = self.gm.graph.call_function(collectives.gather_tokens,
                                             (loc, lay.dim, lay.segments, self.group, self.n))
         g.name = f"gather_{a.name}"
-        kind = "fallback" if META_BLOCK in consumer.meta else "exit"
+        kind = kind or ("fallback" if META_BLOCK in consumer.meta else "exit")
         g.meta[META_GATHER] = f"{kind}: needed by {consumer.name} ({target_name(consumer)})"
         if kind == "fallback":
             self.fallback_sites.append(f"{consumer.name} ({target_name(consumer)}, {consumer.meta[META_BLOCK]})")
@@ -372,6 +413,10 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             ok = _can_propagate(node, rule)
         mutated = _mutated_arg(node)
+        if ok and not is_sdpa(node) and not tuple_in and not any(
+                a in rw.local or isinstance(layout_of(a), SeqLayout) for a in args
+                if rule is None or (a, None) not in rule.ignore):
+            ok = False  # every input is whole (e.g. a cat of whole tables): the result is whole too
         if not ok:
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: rw.get_full(a, node))
             if META_TOKEN_DIMS in node.meta:
@@ -386,7 +431,9 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             sa = sdpa_args(node)
             q, k, v, mask = sa.pop("query"), sa.pop("key"), sa.pop("value"), sa["attn_mask"]
             if mask is not None:
-                sa["attn_mask"] = rw.get_full(mask, node)
+                # attention reads the whole mask (re-indexed to the key order): a mask computed on local
+                # tokens is gathered like keys are, counted apart from fallback gathers
+                sa["attn_mask"] = rw.get_full(mask, node, kind="mask")
             node.args = (rw.get_local(q, node), rw.get_local(k, node), rw.get_local(v, node))
             node.kwargs = sa
             lk = layout_of(k)
@@ -399,8 +446,10 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 if (a, None) in rule.ignore:
                     return rw.local.get(a, a)
                 return rw.get_local(a, node)
+            original = node.args[0] if node.args else None
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), loc)
-            _localize(node, n)
+            _localize(node, n, original)
+            rw.slice_full_operands(node)
         rw.local[node] = node
         lay = layout_of(node)
         if isinstance(lay, SeqLayout):
@@ -411,11 +460,14 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     changed = propagated > 0 or rw.sources > 0
     summary = (f"{propagated} nodes run on local tokens, {rw.sources} values sliced, "
                f"{rw.gathers['exit']} exit gathers, {rw.gathers['fallback']} fallback gathers")
+    if rw.gathers["mask"]:
+        summary += f", {rw.gathers['mask']} attention masks gathered"
     if rw.fallback_sites:
         summary += " at " + "; ".join(rw.fallback_sites[:5])
     return PassResult(gm, changed=changed, summary=summary,
                       counts={"local_nodes": propagated, "sliced_values": rw.sources,
-                              "exit_gathers": rw.gathers["exit"], "fallback_gathers": rw.gathers["fallback"]})
+                              "exit_gathers": rw.gathers["exit"], "fallback_gathers": rw.gathers["fallback"],
+                              "mask_gathers": rw.gathers["mask"]})
 
 
 # ---- pass 3: attention over the whole sequence from local shards -----------------------------------

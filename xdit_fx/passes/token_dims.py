@@ -170,12 +170,20 @@ def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[in
 
 
 def _index_links(rule: Rule, node: fx.Node, src: fx.Node, index: Any) -> None:
-    """x[index] for basic indexing (ints, slices, None, Ellipsis)."""
+    """x[index] for basic indexing (ints, slices, None, Ellipsis), plus one 1-D tensor index (``x[..., idx]``,
+    ``table[ids]``): the indexed dim is replaced in place by the index's dim, which is linked to the output
+    (a token dim picked by ids comes from the ids, not from x)."""
     shp = slot_shape((src, None))
     out = (node, None)
     items = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
-        return  # advanced indexing: no rule
+    advanced = [i for i in items if isinstance(i, (fx.Node, list, torch.Tensor))]
+    if advanced:
+        a = advanced[0]
+        one_d = (isinstance(a, list) and all(isinstance(v, int) for v in a)) or (
+            isinstance(a, fx.Node) and slot_shape((a, None)) is not None and len(slot_shape((a, None))) == 1
+            and not example_value(a).dtype == torch.bool)
+        if len(advanced) > 1 or not one_d or any(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            return  # general advanced indexing: no rule
     n_consume = sum(1 for i in items if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
     for i in items:
@@ -190,6 +198,11 @@ def _index_links(rule: Rule, node: fx.Node, src: fx.Node, index: Any) -> None:
             d_out += 1
         elif isinstance(i, int):
             d_in += 1
+        elif isinstance(i, (fx.Node, list)):
+            if isinstance(i, fx.Node):
+                rule.links.append(((i, None), 0, out, d_out))
+            d_in += 1
+            d_out += 1
         elif isinstance(i, slice):
             size = shp[d_in]
             start, stop, step = i.indices(size)
@@ -421,7 +434,9 @@ def rule_for(node: fx.Node) -> Rule | None:
                     rule.links.append(((t, None), d, out, d if d < dim else d + 1))
             return rule
         parts = [t for t in tensors if slot_shape((t, None)) and slot_shape((t, None))[dim] > 0]
-        for t in parts:
+        # an empty piece along the cat dim (RoPE on all of the head dim: x[..., rot:] is empty) still shares
+        # the other dims with the output
+        for t in [t for t in tensors if slot_shape((t, None)) and len(slot_shape((t, None))) == len(os_)]:
             for d in range(len(os_)):
                 if d != dim:
                     rule.links.append(((t, None), d, out, d))

@@ -34,6 +34,8 @@ class ZooModel:
     build: Callable[[], nn.Module]
     inputs: Callable[..., dict]
     heads: int
+    source: str = ""  # where the class comes from: "diffusers.FluxTransformer2DModel", "xdit_fx.zoo.ScratchDiT"
+    note: str = ""  # what the entry exercises (shown in the coverage report)
 
 
 def _seeded_build(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -455,8 +457,10 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("pixart", _seeded_build(_pixart_model), _pixart_inputs, heads=4),
         ZooModel("wan", _seeded_build(_wan_model), _wan_inputs, heads=4),
         ZooModel("hunyuan_video", _seeded_build(_hunyuan_video_model), _hunyuan_video_inputs, heads=4),
-        ZooModel("scratch_dit", _seeded_build(ScratchDiT), _scratch_inputs, heads=4),
-        ZooModel("scratch_mmdit", _seeded_build(ScratchMMDiT), _scratch_mmdit_inputs, heads=4),
+        ZooModel("scratch_dit", _seeded_build(ScratchDiT), _scratch_inputs, heads=4, source="xdit_fx.zoo.ScratchDiT",
+                 note="conv patchify, adaLN, 2-D RoPE, SDPA"),
+        ZooModel("scratch_mmdit", _seeded_build(ScratchMMDiT), _scratch_mmdit_inputs, heads=4,
+                 source="xdit_fx.zoo.ScratchMMDiT", note="joint attention, GQA, register token, key mask"),
         ZooModel("cogvideox", _seeded_build(_cogvideox_model), _cogvideox_inputs, heads=4),
         ZooModel("cogview4", _seeded_build(_cogview4_model), _cogview4_inputs, heads=4),
     ]
