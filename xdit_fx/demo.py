@@ -41,6 +41,7 @@ def demo_worker(plans: list[str], output: str, repeats: int = 2) -> dict[str, An
         return p(DIGITS, generator=torch.Generator().manual_seed(SEED), output_type="pt")
 
     with torch.no_grad():
+        generate(pipe)  # warm-up: first-call allocations and kernel selection are not part of the time
         ref, serial_s = _timed(lambda: generate(pipe).images, repeats)
         report: dict[str, Any] = {"serial_s": serial_s, "serial_accuracy": digit_accuracy(ref, DIGITS), "plans": []}
         for i, text in enumerate(plans):
