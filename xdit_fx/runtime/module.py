@@ -47,11 +47,11 @@ class ParallelModule(nn.Module):
         self.histories: list[GraphHistory] = []
         self.graphs: list[fx.GraphModule] = []
         self.last_comm: dict[str, dict[str, int]] = {}
-        # cfg/dp alone need no graph rewrite: without sequence parallel, compile or a dump, run eagerly
-        rewrite = plan.sequence_parallel_degree > 1 or plan.compile or plan.debug_dump_dir \
-            or os.environ.get("XDIT_FX_DUMP_DIR")
-        self._compiled = torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False) \
-            if rewrite else model
+        # a plan that only splits the batch (cfg/dp, no compile, no dump) has nothing to rewrite: run eagerly
+        batch_only = plan.batch_degree > 1 and plan.sequence_parallel_degree == 1 and not plan.compile \
+            and not (plan.debug_dump_dir or os.environ.get("XDIT_FX_DUMP_DIR"))
+        self._compiled = model if batch_only else \
+            torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False)
         self.batch = BatchSplitter(plan, groups) if plan.batch_degree > 1 else None
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
