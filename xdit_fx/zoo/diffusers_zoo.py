@@ -614,6 +614,44 @@ def _(g, uneven):
                 encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5]), img_shapes=[(1, h, w)])
 
 
+@E("qwen_image21", "QwenImage21Transformer2DModel", dict(
+    patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+    context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6)), heads=4,
+    note="condition image interleaved in the text; block-causal segments; 2x2 slot expansion")
+def _(g, uneven):
+    h, w = (4, 6) if uneven else (4, 4)
+    txt = 8
+    # one 2x2 condition image (one VLM slot) inside the text, then the target image's slots
+    img_mask = torch.zeros(1, txt + h * w // 4, dtype=torch.bool)
+    img_mask[:, 3] = True
+    img_mask[:, txt:] = True
+    mask = torch.ones(1, txt, dtype=torch.bool)
+    mask[:, -2:] = False
+    return dict(hidden_states=_r(g, 1, 4 + h * w, 16), encoder_hidden_states=_r(g, 1, txt, 16),
+                timestep=torch.tensor([0.5]), img_shapes=[[(1, 2, 2), (1, h, w)]], img_mask=img_mask,
+                encoder_hidden_states_mask=mask)
+
+
+_SANA_WM_REFINER = dict(
+    in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+    cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=4,
+    audio_attention_head_dim=8, audio_cross_attention_dim=32, num_layers=2, caption_channels=16,
+    rope_double_precision=False)
+
+
+@E("sana_wm_refiner", "SanaWMLTX2RefinerTransformer3DModel", _SANA_WM_REFINER, heads=4,
+   note="video RoPE precomputed for absolute frame positions (no KV cache: plain full self-attention)")
+def _(g, uneven):
+    f, h, w = (3, 3, 5) if uneven else (2, 4, 4)
+    # the RoPE is a pure function of the config: build it from a throwaway instance's helper
+    rope = _cls("SanaWMLTX2RefinerTransformer3DModel")(**_SANA_WM_REFINER).build_rotary_emb_for_absolute_positions(
+        1, list(range(3, 3 + f)), h, w, torch.device("cpu"), 24.0)
+    txt = _txt(uneven)
+    return dict(hidden_states=_r(g, 1, f * h * w, 8), encoder_hidden_states=_r(g, 1, txt, 16),
+                timestep=torch.full((1, f * h * w), 500.0), video_rotary_emb=rope,
+                encoder_attention_mask=torch.ones(1, txt))
+
+
 @E("sana", "SanaTransformer2DModel", dict(
     in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=8, num_layers=2,
     num_cross_attention_heads=4, cross_attention_head_dim=8, cross_attention_dim=32, caption_channels=16,
@@ -768,7 +806,5 @@ EXCLUDED: dict[str, str] = {
 # conditioning) that a dummy-input generator does not produce; they count as failing in the report.
 NOT_CONFIGURED: dict[str, str] = {
     "SanaWMTransformer3DModel": "world model: camera / Plucker conditioning and chunked frames; no tiny inputs written",
-    "SanaWMLTX2RefinerTransformer3DModel": "refiner takes precomputed video RoPE and an optional KV-cache object; no tiny inputs written",
-    "QwenImage21Transformer2DModel": "condition-image layout (img_shapes / img_mask / repeat_interleave per sample): tiny inputs not worked out",
     "WanAnimate2Transformer3DModel": "takes lists of per-sample tensors and a WanAnimate2KVCache object; no tiny inputs written",
 }
