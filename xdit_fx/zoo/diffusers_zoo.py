@@ -717,6 +717,22 @@ def _(g, uneven):
                 pose_hidden_states=_r(g, 1, 4, f, h, w), face_pixel_values=_r(g, 1, 3, 77, 16, 16))
 
 
+@E("wan_animate2", "WanAnimate2Transformer3DModel", dict(
+    patch_size=(1, 2, 2), text_len=16, in_dim=8, dim=48, ffn_dim=64, freq_dim=32, text_dim=16, out_dim=4, num_heads=4,
+    num_layers=2, use_img_emb=False), heads=4,
+    note="reference pass (kv_cache_mode='extract', dense self-attention); rope_apply loops over grid_sizes.tolist() "
+         "inside the attention processor, which breaks the graph around the SDPA; the generation pass uses a flex "
+         "BlockMask")
+def _(g, uneven):
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    f, h, w = (3, 6, 10) if uneven else (2, 8, 8)
+    return dict(hidden_states=[_r(g, 4, f, h, w)], timestep=torch.tensor([500.0]),
+                encoder_hidden_states=[_r(g, _txt(uneven), 16)], condition_latents=[_r(g, 4, f, h, w)],
+                kv_cache=WanAnimate2KVCache(2), kv_cache_mode="extract", seq_len=f * h * w // 4,
+                offset_grid_sizes=torch.tensor([[f, h // 2, w // 2]]))
+
+
 @E("wan_vace", "WanVACETransformer3DModel", dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16, text_dim=32,
     freq_dim=32, ffn_dim=32, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
@@ -806,5 +822,4 @@ EXCLUDED: dict[str, str] = {
 # conditioning) that a dummy-input generator does not produce; they count as failing in the report.
 NOT_CONFIGURED: dict[str, str] = {
     "SanaWMTransformer3DModel": "world model: camera / Plucker conditioning and chunked frames; no tiny inputs written",
-    "WanAnimate2Transformer3DModel": "takes lists of per-sample tensors and a WanAnimate2KVCache object; no tiny inputs written",
 }
