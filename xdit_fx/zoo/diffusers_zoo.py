@@ -617,7 +617,9 @@ def _(g, uneven):
 @E("qwen_image21", "QwenImage21Transformer2DModel", dict(
     patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
     context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6)), heads=4,
-    note="condition image interleaved in the text; block-causal segments; 2x2 slot expansion")
+    note="condition image interleaved in the text; 2x2 slot expansion; block-causal prefill runs one SDPA per "
+         "segment on q[:, start:end] against the key prefix k[:, :end]. ring=2 comes out silently wrong (also "
+         "without the text mask; ulysses=2 is exact): open bug, not a refusal")
 def _(g, uneven):
     h, w = (4, 6) if uneven else (4, 4)
     txt = 8
