@@ -275,13 +275,14 @@ class BrokenForward(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([nn.Linear(16, 48), nn.Linear(16, 48)])
 
+    def attend(self, i, x):
+        q, k, v = self.blocks[i](x).view(1, -1, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, -1, 16)
+
     def forward(self, x):
-        for i, qkv in enumerate(self.blocks):
-            if i == 1:
-                torch._dynamo.graph_break()
-            q, k, v = qkv(x).view(1, -1, 3, 4, 4).permute(2, 0, 3, 1, 4)
-            x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, -1, 16)
-        return x
+        x = self.attend(0, x)
+        torch._dynamo.graph_break()  # (inside a loop dynamo would run the whole frame eagerly: no graph)
+        return self.attend(1, x)
 
 
 def test_graph_breaks_dump_one_folder_per_graph(tmp_path):
