@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from xdit_fx.cli import main
 from xdit_fx.dump import dump_module, normalise_for_golden, parse_line, read_dump, render_graph
 from xdit_fx.dump_diff import diff_dumps
 from xdit_fx.dump_html import find_browser, screenshot
-from xdit_fx.errors import PassError, UnsupportedGraph, XditFxError
+from xdit_fx.errors import PassError, UnsupportedGraph
 from xdit_fx.passes import MeshSpec, PassContext, PassResult, build_pipeline, graph_pass, run_pipeline
 from xdit_fx.plan import Plan
 
