@@ -18,7 +18,8 @@ import tiny_pipelines as tp
 #: cfg/dp only: whole images move between ranks, but a call on half the batch may take a different CPU
 #: matmul blocking than the full batch, so results agree to rounding, not bitwise (measured <= 7.5e-7)
 BATCH_SPLIT_ATOL = 5e-6
-#: with sequence parallel: summation order changes (tolerances.py), carried through 3 steps and the VAE
+#: with sequence parallel or the parallel VAE: summation order changes (tolerances.py, and the VAE's
+#: group-norm statistics summed per rank), carried through 3 steps and the decoder (measured <= 1.3e-6)
 PIPELINE_ATOL = 1e-5
 
 
@@ -49,7 +50,7 @@ def _check(per_rank: list[list[dict]], plan: str) -> None:
         assert all(rank[i]["out"] is None for rank in per_rank[1:]), "only rank 0 returns images"
         assert r0["out"].shape == r0["ref"].shape and r0["out"].shape[0] == batch
         err = (r0["out"] - r0["ref"]).abs().max().item()
-        tol = BATCH_SPLIT_ATOL if "ulysses" not in plan and "ring" not in plan else PIPELINE_ATOL
+        tol = PIPELINE_ATOL if "ulysses" in plan or "ring" in plan or PARALLEL_VAE[plan] else BATCH_SPLIT_ATOL
         print(f"{name} {plan} batch={batch}: max abs err {err:.2e} (paired={r0['paired']})")
         if not err <= tol:
             failures.append(f"{name}: {err:.2e} > {tol:.0e}")
@@ -71,11 +72,15 @@ PLANS_4 = {
 }
 
 
+#: plans that keep the VAE whole check the batch axes alone; the others decode with the parallel VAE
+PARALLEL_VAE = {"cfg=2": False, "dp=2": False, "ulysses=2": True, "cfg=2,ulysses=2": True, "dp=2,cfg=2": True}
+
+
 @pytest.mark.parametrize("plan", list(PLANS_2))
 def test_pipelines_match_serial(plan):
-    _check(spawn_gloo(2, _worker, plan, PLANS_2[plan], False), plan)
+    _check(spawn_gloo(2, _worker, plan, PLANS_2[plan], PARALLEL_VAE[plan]), plan)
 
 
 @pytest.mark.parametrize("plan", list(PLANS_4))
 def test_pipelines_match_serial_4_ranks(plan):
-    _check(spawn_gloo(4, _worker, plan, PLANS_4[plan], False), plan)
+    _check(spawn_gloo(4, _worker, plan, PLANS_4[plan], PARALLEL_VAE[plan]), plan)

@@ -24,16 +24,27 @@ as [..., H, W] with H at dim -2, and every op that mixes rows is one of the abov
 (activations, 1x1 convs, channel norms, pixel shuffles, reshapes within a row block, temporal caches)
 act on each row block as they act on the whole. The rule is implicit: *every* 4-D/5-D tensor that reaches
 an intercepted op is taken to be sharded along dim -2; a tensor that reaches conv/group_norm unsharded
-(none does in diffusers' decoders) would be treated as sharded too.
+(none does in diffusers' decoders) would be treated as sharded too. Not detected (none occurs in
+diffusers' decoders): slicing or concatenating along H by position, an interpolate `size=` fixed to a
+global height, conv1d over flattened pixels.
+
+Coverage (diffusers 0.42.1, tiny random configs, 2 ranks, max abs error vs one process <= 4e-6):
+AutoencoderKL (Flux/SD3/PixArt), AutoencoderKLFlux2, AutoencoderKLWan, AutoencoderKLQwenImage,
+AutoencoderKLCogVideoX, AutoencoderKLLTXVideo, AutoencoderKLMochi, AutoencoderKLTemporalDecoder,
+AutoencoderTiny, AutoencoderDC with ResBlocks only. Refused with the op named: AutoencoderKLHunyuanVideo
+(frame-causal attention mask; works with mid_block_add_attention=False), AutoencoderDC with
+EfficientViT blocks (linear attention by matmul over the tokens). AutoencoderKLAllegro decodes only tiled.
 
 Minimum rows: each rank needs at least one latent row, and at every resolution at least as many rows as
 the largest H padding there (1 for the 3x3 convs of all diffusers VAEs; each upsampling multiplies rows).
 
-Memory: a rank holds 1/N of every activation plus 2 * padding rows of halo per conv input, and (at
-attention) the full K/V of that one layer: peak activation memory ~ 1/N of single-process decode.
+Memory: a rank holds 1/N of every activation plus 2 * padding rows of halo per conv input, one centred
+copy of the input inside group_norm, and (at attention) the full K/V of that one layer: peak activation
+memory ~ 1/N of single-process decode.
 
 Bytes moved (this rank's receives, counted in `COMM` under ops "vae_halo", "vae_norm_stats",
-"vae_kv_gather", "vae_output"): per 3x3 conv, one row of its input from each neighbour.
+"vae_kv_gather", "vae_output"): per 3x3 conv, one row of its input from each neighbour; per group norm,
+2 x [B, groups] float64 sums; per attention, the other ranks' K and V; at the end, the other ranks' rows.
 
 Example:
     pipe.vae.decode = ParallelVAE(pipe.vae).decode     # every rank runs the pipeline; same images
@@ -344,8 +355,8 @@ def _refuse(reason: str):
 _handles(torch.conv_transpose2d, torch.conv_transpose3d)(
     _refuse("(a transposed conv) is not supported: its output rows overlap across rank blocks."))
 _handles(torch.softmax, torch.Tensor.softmax, F.softmax, torch.log_softmax, torch.Tensor.log_softmax,
-         F.log_softmax, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm, torch.baddbmm,
-         torch.Tensor.baddbmm, torch.einsum)(
+         F.log_softmax, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,
+         torch.baddbmm, torch.Tensor.baddbmm, torch.einsum)(
     _refuse("outside scaled_dot_product_attention: hand-written attention over the tokens of one rank "
             "block would be wrong; use an SDPA attention processor (diffusers' AttnProcessor2_0)."))
 
