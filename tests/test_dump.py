@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from xdit_fx.cli import main
 from xdit_fx.dump import dump_module, normalise_for_golden, parse_line, read_dump, render_graph
 from xdit_fx.dump_diff import diff_dumps
 from xdit_fx.dump_html import find_browser, screenshot
-from xdit_fx.errors import PassError, UnsupportedGraph, XditFxError
+from xdit_fx.errors import PassError, UnsupportedGraph
 from xdit_fx.passes import MeshSpec, PassContext, PassResult, build_pipeline, graph_pass, run_pipeline
 from xdit_fx.plan import Plan
 
@@ -275,13 +274,14 @@ class BrokenForward(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([nn.Linear(16, 48), nn.Linear(16, 48)])
 
+    def attend(self, i, x):
+        q, k, v = self.blocks[i](x).view(1, -1, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, -1, 16)
+
     def forward(self, x):
-        for i, qkv in enumerate(self.blocks):
-            if i == 1:
-                torch._dynamo.graph_break()
-            q, k, v = qkv(x).view(1, -1, 3, 4, 4).permute(2, 0, 3, 1, 4)
-            x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, -1, 16)
-        return x
+        x = self.attend(0, x)
+        torch._dynamo.graph_break()  # (inside a loop dynamo would run the whole frame eagerly: no graph)
+        return self.attend(1, x)
 
 
 def test_graph_breaks_dump_one_folder_per_graph(tmp_path):

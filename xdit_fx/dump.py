@@ -473,6 +473,9 @@ def dump_module(model: torch.nn.Module, inputs: dict, plan, out_dir: str, *, for
                "shapes); try --device cpu on a smaller config, or other --input shapes" if on_meta else
                "  check the inputs (--input NAME=SHAPE[:dtype]) against the model's forward")) from e
     capture_s = time.perf_counter() - t0
+    if not graphs:
+        raise XditFxError(f"dynamo captured no graph from {model_name or type(model).__name__}'s forward: it ran "
+                          f"eagerly (e.g. a graph break inside a loop); see TORCH_LOGS=graph_breaks")
     passes = build_pipeline(gplan)
     histories = []
     t1 = time.perf_counter()

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PlanError, XditFxError
-from .plan import AXES, SUPPORTED_AXES, Plan, _SHORT_NAMES
+from .errors import XditFxError
+from .plan import AXES, Plan, _SHORT_NAMES
 
 #: Axes applied outside the captured graph (the runtime splits the batch before the transformer call).
 OUTSIDE_GRAPH_AXES = ("dp", "cfg")
@@ -42,8 +42,8 @@ class ModelSpecError(XditFxError, ValueError):
 
 @dataclass(frozen=True)
 class ToolPlan:
-    """A plan as the tools see it: `graph` is what the graph passes get; `requested` is what the user asked
-    for (plan.json); `outside` are the degrees of axes applied outside the graph (cfg, dp)."""
+    """A plan as the tools see it: `graph` is what the graph passes get; `requested` is what plan.json says;
+    `outside` are the degrees of the axes applied outside the graph (cfg, dp)."""
 
     graph: Plan
     requested: dict
@@ -58,35 +58,9 @@ class ToolPlan:
 
 
 def parse_tool_plan(text: str) -> ToolPlan:
-    """`Plan.from_string(text)`; where this version's Plan still refuses an outside-the-graph axis (cfg, dp),
-    the graph passes get the plan without it and the degree is reported in `outside`.
-
-    Plan semantics are not duplicated: every other check (syntax, degrees, unsupported graph axes such as
-    pipefusion) is Plan's own."""
-    try:
-        plan = Plan.from_string(text)
-    except PlanError:
-        if all(a in SUPPORTED_AXES for a in OUTSIDE_GRAPH_AXES):  # this Plan takes them: its error stands
-            raise
-        kept, outside = [], {}
-        for item in filter(None, (p.strip() for p in text.split(","))):
-            key, _, value = item.partition("=")
-            axis = next((a for a in OUTSIDE_GRAPH_AXES if key.strip() in (a, _SHORT_NAMES[a])), None)
-            if axis is None:
-                kept.append(item)
-                continue
-            try:
-                outside[axis] = int(value)
-            except ValueError:
-                raise PlanError(f"{key.strip()}={value.strip()!r}: a degree must be an integer.") from None
-            if outside[axis] < 1:
-                raise PlanError(f"Plan.{_SHORT_NAMES[axis]} must be an integer >= 1, got {outside[axis]}.")
-        if not outside:
-            raise
-        plan = Plan.from_string(",".join(kept) or "serial")  # raises Plan's own error for the rest
-        requested = plan.to_dict()
-        requested.update({_SHORT_NAMES[a]: d for a, d in outside.items()})
-        return ToolPlan(plan, requested, {a: outside.get(a, 1) for a in OUTSIDE_GRAPH_AXES})
+    """`Plan.from_string(text)` (its errors are the CLI's), with the degrees of the axes applied outside the
+    graph (cfg, dp) reported in `outside`."""
+    plan = Plan.from_string(text)
     return ToolPlan(plan, plan.to_dict(), {a: plan.degree(a) for a in OUTSIDE_GRAPH_AXES})
 
 
