@@ -93,7 +93,7 @@ def test_dump_lines_carry_the_facts_and_read_back(dumps):
     for n in last.nodes[:50]:
         assert parse_line(n.format()) == n
     # no addresses, ids or timings in the per-pass files
-    text = (dumps[case_dir("flux", "ulysses=2,ring=2")] / "05_parallelize_attention.txt").read_text()
+    text = (dumps[case_dir("flux", "ulysses=2,ring=2")] / "06_parallelize_attention.txt").read_text()
     assert " at 0x" not in text and "/work/" not in text
 
 
@@ -129,14 +129,14 @@ def test_html_view_is_self_contained_and_marks_what_changed(dumps, tmp_path):
 def test_diff_same_and_different(dumps, tmp_path, capsys):
     a = dumps[case_dir("scratch_dit", "ulysses=2")]
     text, same = diff_dumps(str(a), str(a))
-    assert same and "same: 0 of 6 passes differ" in text
+    assert same and "same: 0 of 7 passes differ" in text
     b = tmp_path / "b"
     z = zoo.get("scratch_dit")
     dump_module(z.build(), z.inputs(), "ring=2", str(b))
     assert main(["diff", str(a), str(b)]) == 1
     out = capsys.readouterr().out
     assert "plan: ulysses=2 -> ring=2" in out
-    assert "== 05 parallelize_attention" in out and "ulysses=1, ring=2" in out
+    assert "== 06 parallelize_attention" in out and "ulysses=1, ring=2" in out
     assert main(["diff", str(a), str(a)]) == 0
 
 
@@ -160,7 +160,7 @@ def test_cli_dumps_a_diffusers_folder_on_meta(tmp_path, capsys):
     assert "`hidden_states` [1, 16, 16] bfloat16" in index and "`guidance` [1] bfloat16" in index
     assert "cfg=2: applied outside the graph" in index
     assert json.loads((out / "plan.json").read_text())["cfg_degree"] == 2
-    assert (out / "index.html").exists() and (out / "05_parallelize_attention.diff").exists()
+    assert (out / "index.html").exists() and (out / "06_parallelize_attention.diff").exists()
     assert "2 attention sites -> ulysses" in capsys.readouterr().out
 
 
@@ -208,7 +208,7 @@ def test_pass_errors_name_the_pass_node_source_and_how_to_dump(tmp_path):
     assert msg.startswith("parallelize_attention: ") and "3 heads" in msg
     assert "source: tests/test_dump.py:" in msg and "xdit-fx dump MODEL --plan ulysses=2 --out DIR" in msg
     assert f"dumped in {out}" in msg
-    assert (out / "04_shard_sequence.txt").exists() and "3 heads" in (out / "error.txt").read_text()
+    assert (out / "05_shard_sequence.txt").exists() and "3 heads" in (out / "error.txt").read_text()
 
 
 @graph_pass()
@@ -264,7 +264,8 @@ def test_dump_from_inside_a_run(tmp_path, monkeypatch):
     pm(torch.randn(1, 8, 12))
     d = tmp_path / "rank0" / "graph0"
     assert (d / "index.md").exists() and (d / "index.html").exists()
-    assert [p.name for p in read_dump(str(d)).passes] == ["captured", "find_attention", "find_transformer_blocks"]
+    assert [p.name for p in read_dump(str(d)).passes] == ["captured", "normalize_attention", "find_attention",
+                                                         "find_transformer_blocks"]
 
 
 class BrokenForward(nn.Module):
@@ -289,7 +290,7 @@ def test_graph_breaks_dump_one_folder_per_graph(tmp_path):
                       formats=("text", "html"))
     assert res.graphs == 2
     assert "- [graph1](graph1/index.md)" in (tmp_path / "a" / "index.md").read_text()
-    assert (tmp_path / "a" / "graph1" / "05_parallelize_attention.txt").exists()
+    assert (tmp_path / "a" / "graph1" / "06_parallelize_attention.txt").exists()
     assert (tmp_path / "a" / "graph0" / "index.html").exists()
     text, same = diff_dumps(str(tmp_path / "a"), str(tmp_path / "a"))
     assert same and "## graph1" in text
