@@ -24,18 +24,23 @@ def _worker(rank: int, world: int) -> dict:
     pipe.set_progress_bar_config(disable=True)
     results = {}
     with torch.no_grad():
-        def generate(p, mode):
-            return p(LABELS, generator=torch.Generator().manual_seed(0), cfg_mode=mode)
+        def generate(p, mode, labels=LABELS):
+            return p(labels, generator=torch.Generator().manual_seed(0), cfg_mode=mode)
         ref = generate(pipe, "batched").images
+        ref_one = generate(pipe, "two_call", [7]).images
         results["serial_accuracy"] = digit_accuracy(ref, LABELS)
         for plan, mode in [("cfg=2", "batched"), ("cfg=2", "two_call"), ("ulysses=2", "batched")]:
             torch._dynamo.reset()
             ppipe = xdit_fx.parallelize(pipe, plan)
             out = generate(ppipe, mode)
+            paired = ppipe.pair_state.paired
+            one = generate(ppipe, "two_call", [7]) if mode == "two_call" else None  # batch 1: calls are paired
             if rank == 0:
                 results[f"{plan}/{mode}"] = {"err": (out.images - ref).abs().max().item(),
-                                             "accuracy": digit_accuracy(out.images, LABELS),
-                                             "paired": ppipe.pair_state.paired}
+                                             "accuracy": digit_accuracy(out.images, LABELS), "paired": paired}
+                if one is not None:
+                    results["cfg=2/two_call/one"] = {"err": (one.images - ref_one).abs().max().item(),
+                                                     "paired": ppipe.pair_state.paired}
             else:
                 assert out is None
             ppipe.unwrap()
@@ -50,4 +55,7 @@ def test_digits_model_in_parallel_matches_serial_and_keeps_accuracy():
         r = results[key]
         assert r["err"] <= tol, (key, r)
         assert r["accuracy"] >= 0.9, (key, r)
-    assert results["cfg=2/two_call"]["paired"] and not results["cfg=2/batched"]["paired"]
+    # 20 images per call split over the cfg ranks; a single image's two calls per step are paired instead
+    assert not results["cfg=2/two_call"]["paired"] and not results["cfg=2/batched"]["paired"]
+    one = results["cfg=2/two_call/one"]
+    assert one["paired"] and one["err"] <= CFG_ATOL, one
