@@ -34,16 +34,20 @@ def _embeds(g: torch.Generator, n: int, dim: int = TEXT_DIM) -> torch.Tensor:
     return torch.randn(n, TEXT_LEN, dim, generator=g)
 
 
+def _pooled_embeds(seed: int, batch: int) -> dict:
+    """Prompt and negative-prompt embeddings with pooled vectors (the MMDiT pipelines' inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=_embeds(g, batch), pooled_prompt_embeds=torch.randn(batch, TEXT_DIM, generator=g),
+                negative_prompt_embeds=_embeds(g, batch),
+                negative_pooled_prompt_embeds=torch.randn(batch, TEXT_DIM, generator=g))
+
+
 def flux(batch: int = 1):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4), text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=get("flux").build())
-    g = torch.Generator().manual_seed(1)
-    kwargs = dict(prompt_embeds=_embeds(g, batch), pooled_prompt_embeds=torch.randn(batch, TEXT_DIM, generator=g),
-                  negative_prompt_embeds=_embeds(g, batch),
-                  negative_pooled_prompt_embeds=torch.randn(batch, TEXT_DIM, generator=g),
-                  true_cfg_scale=4.0, height=16, width=16)
+    kwargs = dict(_pooled_embeds(1, batch), true_cfg_scale=4.0, height=16, width=16)
     return pipe, kwargs
 
 
@@ -53,11 +57,7 @@ def sd3(batch: int = 1):
     pipe = StableDiffusion3Pipeline(transformer=get("sd3").build(), scheduler=FlowMatchEulerDiscreteScheduler(),
                                     vae=_vae(4), text_encoder=None, tokenizer=None, text_encoder_2=None,
                                     tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    g = torch.Generator().manual_seed(2)
-    kwargs = dict(prompt_embeds=_embeds(g, batch), pooled_prompt_embeds=torch.randn(batch, TEXT_DIM, generator=g),
-                  negative_prompt_embeds=_embeds(g, batch),
-                  negative_pooled_prompt_embeds=torch.randn(batch, TEXT_DIM, generator=g),
-                  guidance_scale=5.0, height=16, width=16)
+    kwargs = dict(_pooled_embeds(2, batch), guidance_scale=5.0, height=16, width=16)
     return pipe, kwargs
 
 
