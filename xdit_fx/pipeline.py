@@ -78,10 +78,10 @@ class ParallelPipeline:
             self.denoisers[name] = pm
             setattr(pipe, name, pm)
         self._hook_scheduler()
-        self._vae_decode = False
+        self._vae_hooked = False
         if plan.parallel_vae and plan.world_size > 1 and getattr(pipe, "vae", None) is not None:
             from .runtime.vae import ParallelVAE
-            self._vae_decode = True
+            self._vae_hooked = True
             pipe.vae.decode = ParallelVAE(pipe.vae, group=None).decode
         if self.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
@@ -108,7 +108,7 @@ class ParallelPipeline:
         for name, original in self._originals.items():
             setattr(self.pipe, name, original)
         del self.pipe.scheduler.step  # the hook is an instance attribute over the class's method
-        if self._vae_decode:
+        if self._vae_hooked:
             del self.pipe.vae.decode
         if self.rank != 0 and hasattr(self.pipe, "set_progress_bar_config"):
             self.pipe.set_progress_bar_config(disable=False)

@@ -170,6 +170,7 @@ class BatchSplitter:
         self.cfg_rank = groups.coords["cfg"]
         self.batch_rank = self.dp_rank * plan.cfg_degree + self.cfg_rank
         self.state: PairState | None = None  # set by the pipeline wrapper; None for a bare module
+        self._warned_duplicates = False
 
     def __call__(self, run: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         batch = batch_size(args, kwargs)
@@ -184,8 +185,8 @@ class BatchSplitter:
             if state.step == 0:
                 state.first_step_calls.append((batch, out))
             state.calls_in_step += 1
-        if batch < self.plan.batch_degree and (state is None or state.step > 0) and not getattr(self, "_warned", 0):
-            self._warned = 1
+        if batch < self.plan.batch_degree and (state is None or state.step > 0) and not self._warned_duplicates:
+            self._warned_duplicates = True
             log.warning("a transformer call of batch %d is shared by %d batch ranks (dp x cfg): %d of them "
                         "duplicate work. Generate more images per call, or lower dp/cfg.",
                         batch, self.plan.batch_degree, self.plan.batch_degree - batch)
