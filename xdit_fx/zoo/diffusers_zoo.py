@@ -548,26 +548,21 @@ def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 33, 3, 4, 4), encoder_hidden_states=_r(g, 1, 12, 32), timestep=torch.tensor([500]))
 
 
-@E("nucleus_moe_image", "NucleusMoEImageTransformer2DModel", dict(
-    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
-    joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=False, capacity_factors=[8.0, 8.0]), heads=4,
-    note="joint KV: image queries attend to [image; text]")
-def _(g, uneven):
+_NUCLEUS = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+                joint_attention_dim=16, axes_dims_rope=(8, 4, 4), capacity_factors=[8.0, 8.0])
+
+
+@E("nucleus_moe_image", "NucleusMoEImageTransformer2DModel", dict(_NUCLEUS, moe_enabled=False), heads=4,
+   note="joint KV: image queries attend to [image; text]")
+def _nucleus_inputs(g, uneven):
     h, w = 4, 4
     return dict(hidden_states=_r(g, 1, h * w, 16), encoder_hidden_states=_r(g, 1, 8, 16),
                 encoder_hidden_states_mask=torch.ones(1, 8, dtype=torch.long), timestep=torch.tensor([1.0]),
                 img_shapes=[(1, h, w)])
 
 
-@E("nucleus_moe_image_moe", "NucleusMoEImageTransformer2DModel", dict(
-    patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
-    joint_attention_dim=16, axes_dims_rope=(8, 4, 4), moe_enabled=True, capacity_factors=[8.0, 8.0]), heads=4,
-    note="MoE variant (token-choice routing with capacity)")
-def _(g, uneven):
-    h, w = 4, 4
-    return dict(hidden_states=_r(g, 1, h * w, 16), encoder_hidden_states=_r(g, 1, 8, 16),
-                encoder_hidden_states_mask=torch.ones(1, 8, dtype=torch.long), timestep=torch.tensor([1.0]),
-                img_shapes=[(1, h, w)])
+E("nucleus_moe_image_moe", "NucleusMoEImageTransformer2DModel", dict(_NUCLEUS, moe_enabled=True), heads=4,
+  note="MoE variant (token-choice routing with capacity)")(_nucleus_inputs)
 
 
 @E("omnigen", "OmniGenTransformer2DModel", dict(
