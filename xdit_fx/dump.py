@@ -196,8 +196,23 @@ def node_line(node: fx.Node) -> str:
 
 
 def render_graph(gm: fx.GraphModule) -> str:
-    """The graph as dump text: one `node_line` per node. `run_pipeline(..., render=render_graph)`."""
-    return "\n".join(node_line(n) for n in gm.graph.nodes) + "\n"
+    """The graph as dump text: one `node_line` per node. `run_pipeline(..., render=render_graph)`.
+
+    A call of a submodule that holds a graph (`body`, e.g. the cache region of insert_cache) is followed by
+    the body's nodes, named ``%<submodule>.<node>``, so what moved into it stays visible."""
+    lines = []
+    for n in gm.graph.nodes:
+        lines.append(node_line(n))
+        if n.op == "call_module":
+            body = getattr(gm.get_submodule(n.target), "body", None)
+            if isinstance(body, fx.GraphModule):
+                for b in body.graph.nodes:
+                    if b.op == "placeholder" and _is_param(b):
+                        continue
+                    info = node_info(b)
+                    info.name = f"{n.target}.{info.name}"
+                    lines.append(info.format())
+    return "\n".join(lines) + "\n"
 
 
 def parse_graph(text: str) -> list[NodeLine]:

@@ -15,6 +15,7 @@ META_TOKEN_DIMS = "xfx.token_dims"  # per output tensor: its SeqLayout (or "mult
 META_LAYOUT = "xfx.layout"        # SeqLayout of a value after shard_sequence (None: not sharded)
 META_SP_ATTENTION = "xfx.sp_attention"  # SPAttentionSpec on attention nodes that run on local shards
 META_CREATED_BY = "xfx.created_by"      # name of the pass that created the node (stamped by the runner)
+META_CACHE = "xfx.cache"          # on the call of a cache region (insert_cache): what is skipped and how
 META_GATHER = "xfx.gather"        # "exit" or "fallback" on inserted gather nodes, with the reason
 
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -78,6 +79,16 @@ def tensor_meta(node: Any) -> torch.Tensor | None:
 def shape_of(node: Any) -> tuple[int, ...] | None:
     t = tensor_meta(node)
     return tuple(int(s) for s in t.shape) if t is not None else None
+
+
+def is_param_placeholder(node: fx.Node) -> bool:
+    """A graph input that dynamo lifted from a module's parameters or buffers (not a user input)."""
+    return node.op == "placeholder" and (isinstance(example_value(node), torch.nn.Parameter)
+                                         or "_parameters_" in node.name or "_buffers_" in node.name)
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch._C._nn.linear, torch.nn.functional.linear)
 
 
 def is_sdpa(node: fx.Node) -> bool:

@@ -91,17 +91,34 @@ class ParallelPipeline:
         step = scheduler.step
         plan, state = self.plan, self.pair_state
 
+        caches = [pm.cache for pm in self.denoisers.values() if pm.cache is not None]
+        for cache in caches:
+            cache.step_hooked = True
+
         @functools.wraps(step)
         def hooked_step(model_output, *args, **kwargs):
             state.end_step(model_output, plan.cfg_degree, plan.batch_degree)
+            for cache in caches:
+                cache.end_step()
             return step(model_output, *args, **kwargs)
 
         scheduler.step = hooked_step
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.pair_state.reset()
+        for pm in self.denoisers.values():
+            pm.reset_cache()
         out = self.pipe(*args, **kwargs)
         return out if self.rank == 0 else None
+
+    @property
+    def cache_stats(self):
+        """The last generation's CacheStats: of the denoiser, or a dict name -> stats when there are several
+        (None without a cache)."""
+        stats = {name: pm.cache_stats for name, pm in self.denoisers.items() if pm.cache is not None}
+        if not stats:
+            return None
+        return next(iter(stats.values())) if len(stats) == 1 else stats
 
     def unwrap(self) -> Any:
         """Put the original components back and return the plain pipeline."""

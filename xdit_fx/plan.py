@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .cache import CacheConfig, FirstBlockCache, TeaCache, cache_from_dict, cache_from_string
 from .errors import PlanError
 
 #: Mesh axes from outermost to innermost.
@@ -54,6 +55,8 @@ class Plan:
         dp_degree: data-parallel replicas; each takes a share of the images of every batched call.
         compile: run the rewritten graph through ``torch.compile`` (Inductor).
         parallel_vae: on a pipeline, decode the latent split by rows over all ranks (halo exchange).
+        cache: skip the block stack on steps where it would change little: ``FirstBlockCache(threshold)`` or
+            ``TeaCache(threshold, coefficients)`` (see xdit_fx/cache.py); None: run every block every step.
         debug_dump_dir: if set, every pass writes a snapshot of the graph there.
     """
 
@@ -64,6 +67,7 @@ class Plan:
     dp_degree: int = 1
     compile: bool = False
     parallel_vae: bool = True
+    cache: CacheConfig | None = None
     debug_dump_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +82,14 @@ class Plan:
             raise PlanError(
                 f"Plan.cfg_degree={self.cfg_degree}: classifier-free guidance has two branches, so cfg_degree "
                 "is 1 or 2. Put the other ranks on dp, ulysses or ring.")
+        if self.cache is not None and not isinstance(self.cache, (FirstBlockCache, TeaCache)):
+            object.__setattr__(self, "cache", cache_from_dict(self.cache))
+        if self.cache is not None and self.pipefusion_degree > 1:
+            raise PlanError(
+                f"Plan.cache={self.cache.to_string()} with pipefusion_degree={self.pipefusion_degree}: refused. "
+                "PipeFusion keeps per-patch K/V from the previous step, and each stage would have to agree on "
+                "which steps skip its blocks; a skipped step would leave every stage's K/V buffers two steps "
+                "stale. Use cache with ulysses/ring/cfg/dp, or PipeFusion without cache.")
         if self.debug_dump_dir is not None and not isinstance(self.debug_dump_dir, str):
             raise PlanError(f"Plan.debug_dump_dir must be a path string or None, got {self.debug_dump_dir!r}.")
         for axis, field in _SHORT_NAMES.items():
@@ -121,7 +133,9 @@ class Plan:
 
     # ---- serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["cache"] = self.cache.to_dict() if self.cache is not None else None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
@@ -136,7 +150,8 @@ class Plan:
 
     @classmethod
     def from_string(cls, text: str) -> "Plan":
-        """Parse ``"ulysses=2,ring=2"``. Keys are axis names (or full field names), ``compile``, ``parallel_vae``."""
+        """Parse ``"ulysses=2,ring=2"``. Keys are axis names (or full field names), ``compile``, ``parallel_vae``,
+        ``cache`` (``cache=fbc:0.08`` or ``cache=teacache:0.2``)."""
         if text.strip().lower() == "serial":
             return cls()
         fields: dict[str, Any] = {}
@@ -152,6 +167,8 @@ class Plan:
                 if value.lower() not in ("0", "1", "true", "false"):
                     raise PlanError(f"{name}={value!r}: use {name}=1 or {name}=0.")
                 fields[name] = value.lower() in ("1", "true")
+            elif name == "cache":
+                fields[name] = cache_from_string(value)
             elif name in _SHORT_NAMES.values():
                 try:
                     fields[name] = int(value)
@@ -159,7 +176,8 @@ class Plan:
                     raise PlanError(f"{key}={value!r}: a degree must be an integer.") from None
             else:
                 raise PlanError(
-                    f"Unknown plan key {key!r}; use one of {', '.join(AXES)}, compile, parallel_vae (e.g. 'ulysses=2,ring=2')."
+                    f"Unknown plan key {key!r}; use one of {', '.join(AXES)}, compile, parallel_vae, cache "
+                    "(e.g. 'ulysses=2,ring=2' or 'cfg=2,cache=fbc:0.1')."
                 )
         return cls(**fields)
 
@@ -169,4 +187,6 @@ class Plan:
             parts.append("compile=1")
         if not self.parallel_vae:
             parts.append("parallel_vae=0")
+        if self.cache is not None:
+            parts.append(f"cache={self.cache.to_string()}")
         return ",".join(parts) or "serial"

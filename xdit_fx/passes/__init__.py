@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .analysis import find_attention, find_transformer_blocks
+from .cache import insert_cache
 from .normalize_attention import normalize_attention
 from .base import (GraphHistory, GraphPass, MeshSpec, PassContext, PassInfo, PassResult, check_pipeline,
                    graph_pass, run_pipeline)
@@ -10,6 +11,7 @@ from .sequence_parallel import infer_token_dims, parallelize_attention, shard_se
 
 ALL_PASSES: tuple[GraphPass, ...] = (
     normalize_attention, find_attention, find_transformer_blocks, infer_token_dims, shard_sequence, parallelize_attention,
+    insert_cache,
 )
 
 
@@ -21,6 +23,9 @@ def build_pipeline(plan) -> list[GraphPass]:
         # token dims need the attention sites (a space is sharded if it is a query and key sequence);
         # sharding must run before attention is rewritten (it marks which sites run on local shards)
         passes += [infer_token_dims, shard_sequence, parallelize_attention]
+    if plan.cache is not None:
+        # last: the region it cuts out holds the blocks as the other passes left them (collectives included)
+        passes.append(insert_cache)
     check_pipeline(passes)
     return passes
 
@@ -29,4 +34,5 @@ __all__ = [
     "ALL_PASSES", "GraphHistory", "GraphPass", "MeshSpec", "PassContext", "PassInfo", "PassResult",
     "build_pipeline", "check_pipeline", "graph_pass", "run_pipeline",
     "normalize_attention", "find_attention", "find_transformer_blocks", "infer_token_dims", "parallelize_attention", "shard_sequence",
+    "insert_cache",
 ]

@@ -170,6 +170,7 @@ class BatchSplitter:
         self.cfg_rank = groups.coords["cfg"]
         self.batch_rank = self.dp_rank * plan.cfg_degree + self.cfg_rank
         self.state: PairState | None = None  # set by the pipeline wrapper; None for a bare module
+        self.split_group: str | None = None  # c10d name of the group sharing the running call's batch
         self._warned_duplicates = False
 
     def __call__(self, run: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -194,7 +195,9 @@ class BatchSplitter:
 
     def _split(self, run, args, kwargs, batch: int, group: str, degree: int, rank: int) -> Any:
         if degree == 1:
+            self.split_group = None
             return run(*args, **kwargs)
+        self.split_group = self.groups.names[group]
         k = min(batch, degree)
         index = rank % k
         out = run(*take_chunk(args, batch, k, index), **take_chunk(kwargs, batch, k, index))

@@ -20,6 +20,7 @@ from ..passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pi
 from ..errors import XditFxError
 from ..plan import Plan
 from .batch import BatchSplitter
+from .cache import CachedRegion, CacheRuntime
 from .collectives import COMM
 from .mesh import ProcessGroups
 
@@ -37,6 +38,7 @@ class ParallelModule(nn.Module):
         histories: one GraphHistory per captured graph (what each pass did).
         graphs: the rewritten GraphModules, in capture order.
         last_comm: bytes received per mesh axis and op during the last forward.
+        cache: the CacheRuntime when the plan has a cache (`cache_stats`, `reset_cache()`), else None.
     """
 
     def __init__(self, model: nn.Module, plan: Plan, groups: ProcessGroups | None) -> None:
@@ -49,10 +51,25 @@ class ParallelModule(nn.Module):
         self.last_comm: dict[str, dict[str, int]] = {}
         # a plan that only splits the batch (cfg/dp, no compile, no dump) has nothing to rewrite: run eagerly
         batch_only = plan.batch_degree > 1 and plan.sequence_parallel_degree == 1 and not plan.compile \
+            and plan.cache is None \
             and not (plan.debug_dump_dir or os.environ.get("XDIT_FX_DUMP_DIR"))
         self._compiled = model if batch_only else \
             torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False)
         self.batch = BatchSplitter(plan, groups) if plan.batch_degree > 1 else None
+        self.cache = CacheRuntime(plan.cache, self._sp_groups) if plan.cache is not None else None
+
+    def _sp_groups(self) -> list[str]:
+        return [self.groups.names["sp"]] if self.groups is not None and self.plan.sequence_parallel_degree > 1 else []
+
+    @property
+    def cache_stats(self):
+        """CacheStats of the current generation (since the last reset_cache()), or None without a cache."""
+        return self.cache.stats if self.cache is not None else None
+
+    def reset_cache(self) -> None:
+        """Start a new generation: forget cached residuals and statistics (pipelines do it on every call)."""
+        if self.cache is not None:
+            self.cache.reset()
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
         plan = self.plan
@@ -74,20 +91,30 @@ class ParallelModule(nn.Module):
                            formats=run_formats())
         self.histories.append(history)
         self.graphs.append(gm)
-        if plan.compile:
+        regions = [m for m in gm.modules() if isinstance(m, CachedRegion)]
+        for region in regions:  # the region compiles its body itself; the few nodes around it run as they are
+            region.bind(self.cache, compile=plan.compile)
+        if plan.compile and not regions:
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(gm, example_inputs)
         return gm.forward
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         before = COMM.snapshot()
+        if self.cache is not None:
+            self.cache.next_call()
         out = self.batch(self._run, args, kwargs) if self.batch is not None else self._run(*args, **kwargs)
         self.last_comm = COMM.since(before)
         return out
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            return self._compiled(*args, **kwargs)
+            if self.cache is None:
+                return self._compiled(*args, **kwargs)
+            self.cache.begin_run(self.batch.split_group if self.batch is not None else None)
+            out = self._compiled(*args, **kwargs)
+            self.cache.end_run()
+            return out
         except torch._dynamo.exc.BackendCompilerFailed as e:  # show our error, not dynamo's wrapper
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, XditFxError):

@@ -1,0 +1,235 @@
+"""First-Block-Cache and TeaCache: the plan, the insert_cache pass, the runtime decisions, and parallel runs.
+
+The quality/speed curve is measured by benchmarks/cache_quality.py; here: exactness at threshold 0, the
+skip pattern at the extremes, reset between generations, residual reuse on models of different shapes, the
+errors, and that every rank takes the single process's decisions under ulysses=2 and cfg=2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import xdit_fx
+from xdit_fx import Plan, PlanError, UnsupportedGraph
+from xdit_fx.cache import FirstBlockCache, TeaCache, cache_from_string
+from xdit_fx.coverage import _compare, _flat
+
+from dist_utils import spawn_gloo
+
+#: a skipped call returns live_in + (out - live_in) of the cached call: one rounding of an add and a subtract
+REUSE_ATOL = 1e-6
+#: ulysses / batch split change summation orders; decisions must still be the serial ones
+PARALLEL_ATOL = 2e-5
+STEPS = 8
+
+
+def _digits():
+    from xdit_fx.digits import load_pipeline
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, labels=(0, 1, 2, 3), mode="batched"):
+    with torch.no_grad():
+        out = pipe(list(labels), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                   cfg_mode=mode)
+    return out.images if out is not None else None  # ranks other than 0 get None from a parallel pipeline
+
+
+# ---- plan ------------------------------------------------------------------------------------------------
+
+def test_plan_cache_round_trips_and_rejects_bad_settings():
+    plan = Plan.from_string("cfg=2,cache=teacache:0.3")
+    assert plan.cache == TeaCache(threshold=0.3) and plan.to_string() == "cfg=2,cache=teacache:0.3"
+    calibrated = Plan(cache=TeaCache(0.2, coefficients=(2.0, -0.1, 0.01)))
+    assert Plan.from_dict(json.loads(calibrated.to_json())) == calibrated
+    assert cache_from_string("fbc") == FirstBlockCache()
+    with pytest.raises(PlanError, match="threshold must be a finite number"):
+        FirstBlockCache(threshold=-1)
+    with pytest.raises(PlanError, match="warmup_steps"):
+        TeaCache(warmup_steps=0)
+    with pytest.raises(PlanError, match="cache=fbc:THRESHOLD"):
+        Plan.from_string("cache=deepcache:0.1")
+    with pytest.raises(PlanError, match="pipefusion"):
+        Plan(pipefusion_degree=2, cache=FirstBlockCache())
+
+
+def test_teacache_rescale_is_the_polynomial_clamped_at_zero():
+    tc = TeaCache(coefficients=(2.0, -1.0, 0.5))  # 2x^2 - x + 0.5
+    assert tc.rescale(1.0) == pytest.approx(1.5)
+    assert TeaCache(coefficients=(1.0, -1.0)).rescale(0.2) == 0.0  # negative estimates count as 0
+    assert TeaCache().rescale(0.25) == 0.25  # uncalibrated: the raw change
+
+
+# ---- the pass --------------------------------------------------------------------------------------------
+
+def test_insert_cache_cuts_the_stack_after_the_first_block_and_shows_the_body_in_the_dump():
+    from xdit_fx.capture import capture_graphs
+    from xdit_fx.dump import render_graph
+    from xdit_fx.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.runtime.cache import CachedRegion
+
+    tr = _digits().transformer
+    x = torch.randn(2, tr.config.in_channels, 16, 16)
+    gm = capture_graphs(tr, x, timestep=torch.tensor([500.0, 500.0]), class_labels=torch.tensor([1, 10]))[0]
+    for config, skipped in [(FirstBlockCache(0.1), 3), (TeaCache(0.1), 4)]:
+        plan = Plan(cache=config)
+        out = run_pipeline(gm, build_pipeline(plan), PassContext(plan=plan, mesh=MeshSpec()))
+        region = out.get_submodule("xfx_cache")
+        assert isinstance(region, CachedRegion)
+        assert region.spec.blocks_skipped == skipped and region.spec.blocks_total == 4
+        body_blocks = {n.meta.get("xfx.block") for n in region.body.graph.nodes if n.op != "placeholder"}
+        outer_blocks = {n.meta.get("xfx.block") for n in out.graph.nodes if n.op not in ("placeholder", "output")}
+        if config.kind == "fbc":
+            assert "transformer_blocks.0" not in body_blocks and "transformer_blocks.0" in outer_blocks
+        else:  # the first block's start (norm + modulation) stays outside: it is the probe
+            assert "transformer_blocks.0" in body_blocks and "transformer_blocks.0" in outer_blocks
+        assert "transformer_blocks.3" in body_blocks and "transformer_blocks.3" not in outer_blocks
+        text = render_graph(out)
+        assert "%xfx_cache = module xfx_cache(" in text
+        assert any(line.startswith("%xfx_cache.") and " = linear(" in line for line in text.splitlines())
+        with pytest.raises(xdit_fx.XditFxError, match="not bound"):  # a dumped graph cannot run the cache
+            region(*([torch.zeros(1)] * 3))
+        gm = capture_graphs(tr, x, timestep=torch.tensor([500.0, 500.0]), class_labels=torch.tensor([1, 10]))[0]
+
+
+# ---- serial runs on the digits model --------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [FirstBlockCache, TeaCache])
+def test_threshold_zero_is_bit_identical_and_huge_threshold_runs_only_warmup(config):
+    pipe = _digits()
+    ref = _generate(pipe)
+    ppipe = xdit_fx.parallelize(pipe, Plan(cache=config(threshold=0.0)))
+    assert torch.equal(_generate(ppipe), ref)
+    stats = ppipe.cache_stats
+    assert stats.full_steps() == list(range(STEPS)) and stats.skipped_fraction == 0.0
+    ppipe.unwrap()
+
+    for warmup in (1, 3):
+        ppipe = xdit_fx.parallelize(pipe, Plan(cache=config(threshold=1e9, warmup_steps=warmup)))
+        images = _generate(ppipe)
+        stats = ppipe.cache_stats
+        assert stats.full_steps() == list(range(warmup)), stats.summary()
+        per_step_skipped = 3 if config is FirstBlockCache else 4  # FBC always runs the first of 4 blocks
+        assert stats.blocks_total - stats.blocks_run == (STEPS - warmup) * per_step_skipped
+        assert (images - ref).abs().max() > 1e-3  # skipping really changed the images
+        again = _generate(ppipe)  # the state resets between generations: same decisions, same images
+        assert ppipe.cache_stats.full_steps() == list(range(warmup)) and torch.equal(again, images)
+        ppipe.unwrap()
+
+
+def test_two_call_cfg_keeps_one_cache_state_per_branch():
+    pipe = _digits()
+    batched = xdit_fx.parallelize(pipe, Plan(cache=FirstBlockCache(0.2)))
+    a = _generate(batched)
+    decisions = batched.cache_stats.full_steps()
+    batched.unwrap()
+    two = xdit_fx.parallelize(pipe, Plan(cache=FirstBlockCache(0.2)))
+    b = _generate(two, mode="two_call")
+    stats = two.cache_stats
+    two.unwrap()
+    assert {r.slot for r in stats.records} == {0, 1} and len(stats.records) == 2 * STEPS
+    assert 0 < len(decisions) < STEPS  # a threshold that skips some steps
+    # each branch decides on its own residual history; the images stay close to the batched ones
+    assert (a - b).abs().max() < 0.05
+
+
+# ---- residual reuse on models of other shapes (MMDiT, U-ViT skips, nn.MultiheadAttention) --------------
+
+@pytest.mark.parametrize("name", ["flux", "scratch_mha_uvit"])
+@pytest.mark.parametrize("kind", ["fbc", "teacache"])
+def test_a_repeated_call_is_skipped_and_reuses_the_residuals(name, kind):
+    from xdit_fx.zoo import get
+
+    entry = get(name)
+    model = entry.build()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        plain = _flat(xdit_fx.parallelize(model, "serial")(**entry.inputs()))
+        pm = xdit_fx.parallelize(model, f"cache={kind}:1e9")
+        first, second = _flat(pm(**entry.inputs())), _flat(pm(**entry.inputs()))
+    assert pm.cache_stats.full_steps() == [0] and pm.cache_stats.skipped_steps() == [1]
+    assert _compare(first, plain)[0] == 0.0
+    assert _compare(second, first)[0] <= REUSE_ATOL
+
+
+class _BreakingBlock(torch.nn.Module):
+    def __init__(self, dim: int = 16, graph_break: bool = False) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.graph_break = graph_break
+
+    def forward(self, x):
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return x + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class _BrokenStack(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_BreakingBlock(), _BreakingBlock(), _BreakingBlock(graph_break=True),
+                                           _BreakingBlock()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_stack_split_over_several_graphs_is_refused_by_name():
+    torch._dynamo.reset()
+    pm = xdit_fx.parallelize(_BrokenStack(), "cache=fbc:0.1")
+    with pytest.raises(UnsupportedGraph, match="several graphs"):
+        pm(torch.randn(1, 8, 16))
+
+
+# ---- parallel: the same decisions on every rank, the single process's images ------------------------------
+
+CASES = [("ulysses=2", "batched", (0, 1, 2, 3), FirstBlockCache(0.2)),
+         ("cfg=2", "batched", (0, 1, 2, 3), TeaCache(0.3)),
+         ("cfg=2", "two_call", (7,), FirstBlockCache(0.2))]
+
+
+def _parallel_worker(rank: int, world: int) -> list[dict]:
+    pipe = _digits()
+    results = []
+    for plan_text, mode, labels, config in CASES:
+        torch._dynamo.reset()
+        ppipe = xdit_fx.parallelize(pipe, dataclasses.replace(Plan.from_string(plan_text), cache=config))
+        out = _generate(ppipe, labels, mode)
+        results.append({"images": out, "records": [(r.step, r.slot, r.full) for r in ppipe.cache_stats.records],
+                        "paired": ppipe.pair_state.paired})
+        ppipe.unwrap()
+    return results
+
+
+def test_parallel_ranks_take_the_single_process_decisions():
+    pipe = _digits()
+    serial = []
+    for _, mode, labels, config in CASES:
+        ppipe = xdit_fx.parallelize(pipe, Plan(cache=config))
+        serial.append((_generate(ppipe, labels, mode), [(r.step, r.slot, r.full) for r in ppipe.cache_stats.records]))
+        ppipe.unwrap()
+    per_rank = spawn_gloo(2, _parallel_worker)
+    for i, (plan_text, mode, labels, config) in enumerate(CASES):
+        r0, r1 = per_rank[0][i], per_rank[1][i]
+        ref_images, ref = serial[i]
+        assert r1["images"] is None
+        err = (r0["images"] - ref_images).abs().max().item()
+        assert err <= PARALLEL_ATOL, (CASES[i], err)
+        assert 0 < sum(full for _, _, full in ref) < len(ref), ref  # the threshold skips some steps, not all
+        if mode == "two_call":
+            # paired CFG: both ranks run step 0 whole, then cfg rank r runs branch r with that branch's
+            # serial decisions (its own residual history)
+            assert r0["paired"] and r1["paired"]
+            for rank, r in enumerate((r0, r1)):
+                assert r["records"] == [x for x in ref if x[0] == 0 or x[1] == rank], (rank, r)
+        else:
+            assert r0["records"] == ref and r1["records"] == ref, (CASES[i], r0["records"], r1["records"], ref)

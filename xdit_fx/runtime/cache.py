@@ -1,0 +1,245 @@
+"""The cache runtime: run or skip the region insert_cache cut out, with the same decision on every rank.
+
+A `CacheRuntime` belongs to one ParallelModule. Its state is kept per *slot*: the position of a call within
+a denoising step (a two-call CFG pipeline makes two calls per step: the conditional and the unconditional
+branch each get their own probe history and residuals). Inside a pipeline the scheduler hook marks the
+steps; a bare module has one slot. `reset()` starts a new generation (the pipeline wrapper calls it).
+
+The metric is a ratio of two sums over the probe tensor; under sequence parallelism each rank holds a shard
+of it, and under cfg/dp batch splitting a share of the batch, so both sums are all-reduced over those
+ranks before the ratio is taken: every rank that shares a call takes the same decision, and it is the
+decision the single process takes on the whole tensor (up to float64 summation order).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch import nn
+
+from ..errors import UnsupportedGraph, XditFxError
+from .collectives import COMM, _group
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """What insert_cache found: how to call and skip one region."""
+
+    kind: str                              # "fbc" | "teacache"
+    n_probe: int                           # leading call arguments that are the probe (1 or 2)
+    residual_of: tuple[int | None, ...]    # per output: index of the live-in it is a residual over, or None
+    stream_out: int                        # index of the main token-stream output (calibration measures it)
+    blocks_total: int
+    blocks_skipped: int
+    description: str
+
+
+@dataclass
+class CallRecord:
+    """One call of the cached module."""
+
+    step: int           # denoising step (pipeline) or call number within the generation (bare module)
+    slot: int           # call within the step (two-call CFG: 0 conditional, 1 unconditional)
+    full: bool          # ran the whole block stack
+    metric: float | None  # relative L1 change (FBC) or accumulated rescaled change (TeaCache); None: warm-up
+    blocks_run: int
+    blocks_total: int
+
+
+@dataclass
+class CacheStats:
+    """Per generation: which calls ran the full stack."""
+
+    records: list[CallRecord] = field(default_factory=list)
+
+    def full_steps(self, slot: int = 0) -> list[int]:
+        return [r.step for r in self.records if r.slot == slot and r.full]
+
+    def skipped_steps(self, slot: int = 0) -> list[int]:
+        return [r.step for r in self.records if r.slot == slot and not r.full]
+
+    @property
+    def blocks_total(self) -> int:
+        return sum(r.blocks_total for r in self.records)
+
+    @property
+    def blocks_run(self) -> int:
+        return sum(r.blocks_run for r in self.records)
+
+    @property
+    def skipped_fraction(self) -> float:
+        """Fraction of block evaluations skipped over the generation."""
+        return 1.0 - self.blocks_run / self.blocks_total if self.blocks_total else 0.0
+
+    def summary(self) -> str:
+        if not self.records:
+            return "cache: no calls"
+        slots = sorted({r.slot for r in self.records})
+        parts = []
+        for s in slots:
+            recs = [r for r in self.records if r.slot == s]
+            full = "".join("F" if r.full else "." for r in recs)
+            parts.append(f"{'slot ' + str(s) + ' ' if len(slots) > 1 else ''}{full}")
+        return (f"cache: {self.blocks_total - self.blocks_run} of {self.blocks_total} block evaluations skipped "
+                f"({100 * self.skipped_fraction:.0f}%); full stack (F) per step: {' / '.join(parts)}")
+
+
+@dataclass
+class _SlotState:
+    calls: int = 0
+    prev: torch.Tensor | None = None       # FBC: residual of the last full call; TeaCache: last probe
+    accumulated: float = 0.0               # TeaCache
+    cached: list[Any] | None = None        # per output: residual (partner not None) or value
+    partners: list[int | None] = field(default_factory=list)  # per output: the live-in its residual is over
+    prev_stream: torch.Tensor | None = None  # calibration: the last stream output
+
+
+class CacheRuntime:
+    """Decides, per call, whether a region runs; keeps the residuals; records statistics."""
+
+    def __init__(self, config, reduce_groups: Callable[[], list[str]] | None = None) -> None:
+        self.config = config
+        self._reduce_groups = reduce_groups or (lambda: [])
+        self.step_hooked = False  # a pipeline's scheduler hook marks the steps
+        self.calibrating = False  # record (probe change, stream change) pairs instead of skipping
+        self.calibration: list[tuple[int, float, float]] = []
+        self.reset()
+
+    # ---- generation / step / call boundaries ------------------------------------------------------------
+    def reset(self) -> None:
+        """A new generation: forget probes and residuals, start new statistics."""
+        self.states: dict[tuple[int, int], _SlotState] = {}
+        self.stats = CacheStats()
+        self.step = 0
+        self.call_in_step = 0
+        self.slot = 0
+        self._ran: list[int] = []
+        self._groups: list[str] = []
+
+    def end_step(self) -> None:
+        self.step += 1
+        self.call_in_step = 0
+
+    def next_call(self) -> None:
+        """Every call of the module, also the ones another cfg rank computes (keeps slots aligned)."""
+        self.slot = self.call_in_step if self.step_hooked else 0
+        self.call_in_step += 1
+
+    def begin_run(self, batch_group: str | None) -> None:
+        self._ran = []
+        self._groups = list(self._reduce_groups()) + ([batch_group] if batch_group else [])
+
+    def end_run(self) -> None:
+        if not self._ran:
+            raise UnsupportedGraph(
+                "cache: no captured graph of this model holds a block stack to skip (the forward may be split "
+                "into several graphs around its blocks). Look at the graphs with: xdit-fx dump MODEL --plan "
+                "... --out DIR; run it without cache.")
+        if len(set(self._ran)) > 1:
+            raise UnsupportedGraph(
+                f"cache: the model's forward was captured as several graphs with blocks in {len(set(self._ran))} "
+                "of them (graph breaks inside the block stack); the skip decision needs the stack in one graph. "
+                "Look at the graph breaks with: xdit-fx dump MODEL --plan ... --out DIR; run it without cache.")
+
+    # ---- the decision -----------------------------------------------------------------------------------
+    def _rel_l1(self, new: torch.Tensor, old: torch.Tensor) -> float:
+        sums = torch.stack([(new - old).abs().sum(dtype=torch.float64), old.abs().sum(dtype=torch.float64)])
+        for name in self._groups:
+            dist.all_reduce(sums, group=_group(name))
+            COMM.add(name, "all_reduce", sums.numel() * sums.element_size())
+        num, den = float(sums[0]), float(sums[1])
+        return num / den if den > 0 else float("inf")
+
+    def run(self, region: "CachedRegion", probe: tuple[torch.Tensor, ...], live_ins: tuple[Any, ...]) -> tuple:
+        spec, cfg = region.spec, self.config
+        self._ran.append(id(region))
+        st = self.states.setdefault((id(region), self.slot), _SlotState())
+        warm = st.calls < cfg.warmup_steps or st.prev is None
+        metric = None
+        if spec.kind == "fbc":
+            current = (probe[0] - probe[1]) if len(probe) == 2 else probe[0]
+            if not warm:
+                metric = self._rel_l1(current, st.prev)
+            skip = not warm and not self.calibrating and cfg.threshold > 0 and metric < cfg.threshold
+            if not skip:
+                st.prev = current if len(probe) == 2 else current.clone()
+        else:
+            current = probe[0]
+            if warm:
+                st.accumulated = 0.0
+                skip = False
+            else:
+                change = self._rel_l1(current, st.prev)
+                if self.calibrating:
+                    self._calibration_x = change
+                st.accumulated += cfg.rescale(change)
+                metric = st.accumulated
+                skip = not self.calibrating and cfg.threshold > 0 and st.accumulated < cfg.threshold
+                if not skip:
+                    st.accumulated = 0.0
+            st.prev = current.clone()
+        st.calls += 1
+        if skip and st.cached is None:
+            skip = False
+        if skip:
+            outs = tuple(c if j is None else live_ins[j] + c for j, c in zip(st.partners, st.cached))
+        else:
+            outs = tuple(region.call_body(live_ins))
+            st.partners, st.cached = [], []
+            for j, o in zip(spec.residual_of, outs):
+                residual = j is not None and isinstance(o, torch.Tensor) and isinstance(live_ins[j], torch.Tensor) \
+                    and o.shape == live_ins[j].shape
+                st.partners.append(j if residual else None)
+                st.cached.append(o - live_ins[j] if residual else o.clone() if isinstance(o, torch.Tensor) else o)
+            if self.calibrating:
+                self._record_calibration(st, outs[spec.stream_out], spec.kind)
+        blocks_run = spec.blocks_total - (spec.blocks_skipped if skip else 0)
+        step = self.step if self.step_hooked else st.calls - 1
+        self.stats.records.append(CallRecord(step, self.slot, not skip, metric, blocks_run, spec.blocks_total))
+        return outs
+
+    def _record_calibration(self, st: _SlotState, stream: torch.Tensor, kind: str) -> None:
+        if st.prev_stream is not None and kind == "teacache" and getattr(self, "_calibration_x", None) is not None:
+            y = self._rel_l1(stream, st.prev_stream)
+            self.calibration.append((self.slot, self._calibration_x, y))
+        self._calibration_x = None
+        st.prev_stream = stream.clone()
+
+
+class CachedRegion(nn.Module):
+    """The blocks insert_cache moved out of the graph: `body` is their GraphModule, run unless the bound
+    CacheRuntime decides to reuse the cached residuals."""
+
+    def __init__(self, body: fx.GraphModule, spec: RegionSpec) -> None:
+        super().__init__()
+        self.body = body
+        self.spec = spec
+        self.runtime: CacheRuntime | None = None
+        self._compile = False
+        self._compiled: Callable | None = None
+
+    def bind(self, runtime: CacheRuntime, compile: bool = False) -> None:
+        self.runtime = runtime
+        self._compile = compile
+
+    def call_body(self, live_ins: tuple[Any, ...]) -> Any:
+        if self._compile:
+            if self._compiled is None:  # Inductor on the region alone, with the first real inputs
+                from torch._inductor.compile_fx import compile_fx
+                self._compiled = compile_fx(self.body, list(live_ins))
+            return self._compiled(*live_ins)
+        return self.body(*live_ins)
+
+    def forward(self, *args: Any) -> tuple:
+        if self.runtime is None:
+            raise XditFxError("this cache region is not bound to a runtime (it was built by a dump or a test); "
+                              "run the model through xdit_fx.parallelize(model, plan) to use the cache.")
+        n = self.spec.n_probe
+        return self.runtime.run(self, tuple(args[:n]), tuple(args[n:]))
