@@ -1,4 +1,5 @@
-"""`xdit-fx`: demo | generate | run | coverage | passes | dump | diff (the last three live in dump_cli.py)."""
+"""`xdit-fx`: demo | generate | calibrate-cache | run | coverage | passes | dump | diff (the last three live in
+dump_cli.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import run
+
+    return run(args)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import run
 
     return run(args)
 
@@ -58,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     from .generate import add_arguments
     add_arguments(p)
     p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("calibrate-cache", help="fit TeaCache's rescaling coefficients on a model from a few "
+                                               "generations; writes a JSON file generate --cache_coefficients reads")
+    from .calibrate import add_arguments as _calibrate_arguments
+    _calibrate_arguments(p)
+    p.set_defaults(fn=_cmd_calibrate)
 
     p = sub.add_parser("run", help="run a script on N local processes (torchrun's launcher)")
     p.add_argument("--nproc", type=int, required=True)

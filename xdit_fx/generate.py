@@ -34,6 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data_parallel_degree", type=int, default=1)
     p.add_argument("--no_parallel_vae", action="store_true", help="decode the VAE on every rank whole")
     p.add_argument("--use_torch_compile", action="store_true", help="compile the parallel graph with Inductor")
+    p.add_argument("--cache", choices=["fbc", "teacache"], default=None,
+                   help="skip the block stack on steps where it changes little: First-Block-Cache or TeaCache")
+    p.add_argument("--cache_threshold", type=float, default=None,
+                   help="skip threshold (default: 0.08 for fbc, 0.2 for teacache; 0 never skips)")
+    p.add_argument("--cache_coefficients", default=None,
+                   help="TeaCache rescaling coefficients: a JSON file written by `xdit-fx calibrate-cache`")
+    p.add_argument("--cache_warmup_steps", type=int, default=1, help="steps that always run the whole stack")
     p.add_argument("--num_inference_steps", type=int, default=None)
     p.add_argument("--guidance_scale", type=float, default=None)
     p.add_argument("--num_images_per_prompt", type=int, default=1)
@@ -50,7 +57,29 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     return Plan(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
                 pipefusion_degree=args.pipefusion_parallel_degree, cfg_degree=2 if args.use_cfg_parallel else 1,
                 dp_degree=args.data_parallel_degree, compile=args.use_torch_compile,
-                parallel_vae=not args.no_parallel_vae)
+                parallel_vae=not args.no_parallel_vae, cache=cache_from_args(args))
+
+
+def cache_from_args(args: argparse.Namespace):
+    from .cache import FirstBlockCache, TeaCache, load_coefficients
+
+    kind = getattr(args, "cache", None)
+    if kind is None:
+        if getattr(args, "cache_threshold", None) is not None or getattr(args, "cache_coefficients", None):
+            raise PlanError("--cache_threshold / --cache_coefficients need --cache fbc or --cache teacache")
+        return None
+    fields: dict[str, Any] = {"warmup_steps": args.cache_warmup_steps}
+    if args.cache_threshold is not None:
+        fields["threshold"] = args.cache_threshold
+    if args.cache_coefficients:
+        if kind != "teacache":
+            raise PlanError("--cache_coefficients are TeaCache's; use --cache teacache")
+        try:
+            fields["coefficients"] = load_coefficients(args.cache_coefficients)
+        except (OSError, ValueError, KeyError) as e:
+            raise PlanError(f"--cache_coefficients {args.cache_coefficients!r}: {e}; pass the JSON file "
+                            "`xdit-fx calibrate-cache --out FILE` wrote.") from None
+    return (FirstBlockCache if kind == "fbc" else TeaCache)(**fields)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,9 +156,10 @@ def generate_worker(opts: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     pipe = _load(opts["model"])
     kwargs = _call_kwargs(opts)
-    if world > 1:
+    parallel = world > 1 or plan.cache is not None
+    if parallel:
         pipe = xdit_fx.parallelize(pipe, plan)
-    rank = pipe.rank if world > 1 else 0
+    rank = pipe.rank if parallel else 0
     if rank != 0 and hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
 
@@ -147,6 +177,10 @@ def generate_worker(opts: dict[str, Any]) -> dict[str, Any]:
               "model": opts["model"]}
     if rank == 0:
         report["outputs"] = save_images(out, opts["output"], opts["model"] == DIGITS)
+        if plan.cache is not None:
+            stats = pipe.cache_stats
+            report["cache"] = stats.summary() if hasattr(stats, "summary") else \
+                "; ".join(f"{name}: {s.summary()}" for name, s in stats.items())
     return report
 
 
@@ -181,6 +215,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("first_run_s") is not None:
         lines.append(f"  first run (graph capture included): {report['first_run_s']:.2f} s")
     lines.append(f"  generation: {report['seconds']:.2f} s")
+    if report.get("cache"):
+        lines.append(f"  {report['cache']}")
     lines.append(f"  saved: {', '.join(report.get('outputs', []))}")
     return "\n".join(lines)
 
