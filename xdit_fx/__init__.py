@@ -6,12 +6,13 @@
 """
 
 from .api import parallelize
+from .cache import FirstBlockCache, TeaCache
 from .errors import MissingBackend, PassError, PlanError, UnsupportedGraph, XditFxError
 from .pipeline import ParallelPipeline
 from .plan import Plan
 from .runtime.collectives import COMM
 from .runtime.mesh import init_distributed
 
-__all__ = ["COMM", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "UnsupportedGraph", "XditFxError",
-           "init_distributed", "parallelize"]
+__all__ = ["COMM", "FirstBlockCache", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "TeaCache", "UnsupportedGraph",
+           "XditFxError", "init_distributed", "parallelize"]
 __version__ = "0.1.0"
