@@ -143,9 +143,12 @@ def _run_plan(model, make_inputs, ref, plan_text: str) -> dict:
 
     rec: dict[str, Any] = {"plan": plan_text}
     torch._dynamo.reset()
+    plan = xdit_fx.Plan.from_string(plan_text)
     with torch.no_grad():
-        pm = xdit_fx.parallelize(model, xdit_fx.Plan.from_string(plan_text))
+        pm = xdit_fx.parallelize(model, plan)
         got = _flat(pm(**make_inputs()))
+        # cache plans: the same inputs again must skip the cached blocks and return the same output
+        again = _flat(pm(**make_inputs())) if plan.cache is not None else None
     rec["max_abs"], scale, rec["rel"], mismatch = _compare(got, ref)
     rec.update(_graph_facts(pm))
     rec["ok"] = not mismatch and rec["max_abs"] <= PARITY_ATOL + PARITY_RTOL * scale
@@ -153,6 +156,19 @@ def _run_plan(model, make_inputs, ref, plan_text: str) -> dict:
         rec["error"] = mismatch
     elif not rec["ok"]:
         rec["error"] = f"output differs from the single process: max abs {rec['max_abs']:.2e}"
+    if again is not None and rec["ok"]:
+        stats = pm.cache_stats
+        rec["cache_skipped_calls"] = len(stats.skipped_steps())
+        rec["cache_blocks"] = f"{stats.records[-1].blocks_total - stats.records[-1].blocks_run}/{stats.records[-1].blocks_total}"
+        rec["cache_reuse_err"], _, _, reuse_mismatch = _compare(again, got)
+        regions = [h.snapshots[-1].summary for h in pm.histories if h.snapshots and "skips" in h.snapshots[-1].summary]
+        rec["cache_region"] = regions[0] if regions else ""
+        if reuse_mismatch or stats.skipped_steps() != [1]:
+            rec["ok"] = False
+            rec["error"] = f"cache: the repeated call {'was not skipped' if stats.skipped_steps() != [1] else reuse_mismatch}"
+        elif rec["cache_reuse_err"] > PARITY_ATOL + PARITY_RTOL * scale:
+            rec["ok"] = False
+            rec["error"] = f"cache: the skipped call differs from the full one by {rec['cache_reuse_err']:.2e}"
     return rec
 
 
@@ -358,6 +374,8 @@ def _fmt_err(r: dict | None) -> str:
         return "skip"
     if not r.get("ok"):
         return "FAIL"
+    if "cache_skipped_calls" in r:  # a cache plan: blocks skipped on the repeated call, and its error
+        return f"skips {r['cache_blocks']} blocks, {r['cache_reuse_err']:.1e}"
     return f"{r.get('max_abs', 0):.1e} / {r.get('rel', 0):.1e}"
 
 
