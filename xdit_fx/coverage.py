@@ -426,6 +426,20 @@ def write_report(records: list[dict], entries: dict, excluded: dict[str, str], p
                **{f"entries_{k}": v for k, v in count.items()},
                "scratch": {n: verdicts[n] for n in scratch_names}, "excluded": len(excluded)}
     pct = 100.0 * cls_count["parity"] / max(n_cls, 1)
+    # every other plan (the 4-process one, cache, pipefusion): how many classes it passes, over those it ran on
+    other_lines = []
+    for p in plans:
+        if p in required:
+            continue
+        ran = {entries.get(n, {}).get("source", n): False for n in diff_names
+               if p in by_model[n] and not by_model[n][p].get("skipped")}
+        for n in diff_names:
+            if by_model[n].get(p, {}).get("ok"):
+                ran[entries.get(n, {}).get("source", n)] = True
+        failed = sorted(n for n in diff_names if p in by_model[n] and not by_model[n][p].get("skipped")
+                        and not by_model[n][p].get("ok"))
+        other_lines.append(f"- `{p}`: {sum(ran.values())} / {len(ran)} classes it ran on pass"
+                           + (f" (fail: {', '.join(failed)})" if failed else "") + ".")
     lines = [
         "# Coverage: xdit_fx on the transformer classes of diffusers",
         "",
@@ -439,6 +453,7 @@ def write_report(records: list[dict], entries: dict, excluded: dict[str, str], p
         f"- {cls_count['fallback']} work with fallback gathers; {cls_count['unparallelized']} run correct but "
         f"unparallelized; {cls_count['fail']} fail (error in the table).",
         f"- From-scratch DiTs: " + ", ".join(f"{n}: {verdicts[n]}" for n in scratch_names) + ".",
+        *(["", "Other plans (reported, not part of the verdict):", ""] + other_lines if other_lines else []),
         "",
         "Verdicts: *parity* = every required plan matches the single-process output (max abs error <= "
         f"{PARITY_ATOL:g} + {PARITY_RTOL:g} x max|ref|) with at least one attention site sharded and no fallback gather "
@@ -448,7 +463,11 @@ def write_report(records: list[dict], entries: dict, excluded: dict[str, str], p
         "## Matrix",
         "",
         "Columns: captured = one dynamo graph (or how many); sites = attention sites rewritten, self/cross/joint; "
-        "fallbacks = fallback gathers inside the block stack; per plan: max abs / relative error.",
+        "fallbacks = fallback gathers inside the block stack; per plan: max abs / relative error. "
+        "A cache plan (`cache=fbc:1e9`, `cache=teacache:1e9`: a threshold no change reaches) runs the model "
+        "twice on the same inputs in one process: the first call must match the uncached output, the second "
+        "must skip the cached region; shown as blocks skipped / blocks in the stack, and the second call's max abs "
+        "difference from the first.",
         "",
         "| model | class | captured | sites s/c/j | fallbacks | " + " | ".join(plans) + " | verdict | note |",
         "|" + "---|" * (6 + len(plans) + 1),
