@@ -16,6 +16,7 @@ import torch
 import xdit_fx
 from xdit_fx import Plan, PlanError, UnsupportedGraph
 from xdit_fx.cache import FirstBlockCache, TeaCache, cache_from_string
+from xdit_fx.runtime.cache import CachedRegion
 from xdit_fx.coverage import _compare, _flat
 
 from dist_utils import spawn_gloo
@@ -183,10 +184,60 @@ class _BrokenStack(torch.nn.Module):
         return x
 
 
-def test_a_stack_split_over_several_graphs_is_refused_by_name():
+class _MLPBlock(_BreakingBlock):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 16))
+
+    def forward(self, x):
+        x = super().forward(x)
+        return x + self.mlp(x)
+
+
+class _SplitStack(torch.nn.Module):
+    """Four blocks, a graph break between the second and the third; the last two are wider (costlier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_MLPBlock(32), _MLPBlock(32), _MLPBlock(128), _MLPBlock(128)])
+
+    def forward(self, x):
+        x = self.blocks[1](self.blocks[0](x))
+        torch._dynamo.graph_break()  # (outside a loop: inside one, dynamo would run the loop eagerly)
+        return self.blocks[3](self.blocks[2](x))
+
+
+def test_a_stack_split_over_several_graphs_caches_the_costliest_region_and_runs_the_others():
     torch._dynamo.reset()
-    pm = xdit_fx.parallelize(_BrokenStack(), "cache=fbc:0.1")
-    with pytest.raises(UnsupportedGraph, match="several graphs"):
+    model = _SplitStack().eval()
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        ref = model(x)
+        pm = xdit_fx.parallelize(model, "cache=fbc:1e9")
+        first, again = pm(x), pm(x)
+    torch.testing.assert_close(first, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(again, ref, rtol=0, atol=1e-6)  # same input: the cached residual is exact
+    regions = [m for g in pm.graphs for m in g.modules() if isinstance(m, CachedRegion)]
+    assert len(regions) == 2  # one region per graph holding blocks
+    # the wider second half is the main stack: its region skips, the first graph's always runs
+    assert [id(r) in pm.cache.active for r in regions] == [False, True]
+    assert "blocks.3" in regions[1].spec.description
+    # the second call skipped one block of the chosen region; the other graph's two blocks ran
+    assert [(r.full, r.blocks_run, r.blocks_total) for r in pm.cache_stats.records] == [(True, 4, 4), (False, 3, 4)]
+
+
+def test_no_region_anywhere_is_refused_with_each_graphs_reason():
+    class OneBlock(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([_BreakingBlock()])
+
+        def forward(self, x):
+            return self.blocks[0](x)
+
+    torch._dynamo.reset()
+    pm = xdit_fx.parallelize(OneBlock(), "cache=fbc:0.1")  # one block: nothing after the first to skip
+    with pytest.raises(UnsupportedGraph, match="(?s)no captured graph.*needs a block after the first one"):
         pm(torch.randn(1, 8, 16))
 
 
@@ -233,3 +284,25 @@ def test_parallel_ranks_take_the_single_process_decisions():
                 assert r["records"] == [x for x in ref if x[0] == 0 or x[1] == rank], (rank, r)
         else:
             assert r0["records"] == ref and r1["records"] == ref, (CASES[i], r0["records"], r1["records"], ref)
+
+
+class _WriteAfterStack(torch.nn.Module):
+    """A buffer written in place after the stack and read again later: the read must stay after the write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_BreakingBlock() for _ in range(3)])
+
+    def forward(self, x):
+        buf = torch.zeros_like(x)
+        h = self.blocks[2](self.blocks[1](self.blocks[0](x)))
+        buf.add_(h)
+        doubled = buf * 2  # depends on no block through data, only through the write
+        return h + doubled
+
+
+def test_a_cut_that_would_move_a_read_across_an_in_place_write_is_refused_by_name():
+    torch._dynamo.reset()
+    pm = xdit_fx.parallelize(_WriteAfterStack(), "cache=fbc:0.1")
+    with pytest.raises(UnsupportedGraph, match=r"(?s)node 'add_'.*writes a tensor in place.*would move 'doubled'"):
+        pm(torch.randn(1, 8, 16))

@@ -1,7 +1,8 @@
 """What `xdit-fx dump` dumps: a model named on the command line, built without weights, plus its inputs.
 
 MODEL is one of
-  * a zoo name (`xdit_fx.zoo`, e.g. `flux`, `scratch_dit`): the tiny model and its own inputs, on CPU;
+  * a zoo name (`xdit_fx.zoo`, e.g. `flux`, `scratch_dit`, or a coverage entry such as `ltx_video`): the tiny
+    model and its own inputs, on CPU;
   * a local diffusers model folder (its `config.json`, or a pipeline folder with `transformer/config.json`):
     the class named by `_class_name`, built from the config on the meta device, so a 12B config needs
     no weights and no memory;
@@ -138,7 +139,7 @@ def load_model(spec: str, *, config: str | None = None, dtype: str | None = None
     given = {parse_shape_override(text)[0] for text in overrides}
     from . import zoo
 
-    if spec in zoo.ZOO and config is None:
+    if config is None and (spec in zoo.ZOO or spec in zoo.coverage_zoo()):
         loaded = _load_zoo(spec, device or "cpu", sizes)
     elif ":" in spec and not os.path.exists(spec):
         loaded = _load_class(spec, config, dtype, device or "meta", sizes, given)
@@ -146,7 +147,8 @@ def load_model(spec: str, *, config: str | None = None, dtype: str | None = None
         loaded = _load_folder(spec, dtype, device or "meta", sizes, given)
     else:
         raise ModelSpecError(
-            f"model {spec!r} not found: MODEL is a zoo name ({', '.join(sorted(zoo.ZOO))}), a diffusers model "
+            f"model {spec!r} not found: MODEL is a zoo name ({', '.join(sorted(zoo.ZOO))}, or any entry of "
+            f"`xdit-fx coverage --list`), a diffusers model "
             f"folder with a config.json, or package.module:Class with --config")
     for text in overrides:
         name, shape, dt = parse_shape_override(text)

@@ -71,10 +71,8 @@ def _main_block(nodes: list[fx.Node], blocks: list[str], members: dict[str, list
         for n in members[b]:
             m |= deps[n]
         per_block.append(m)
-    full = 0
-    for m in per_block:
-        full |= m
-    return next(i for i, m in enumerate(per_block) if m == full)
+    # the first block that depends on the most inputs (no single block may depend on all of them)
+    return max(range(len(blocks)), key=lambda i: (bin(per_block[i]).count("1"), -i))
 
 
 def _closure(nodes: list[fx.Node], seeds: set[fx.Node]) -> set[fx.Node]:
@@ -233,16 +231,33 @@ def _block_span(blocks: list[str]) -> str:
     return ", ".join(f"{s}.{i[0]}" + (f"..{i[-1]}" if len(i) > 1 else "") for s, i in stacks.items())
 
 
+REFUSAL = "xfx_cache_refusal"  # GraphModule.meta key: why this graph got no region (the runtime reports it)
+
+
 @graph_pass(reads=[META_BLOCK], writes=[META_CACHE])
 def insert_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Move the skippable blocks into one region the runtime runs or skips (First-Block-Cache / TeaCache)."""
-    from ..runtime.cache import CachedRegion, RegionSpec
+    """Move the skippable blocks into one region the runtime runs or skips (First-Block-Cache / TeaCache).
 
-    config = ctx.plan.cache
+    A graph whose blocks cannot be cut out is left as it is, with the reason in ``gm.meta`` and the pass
+    summary: a forward split into several graphs may hold its main stack in another one. The runtime
+    raises the reasons when no graph of a call has a region."""
     nodes = list(gm.graph.nodes)
     blocks, members = _ordered_blocks(nodes)
     if not blocks:
         return PassResult(gm, changed=False, summary="no transformer blocks in this graph: nothing to cache")
+    try:
+        return _insert_cache(gm, ctx, nodes, blocks, members)
+    except UnsupportedGraph as e:  # raised before the graph is changed
+        reason = str(e).split("\n  to look at the graph")[0]
+        gm.meta[REFUSAL] = reason
+        return PassResult(gm, changed=False, summary=f"no cache region in this graph: {reason}")
+
+
+def _insert_cache(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], blocks: list[str],
+                  members: dict[str, list[fx.Node]]) -> PassResult:
+    from ..runtime.cache import CachedRegion, RegionSpec
+
+    config = ctx.plan.cache
     fbc = config.kind == "fbc"
     # the stack's output on the token stream, and the stream's value before the stack
     whole = _closure(nodes, {n for b in blocks for n in members[b]})
@@ -282,12 +297,13 @@ def insert_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stream_anc = _descendants(nodes, {stream_in}) if stream_in is not None else set()
         linear = next((n for n in first if is_linear(n) and isinstance(n.args[0], fx.Node)
                        and n.args[0] in stream_anc and isinstance(example_value(n.args[0]), torch.Tensor)), None)
-        if linear is None:
+        if linear is None and stream_in is None:
             raise UnsupportedGraph(
                 f"insert_cache: TeaCache needs the first block's modulated input, the input of a linear layer "
-                f"of {blocks[main]} that reads the token stream; there is none. Use FirstBlockCache, which "
-                "needs no such tensor.\n  to look at the graph: xdit-fx dump MODEL --plan ... --out DIR")
-        target = linear.args[0]
+                f"of {blocks[main]} that reads the token stream, or the stream itself; there is neither. Use "
+                "FirstBlockCache.\n  to look at the graph: xdit-fx dump MODEL --plan ... --out DIR")
+        # without such a linear (the stream is reshaped before the first one), the stack's input itself
+        target = linear.args[0] if linear is not None else stream_in
         ancestors: set[fx.Node] = set()
         todo = [target]
         while todo:
@@ -299,7 +315,8 @@ def insert_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         region -= ancestors
         live_ins, live_outs = _boundary(nodes, region)
         probe = [target]
-        probe_text = f"%{target.name} (input of %{linear.name})"
+        probe_text = (f"%{target.name} (input of %{linear.name})" if linear is not None
+                      else f"%{target.name} (the stack's input: no linear of {blocks[main]} reads the stream)")
 
     residual_of = []
     for o in live_outs:
@@ -316,35 +333,47 @@ def insert_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             raise UnsupportedGraph(f"insert_cache: {describe_node(n)}\n  reads a block output and feeds a later "
                                    "block from outside the block stack; the stack cannot be cut into one region.")
 
-    # moving nodes across the region is only safe if none of the nodes whose order changes writes in place
+    # moving nodes across the region is only safe if no in-place write changes places with a read of the
+    # tensor it writes (a view of it taken earlier still sees the write, so views may move)
+    from ..fx_utils import target_name
     order = {n: i for i, n in enumerate(nodes)}
     lo, hi = min(order[n] for n in region), max(order[n] for n in region)
-    moved = [n for n in nodes if (n not in region and n not in after and order[n] > lo)
+    moved = [n for n in nodes if (n not in region and n not in after and order[n] > lo and n.op != "output")
              or (n in after and order[n] < hi)]
     if moved:
-        moved_set = set(moved)
-        writer = next((n for n in nodes if (n in region or n in moved_set) and _writes_in_place(n)
-                       and _alias_family(n) & moved_set), None)
+        def new_key(n: fx.Node) -> tuple[int, int]:
+            return (3 if n.op == "output" else 1 if n in region else 2 if n in after else 0), order[n]
+
+        def swapped(w: fx.Node) -> fx.Node | None:
+            return next((m for m in _alias_family(w) if m is not w
+                         and (new_key(m) < new_key(w)) != (order[m] < order[w])
+                         and target_name(m).split(".")[-1] not in _VIEW_OPS), None)
+
+        writer = next((n for n in nodes if _writes_in_place(n) and swapped(n) is not None), None)
         if writer is not None:
             raise UnsupportedGraph(
                 f"insert_cache: {describe_node(writer)}\n  writes a tensor in place, and cutting the blocks "
-                f"{_block_span(skipped)} out as one region reorders {len(moved)} node(s) around it (e.g. "
-                f"'{moved[0].name}'), which could change what it reads or writes.\n"
+                f"{_block_span(skipped)} out as one region would move '{swapped(writer).name}', which reads "
+                "that tensor, to the other side of the write.\n"
                 "  to look at the graph: xdit-fx dump MODEL --plan ... --out DIR")
 
     description = (f"{'first-block-cache' if fbc else 'teacache'}: skips {_block_span(skipped)} "
                    f"({len(skipped)} of {len(blocks)} blocks); probe {probe_text}; "
                    f"{len(live_outs)} outputs, {sum(r is not None for r in residual_of)} as residuals")
     body = _body(gm, nodes, region, live_ins, live_outs)
+    # the parameters the region reads: the main stack is the costliest region when there are several graphs
+    weights = [example_value(a) if a.op == "placeholder" else _attr(gm, a.target) for a in live_ins
+               if is_param_placeholder(a) or a.op == "get_attr"]
+    cost = sum(w.numel() for w in weights if isinstance(w, torch.Tensor))
     spec = RegionSpec(kind=config.kind, n_probe=len(probe), residual_of=tuple(residual_of),
                       stream_out=live_outs.index(stream_out), blocks_total=len(blocks), blocks_skipped=len(skipped),
-                      description=description)
+                      description=description, cost=cost)
     gm.add_submodule(REGION_NAME, CachedRegion(body, spec))
 
     # in place: the call goes after the last node the region does not depend on; what reads the region's
     # outputs moves after it; the region's nodes leave the graph
     graph = gm.graph
-    last_head = [n for n in nodes if n not in region and n not in after][-1]
+    last_head = [n for n in nodes if n not in region and n not in after and n.op != "output"][-1]
     with graph.inserting_after(last_head):
         call = graph.create_node("call_module", REGION_NAME, tuple(probe) + tuple(live_ins), name=REGION_NAME)
     call.meta["example_value"] = tuple(example_value(o) for o in live_outs)
@@ -358,7 +387,7 @@ def insert_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         anchor = item
         items.append((item, o.name))
     for n in nodes:
-        if n in after:
+        if n in after and n.op != "output":
             anchor.append(n)
             anchor = n
     for n in reversed(nodes):
@@ -369,6 +398,13 @@ def insert_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             item._rename(name)
     return PassResult(gm, changed=True, summary=description,
                       counts={"cache_regions": 1, "cached_blocks": len(skipped)})
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _body(gm: fx.GraphModule, nodes: list[fx.Node], region: set[fx.Node], live_ins: list[fx.Node],

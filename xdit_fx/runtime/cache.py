@@ -39,6 +39,7 @@ class RegionSpec:
     blocks_total: int
     blocks_skipped: int
     description: str
+    cost: int = 0                          # parameter elements the region reads: which region is the main stack
 
 
 @dataclass
@@ -122,6 +123,12 @@ class CacheRuntime:
         self.slot = 0
         self._ran: list[int] = []
         self._groups: list[str] = []
+        self._pending: list[tuple[int, CallRecord]] = []
+        self._spans: dict[int, int] = {}
+        if not hasattr(self, "active"):
+            self.active: set[int] = set()  # the regions that may skip (kept across generations)
+            self.refusals: list[str] = []  # why a captured graph got no region (insert_cache's reasons)
+            self._costs: dict[int, int] = {}
 
     def end_step(self) -> None:
         self.step += 1
@@ -134,19 +141,29 @@ class CacheRuntime:
 
     def begin_run(self, batch_group: str | None) -> None:
         self._ran = []
+        self._pending = []
         self._groups = list(self._reduce_groups()) + ([batch_group] if batch_group else [])
 
     def end_run(self) -> None:
+        """After a call: the region that may skip is the costliest one that ran (a forward split into several
+        graphs by graph breaks has one region per graph with blocks: the others always run); the call's
+        record counts the blocks of every region that ran."""
         if not self._ran:
+            reasons = "".join(f" - {' '.join(r.split())}" for r in dict.fromkeys(self.refusals))
             raise UnsupportedGraph(
-                "cache: no captured graph of this model holds a block stack to skip (the forward may be split "
-                "into several graphs around its blocks). Look at the graphs with: xdit-fx dump MODEL --plan "
-                "... --out DIR; run it without cache.")
-        if len(set(self._ran)) > 1:
-            raise UnsupportedGraph(
-                f"cache: the model's forward was captured as several graphs with blocks in {len(set(self._ran))} "
-                "of them (graph breaks inside the block stack); the skip decision needs the stack in one graph. "
-                "Look at the graph breaks with: xdit-fx dump MODEL --plan ... --out DIR; run it without cache.")
+                "cache: no captured graph of this model holds a block stack to skip"
+                + (f":{reasons}" if reasons else " (the forward may be split into several graphs around its "
+                   "blocks)") + "\n  Look at the graphs with: xdit-fx dump MODEL --plan ... --out DIR; run it "
+                "without cache.")
+        ran = list(dict.fromkeys(self._ran))
+        if not self.active & set(ran):
+            self.active.add(max(ran, key=lambda r: (self._costs[r], -ran.index(r))))
+        for region_id, record in self._pending:
+            if region_id in self.active:
+                others = [self._spans[r] for r in ran if r not in self.active]
+                record.blocks_run += sum(others)
+                record.blocks_total += sum(others)
+                self.stats.records.append(record)
 
     # ---- the decision -----------------------------------------------------------------------------------
     def _rel_l1(self, new: torch.Tensor, old: torch.Tensor) -> float:
@@ -155,11 +172,17 @@ class CacheRuntime:
             dist.all_reduce(sums, group=_group(name))
             COMM.add(name, "all_reduce", sums.numel() * sums.element_size())
         num, den = float(sums[0]), float(sums[1])
-        return num / den if den > 0 else float("inf")
+        if den > 0:
+            return num / den
+        return 0.0 if num == 0 else float("inf")  # a zero tensor (zero-initialised blocks) that stayed zero
 
     def run(self, region: "CachedRegion", probe: tuple[torch.Tensor, ...], live_ins: tuple[Any, ...]) -> tuple:
         spec, cfg = region.spec, self.config
         self._ran.append(id(region))
+        self._costs[id(region)] = spec.cost
+        self._spans[id(region)] = spec.blocks_total
+        if self.active and id(region) not in self.active:  # another graph holds the main stack: always run
+            return tuple(region.call_body(live_ins))
         st = self.states.setdefault((id(region), self.slot), _SlotState())
         warm = st.calls < cfg.warmup_steps or st.prev is None
         metric = None
@@ -202,7 +225,7 @@ class CacheRuntime:
                 self._record_calibration(st, outs[spec.stream_out], spec.kind)
         blocks_run = spec.blocks_total - (spec.blocks_skipped if skip else 0)
         step = self.step if self.step_hooked else st.calls - 1
-        self.stats.records.append(CallRecord(step, self.slot, not skip, metric, blocks_run, spec.blocks_total))
+        self._pending.append((id(region), CallRecord(step, self.slot, not skip, metric, blocks_run, spec.blocks_total)))
         return outs
 
     def _record_calibration(self, st: _SlotState, stream: torch.Tensor, kind: str) -> None:

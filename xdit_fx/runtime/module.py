@@ -20,6 +20,7 @@ from ..passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pi
 from ..errors import XditFxError
 from ..plan import Plan
 from .batch import BatchSplitter
+from ..passes.cache import REFUSAL
 from .cache import CachedRegion, CacheRuntime
 from .collectives import COMM
 from .mesh import ProcessGroups
@@ -92,6 +93,8 @@ class ParallelModule(nn.Module):
         self.histories.append(history)
         self.graphs.append(gm)
         regions = [m for m in gm.modules() if isinstance(m, CachedRegion)]
+        if self.cache is not None and gm.meta.get(REFUSAL):
+            self.cache.refusals.append(gm.meta[REFUSAL])
         for region in regions:  # the region compiles its body itself; the few nodes around it run as they are
             region.bind(self.cache, compile=plan.compile)
         if plan.compile and not regions:

@@ -251,7 +251,7 @@ def _(g, uneven):
 
 
 @E("ernie_image", "ErnieImageTransformer2DModel", dict(
-    hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=32, in_channels=16, out_channels=16,
+    hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=32, in_channels=16, out_channels=16,
     patch_size=1, text_in_dim=16, rope_theta=256, rope_axes_dim=(8, 4, 4), eps=1e-6, qk_layernorm=True), heads=2)
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 16, 4, 4), timestep=torch.tensor([1.0]), text_bth=_r(g, 1, 8, 16),
@@ -271,7 +271,7 @@ def _(g, uneven):
 
 
 @E("glm_image", "GlmImageTransformer2DModel", dict(
-    patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+    patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
     text_embed_dim=32, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=64), heads=2)
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 4, 8, 8), encoder_hidden_states=_r(g, 1, 12, 32),
