@@ -173,10 +173,19 @@ def gather_tokens(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group
 # ---- ring attention ----------------------------------------------------------------------------------
 
 def attention_with_lse(q, k, v, bias, scale):
-    """Attention output and log-sum-exp over the keys: (out [B,H,L,D], lse [B,H,L])."""
+    """Attention output and log-sum-exp over the keys: (out [B,H,L,D], lse [B,H,L]).
+
+    A query row whose keys are all masked (-inf) in this chunk gets lse = -inf and out = 0, so that a
+    log-sum-exp merge gives it weight 0 (the CPU flash kernel reports lse = 0 for such rows)."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        if bias is not None:
+            dead = torch.isneginf(bias).all(dim=-1)  # broadcastable to lse: [.., Lq]
+            if dead.any():
+                dead = dead.expand(lse.shape)
+                lse = lse.masked_fill(dead, float("-inf"))
+                out = out.masked_fill(dead.unsqueeze(-1), 0.0)
         return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if bias is not None:
@@ -197,6 +206,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
     n, rank = dist.get_world_size(pg), dist.get_rank(pg)
     lk = k.shape[-2]
     out = lse = None
+    low = q.dtype in (torch.bfloat16, torch.float16)
     kv = torch.stack([k, v]).contiguous()
     for step in range(n):
         src = (rank - step) % n
@@ -206,7 +216,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
                    dist.P2POp(dist.irecv, nxt, dist.get_global_rank(pg, (rank - 1) % n), pg)]
             reqs = dist.batch_isend_irecv(ops)
         b = bias[..., src * lk:(src + 1) * lk] if bias is not None else None
-        o, l = attention_with_lse(q, kv[0], kv[1], b, scale)
+        if low:  # bf16/fp16 chunks: attend and merge in float32, cast back once at the end
+            o, l = attention_with_lse(q.float(), kv[0].float(), kv[1].float(),
+                                      b.float() if b is not None and b.is_floating_point() else b, scale)
+        else:
+            o, l = attention_with_lse(q, kv[0], kv[1], b, scale)
         o, l = o.float(), l.float()
         o = torch.where(torch.isfinite(l).unsqueeze(-1), o, torch.zeros_like(o))
         if out is None:
