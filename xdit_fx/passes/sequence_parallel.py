@@ -172,7 +172,8 @@ def _can_propagate(node: fx.Node, rule) -> bool:
     if is_sdpa(node):
         sa = sdpa_args(node)
         lq, lk, lv = layout_of(sa["query"]), layout_of(sa["key"]), layout_of(sa["value"])
-        causal = sa["is_causal"] or sa["dropout_p"]
+        # is_causal is fine (sp_attention masks by global position); dropout is not (its RNG stream differs)
+        causal = bool(sa["dropout_p"]) or (sa["is_causal"] and sa["attn_mask"] is not None)
         return (isinstance(lq, SeqLayout) and lq.dim == 2 and not causal
                 and (lk is None and lv is None or isinstance(lk, SeqLayout) and isinstance(lv, SeqLayout)
                      and lk.dim == 2 and lv.dim == 2))
@@ -504,6 +505,8 @@ def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             sp_group=names.get("sp", "sp"), ulysses_group=names.get("ulysses", "ulysses"),
             ring_group=names.get("ring", "ring"),
         )
+        if sa["is_causal"]:
+            kwargs["is_causal"] = True
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(sp_attn.sp_attention, (q, k, v, mask), kwargs)
         new.meta = {k2: v2 for k2, v2 in node.meta.items() if k2 != "xfx.created_by"}

