@@ -77,7 +77,7 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Find token spaces with dim rules; shard every space that is both the query and the key sequence
     of some attention (self or joint attention). Writes a SeqLayout per tensor dim that carries one."""
     td = infer(gm.graph)
-    sharded = set()
+    candidates = []
     for node in gm.graph.nodes:
         if not is_sdpa(node):
             continue
@@ -87,7 +87,8 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         common = [s for s in qsegs if s in ksegs]
         site = node.meta[META_ATTENTION]
         site.kind = ("joint" if len(qsegs) > 1 or len(ksegs) > 1 else "self") if common else "cross"
-        sharded.update(s for s in common if td.size[s] >= 2)
+        candidates += [s for s in common if td.size[s] >= 2 and s not in candidates]
+    sharded = _compatible_spaces(gm.graph, td, candidates)
     tensors = 0
     for node in gm.graph.nodes:
         layouts: dict[Any, SeqLayout | str] = {}
@@ -114,6 +115,31 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, changed=False, summary=summary,
                       counts={"token_spaces": spaces, "token_nodes": tensors,
                               "unparallelized_graphs": int(bool(n_sites and not spaces))})
+
+
+def _compatible_spaces(graph: fx.Graph, td, candidates: list) -> set:
+    """Token spaces to shard: at most one per tensor. Two attention sequences that meet in one tensor as
+    different dims (spatial attention over [B*F, HW, D] and temporal attention over [B*HW, F, D] of a
+    video: the frames are the batch of one and the sequence of the other) cannot both be sharded; the
+    longer one is, and the attention over the other runs locally on its sharded batch dim."""
+    meets: dict = {c: set() for c in candidates}
+    cand = set(candidates)
+    for node in graph.nodes:
+        for slot in tensor_slots(node):
+            dims = []
+            for d in range(len(slot_shape(slot))):
+                segs = {s for s in td.segments((slot[0], slot[1], d)) if s in cand}
+                if segs:
+                    dims.append(segs)
+            for i, a in enumerate(dims):
+                for b in dims[i + 1:]:
+                    for x in a:
+                        meets[x].update(y for y in b if y != x)
+    chosen: set = set()
+    for c in sorted(candidates, key=lambda c: -td.size[c]):  # stable: ties keep graph order
+        if not meets[c] & chosen:
+            chosen.add(c)
+    return chosen
 
 
 # ---- pass 2: slice at the sources, keep token-wise ops local, gather at the exits ------------------
@@ -169,7 +195,9 @@ def _carried(node: fx.Node, rule) -> tuple[set, set]:
 def _can_propagate(node: fx.Node, rule) -> bool:
     if rule is None:
         return False
-    if is_sdpa(node):
+    if is_sdpa(node) and _batch_sharded_sdpa(node):
+        pass  # tokens folded into the batch: attention is token-wise there, checked like any op below
+    elif is_sdpa(node):
         sa = sdpa_args(node)
         lq, lk, lv = layout_of(sa["query"]), layout_of(sa["key"]), layout_of(sa["value"])
         # is_causal is fine (sp_attention masks by global position); dropout is not (its RNG stream differs)
@@ -205,6 +233,12 @@ def _can_propagate(node: fx.Node, rule) -> bool:
         if lay == MULTI or (idx, lay.dim) not in outs:
             return False
     return True
+
+
+def _batch_sharded_sdpa(node: fx.Node) -> bool:
+    """An attention whose queries carry the sharded tokens on the batch or head dim, not the sequence."""
+    lq = layout_of(sdpa_args(node)["query"])
+    return isinstance(lq, SeqLayout) and lq.dim in (0, 1)
 
 
 def _mutated_arg(node: fx.Node) -> fx.Node | None:
@@ -428,7 +462,7 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         if mutated is not None:  # only the local copy sees the write
             rw.full.pop(mutated, None)
-        if is_sdpa(node):
+        if is_sdpa(node) and not _batch_sharded_sdpa(node):
             sa = sdpa_args(node)
             q, k, v, mask = sa.pop("query"), sa.pop("key"), sa.pop("value"), sa["attn_mask"]
             if mask is not None:

@@ -265,6 +265,13 @@ def rule_for(node: fx.Node) -> Rule | None:
         q, k, v = sa["query"], sa["key"], sa["value"]
         rule.links += [((q, None), d, out, d) for d in range(3)]
         rule.links.append(((k, None), 2, (v, None), 2))
+        # batch (and head) dims index the same things in q, k and v: a token dim folded into the batch
+        # (temporal attention over [B*HW, F, D]) stays sharded through an attention that is then local
+        qs, ks, vs = slot_shape((q, None)), slot_shape((k, None)), slot_shape((v, None))
+        if qs and ks and vs and len(qs) == len(ks) == len(vs) == 4:
+            for d in (0, 1):
+                if qs[d] == ks[d] == vs[d] != 1:
+                    rule.links += [((q, None), d, (k, None), d), ((q, None), d, (v, None), d)]
         return rule
 
     if name in ELEMENTWISE or name in DTYPE_FROM_SECOND:
