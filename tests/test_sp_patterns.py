@@ -81,7 +81,37 @@ def case_causal():
     return Stack(lambda: AttnBlock(causal=True)), {"x": torch.randn(2, 22, 8)}
 
 
-CASES = {"masked_rows": case_masked_rows, "causal": case_causal}
+class FoldFramesDiT(nn.Module):
+    """Latte-style video blocks on [B, F, HW, C]: spatial attention over HW with the frames in the batch
+    ([B*F, HW, C]), then temporal attention over F with the spatial tokens in the batch ([B*HW, F, C])."""
+
+    def __init__(self, frames=3):
+        super().__init__()
+        self.frames = frames
+        self.proj_in = nn.Linear(8, DIM)
+        self.spatial = nn.ModuleList([AttnBlock() for _ in range(2)])
+        self.temporal = nn.ModuleList([AttnBlock() for _ in range(2)])
+        self.temp_pos = nn.Parameter(torch.randn(1, frames, DIM))
+        self.proj_out = nn.Linear(DIM, 8)
+
+    def forward(self, x):  # x: [B, F*HW, 8], frame-major
+        b, n, _ = x.shape
+        f = self.frames
+        hw = n // f
+        h = self.proj_in(x).reshape(b * f, hw, DIM)
+        for sp_blk, t_blk in zip(self.spatial, self.temporal):
+            h = sp_blk(h)
+            h = h.reshape(b, f, hw, DIM).permute(0, 2, 1, 3).reshape(b * hw, f, DIM)
+            h = t_blk(h + self.temp_pos)
+            h = h.reshape(b, hw, f, DIM).permute(0, 2, 1, 3).reshape(b * f, hw, DIM)
+        return self.proj_out(h.reshape(b, f * hw, DIM))
+
+
+def case_fold_frames():
+    return FoldFramesDiT(), {"x": torch.randn(2, 3 * 9, 8)}
+
+
+CASES = {"masked_rows": case_masked_rows, "causal": case_causal, "fold_frames": case_fold_frames}
 
 
 def run_cases(rank, world, plan_text, names):

@@ -181,6 +181,18 @@ def _carried(node: fx.Node, rule) -> tuple[set, set]:
                 outs.add((so[1], do))
             else:  # x[..., a:b, ...] = value: the value fills one segment of x
                 ins.add((so[0], so[1], do))
+    for (si, di, count, so, do) in rule.unflattens:  # [B*L] -> [B, L]: L's layout is the segment's
+        li, lo = lay(si), lay(so)
+        if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di and lo.dim == do \
+                and len(li.segments) == count and set(li.segments) == {lo.segments[0]} and len(lo.segments) == 1:
+            ins.add((si[0], si[1], di))
+            outs.add((so[1], do))
+    for (si, di, count, so, do) in rule.flattens:  # [B, L] -> [B*L]: B copies of L's layout
+        li, lo = lay(si), lay(so)
+        if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di and lo.dim == do \
+                and len(li.segments) == 1 and lo.segments == li.segments * count:
+            ins.add((si[0], si[1], di))
+            outs.add((so[1], do))
     for (so, do, parts) in rule.concat:
         lo = lay(so)
         if isinstance(lo, SeqLayout) and lo.dim == do:

@@ -422,7 +422,7 @@ def _(g, uneven):
     in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
     num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     video_length=2), heads=2,
-    note="temporal attention folds the spatial tokens into the batch dim ([B*HW, F, D]); a token dim merged into the batch is not tracked, so the blocks gather")
+    note="temporal attention folds the spatial tokens into the batch dim ([B*HW, F, D]): the spatial tokens are sharded, the frames attention runs locally on the sharded batch dim")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 4, 2, 8, 8), encoder_hidden_states=_r(g, 1, 8, 8), timestep=torch.tensor([500]),
                 enable_temporal_attentions=True)
@@ -613,8 +613,8 @@ def _(g, uneven):
     patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
     context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6)), heads=4,
     note="condition image interleaved in the text; 2x2 slot expansion; block-causal prefill runs one SDPA per "
-         "segment on q[:, start:end] against the key prefix k[:, :end]. ring=2 comes out silently wrong (also "
-         "without the text mask; ulysses=2 is exact): open bug, not a refusal")
+         "segment on q[:, start:end] against the key prefix k[:, :end]; query rows fully masked within one ring "
+         "chunk merge with weight 0")
 def _(g, uneven):
     h, w = (4, 6) if uneven else (4, 4)
     txt = 8
