@@ -88,7 +88,13 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         site = node.meta[META_ATTENTION]
         site.kind = ("joint" if len(qsegs) > 1 or len(ksegs) > 1 else "self") if common else "cross"
         candidates += [s for s in common if td.size[s] >= 2 and s not in candidates]
+    for node in gm.graph.nodes:  # linear attention: K^T V contracts both operands over one token space
+        c = _contracted_space(node, td)
+        if c is not None and td.size[c] >= 2 and c not in candidates:
+            candidates.append(c)
     sharded = _compatible_spaces(gm.graph, td, candidates)
+    rows = _grid_rows(gm.graph, td, sharded, ctx.mesh.sp)
+    sharded |= rows
     tensors = 0
     for node in gm.graph.nodes:
         layouts: dict[Any, SeqLayout | str] = {}
@@ -115,6 +121,60 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, changed=False, summary=summary,
                       counts={"token_spaces": spaces, "token_nodes": tensors,
                               "unparallelized_graphs": int(bool(n_sites and not spaces))})
+
+
+def _contraction_dims(node: fx.Node):
+    """(a, a_dim, b, b_dim) for a matmul/bmm whose operands are contracted along a_dim and b_dim."""
+    name = op_name(node)
+    if name not in ("matmul", "bmm") or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    sa, sb = slot_shape((a, None)) if isinstance(a, fx.Node) else None, \
+        slot_shape((b, None)) if isinstance(b, fx.Node) else None
+    if not sa or not sb or len(sa) < 2 or len(sb) < 2:
+        return None
+    return a, len(sa) - 1, b, len(sb) - 2
+
+
+def _contracted_space(node: fx.Node, td):
+    """The token space a matmul sums over when both operands carry it there (K^T V of linear attention)."""
+    cd = _contraction_dims(node)
+    if cd is None:
+        return None
+    a, da, b, db = cd
+    if (a, None, da) not in td.parent or (b, None, db) not in td.parent:
+        return None
+    sa, sb = td.segments((a, None, da)), td.segments((b, None, db))
+    return sa[0] if len(sa) == 1 and sa == sb else None
+
+
+def _grid_rows(graph: fx.Graph, td, sharded: set, n: int) -> set:
+    """Leading dims of grids that a sharded token dim is reshaped into ([L] -> [H, W] or [F, H, W]) when
+    every rank's chunk is whole rows (H divisible by n): those rows are sharded too (row sharding), so
+    convolutions over the grid run on local rows plus a halo."""
+    rows: set = set()
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            rule = td.rules.get(node)
+            if rule is None:
+                continue
+            for (si, di, so, do) in rule.grids:
+                if len(di) != 1 or len(do) < 2:
+                    continue
+                segs = td.segments((si[0], si[1], di[0]))
+                if len(segs) != 1 or segs[0] not in sharded | rows:
+                    continue
+                lead = (so[0], so[1], do[0])
+                if lead not in td.parent:
+                    continue
+                h = td.size[td.find(lead)]
+                root = td.find(lead)
+                if h >= n and h % n == 0 and root not in td.composite and root not in sharded | rows:
+                    rows.add(root)
+                    changed = True
+    return rows
 
 
 def _compatible_spaces(graph: fx.Graph, td, candidates: list) -> set:
@@ -157,7 +217,7 @@ def _arg_layout(node: fx.Node, a: fx.Node) -> Any:
     return layout_of(a)
 
 
-def _carried(node: fx.Node, rule) -> tuple[set, set]:
+def _carried(node: fx.Node, rule, n: int = 1) -> tuple[set, set]:
     """(input (node, index, dim), output (index, dim)) pairs whose token dims the rule carries through."""
     ins, outs = set(), set()
 
@@ -187,6 +247,22 @@ def _carried(node: fx.Node, rule) -> tuple[set, set]:
                 and len(li.segments) == count and set(li.segments) == {lo.segments[0]} and len(lo.segments) == 1:
             ins.add((si[0], si[1], di))
             outs.add((so[1], do))
+    for (si, di, so, do) in rule.grids:  # [L] <-> [H, W] with whole rows per rank: the leading dims
+        li, lo = lay(si), lay(so)
+        if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di[0] and lo.dim == do[0] \
+                and len(li.segments) == 1 and len(lo.segments) == 1 and li.segments[0][1] and lo.segments[0][1]:
+            si_shape, so_shape = slot_shape(si), slot_shape(so)
+            inner_i = 1
+            for d in di[1:]:
+                inner_i *= si_shape[d]
+            inner_o = 1
+            for d in do[1:]:
+                inner_o *= so_shape[d]
+            li_len, lo_len = li.segments[0][0], lo.segments[0][0]
+            # exact only without padding: every rank holds the same whole rows on both sides
+            if li_len * inner_i == lo_len * inner_o and li_len % n == 0 and lo_len % n == 0:
+                ins.add((si[0], si[1], di[0]))
+                outs.add((so[1], do[0]))
     for (si, di, count, so, do) in rule.flattens:  # [B, L] -> [B*L]: B copies of L's layout
         li, lo = lay(si), lay(so)
         if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di and lo.dim == do \
@@ -204,7 +280,7 @@ def _carried(node: fx.Node, rule) -> tuple[set, set]:
     return ins, outs
 
 
-def _can_propagate(node: fx.Node, rule) -> bool:
+def _can_propagate(node: fx.Node, rule, n: int = 1) -> bool:
     if rule is None:
         return False
     if is_sdpa(node) and _batch_sharded_sdpa(node):
@@ -217,7 +293,9 @@ def _can_propagate(node: fx.Node, rule) -> bool:
         return (isinstance(lq, SeqLayout) and lq.dim == 2 and not causal
                 and (lk is None and lv is None or isinstance(lk, SeqLayout) and isinstance(lv, SeqLayout)
                      and lk.dim == 2 and lv.dim == 2))
-    ins, outs = _carried(node, rule)
+    if op_name(node) in CONVS and _conv_halo(node, n) is False:
+        return False
+    ins, outs = _carried(node, rule, n)
     if node.target is operator.setitem:  # the token dim of x must be indexed by a full or segment slice
         x = node.args[0]
         lay = layout_of(x)
@@ -245,6 +323,74 @@ def _can_propagate(node: fx.Node, rule) -> bool:
         if lay == MULTI or (idx, lay.dim) not in outs:
             return False
     return True
+
+
+CONVS = ("conv1d", "conv2d", "conv3d")
+
+
+def _conv_arg(node: fx.Node, pos: int, name: str, default: Any, nd: int) -> Any:
+    v = _arg_at(node, pos, name, default)
+    return [v] * nd if isinstance(v, int) else v
+
+
+def _conv_halo(node: fx.Node, n: int):
+    """For a convolution whose input is sharded along a spatial dim: (dim, halo rows), (dim, 0) when the
+    kernel is 1 there, or False when it cannot run on local rows (stride, non-'same' padding, padded chunk)."""
+    x = node.args[0]
+    lay = layout_of(x)
+    if not isinstance(lay, SeqLayout) or lay.dim < 2:
+        return None
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    ws = shape_of(w) if isinstance(w, fx.Node) else None
+    if not ws:
+        return False
+    nsp = len(ws) - 2
+    i = lay.dim - 2
+    k = ws[lay.dim]
+    if k == 1:
+        return lay.dim, 0
+    stride = _conv_arg(node, 3, "stride", 1, nsp)
+    padding = _conv_arg(node, 4, "padding", 0, nsp)
+    dilation = _conv_arg(node, 5, "dilation", 1, nsp)
+    if isinstance(padding, str) or stride[i] != 1 or (k - 1) % 2 or padding[i] != dilation[i] * (k - 1) // 2:
+        return False
+    if len(lay.segments) != 1 or not lay.segments[0][1] or lay.segments[0][0] % n:
+        return False
+    if lay.segments[0][0] // n < padding[i]:
+        return False
+    return lay.dim, padding[i]
+
+
+def _partial_sum(node: fx.Node):
+    """(operand, token dim) of a sum over the sharded token dim whose result carries no tokens: a matmul
+    contracting two operands over it (K^T V), or x.sum(dim) / x.mean(dim). Each rank sums its tokens and an
+    all-reduce adds the partial results (padding zeroed first)."""
+    if META_TOKEN_DIMS in node.meta:
+        return None
+    cd = _contraction_dims(node)
+    if cd is not None:
+        a, da, b, db = cd
+        la, lb = layout_of(a), layout_of(b)
+        if isinstance(la, SeqLayout) and isinstance(lb, SeqLayout) and la.dim == da and lb.dim == db \
+                and la.segments == lb.segments:
+            return a, da
+        return None
+    name = op_name(node)
+    if name in ("sum", "mean") and node.args and isinstance(node.args[0], fx.Node):
+        x = node.args[0]
+        lay = layout_of(x)
+        dim = _arg_at(node, 1, "dim", None)
+        if isinstance(dim, (list, tuple)) and len(dim) == 1:
+            dim = dim[0]
+        if isinstance(lay, SeqLayout) and isinstance(dim, int) and dim % len(slot_shape((x, None))) == lay.dim \
+                and all(layout_of(a) is None for a in _tensor_args(node) if a is not x):
+            return x, lay.dim
+    return None
+
+
+def _unique_name(graph: fx.Graph, node: fx.Node, base: str) -> None:
+    """Give an inserted node a readable name that no other node of the graph has."""
+    node.name = graph._graph_namespace.create_name(base, None)
 
 
 def _batch_sharded_sdpa(node: fx.Node) -> bool:
@@ -300,6 +446,14 @@ def _localize(node: fx.Node, n: int, original: Any = None) -> None:
             node.target = "split" if node.op == "call_method" else torch.split
             node.args = (node.args[0], sizes, lay.dim)
             node.kwargs = {}
+    elif name == "unflatten" and isinstance(layout_of(node), SeqLayout):
+        dim = _arg_at(node, 1, "dim", None)
+        nd = len(slot_shape((x, None)))
+        dim = dim % nd
+        sizes = list(_arg_at(node, 2, "sizes", ()))
+        local = _local_shape(node, n)
+        node.args = (node.args[0], dim, tuple(local[dim:dim + len(sizes)]))
+        node.kwargs = {}
     elif name == "narrow":
         lay = layout_of(x)
         dim, start, length = node.args[1], node.args[2], node.args[3]
@@ -351,6 +505,8 @@ class _Rewriter:
         self.gathers = {"exit": 0, "fallback": 0, "mask": 0}
         self.fallback_sites: list[str] = []
         self.sources = 0
+        self.partial_sums = 0
+        self.halos = 0
         self.aligned: dict[tuple, fx.Node] = {}
 
     # Slices and gathers go right before their first consumer, not after the producer: a value written in
@@ -366,7 +522,7 @@ class _Rewriter:
         with self.gm.graph.inserting_before(consumer):
             s = self.gm.graph.call_function(collectives.shard_tokens,
                                             (whole, lay.dim, lay.segments, self.group, self.n))
-        s.name = f"shard_{a.name}"
+        _unique_name(self.gm.graph, s, f"shard_{a.name}")
         s.meta[META_LAYOUT] = lay
         self.local[a] = s
         self.sources += 1
@@ -400,13 +556,64 @@ class _Rewriter:
             if key not in self.aligned:
                 with self.gm.graph.inserting_before(node):
                     s = self.gm.graph.call_function(collectives.shard_tokens, (a, d, lay.segments, self.group, self.n))
-                s.name = f"shard_{a.name}"
+                _unique_name(self.gm.graph, s, f"shard_{a.name}")
                 s.meta[META_LAYOUT] = SeqLayout(d, lay.segments)
                 self.aligned[key] = s
                 self.sources += 1
             return self.aligned[key]
 
         node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), fix)
+
+    def partial_sum(self, node: fx.Node, operand: fx.Node, dim: int) -> None:
+        """node sums over the sharded token dim of `operand` (and of its partner): run it on local tokens
+        with the padding zeroed, then all-reduce; the result is whole on every rank."""
+        lay = layout_of(operand)
+        node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: self.get_local(a, node))
+        graph = self.gm.graph
+        if any(s and length % self.n for length, s in lay.segments):
+            local = self.local[operand]
+            with graph.inserting_before(node):
+                z = graph.call_function(collectives.zero_token_padding, (local, dim, lay.segments, self.group, self.n))
+            _unique_name(graph, z, f"unpad_{operand.name}")
+            node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: z if a is local else a)
+        last = node
+        if op_name(node) == "mean":  # local mean over ceil(L/n) slots -> its share of the global mean
+            total = sum(length for length, _ in lay.segments)
+            with graph.inserting_after(node):
+                last = graph.call_function(operator.mul, (node, lay.local_len(self.n) / total))
+            _unique_name(graph, last, f"share_{node.name}")
+        with graph.inserting_after(last):
+            ar = graph.call_function(collectives.all_reduce_tokens, (last, self.group))
+        _unique_name(graph, ar, f"allreduce_{node.name}")
+        ar.meta = {k: v for k, v in node.meta.items() if k in ("example_value", "val", "tensor_meta")}
+        keep = {ar, last}
+        node.replace_all_uses_with(ar, delete_user_cb=lambda u: u not in keep)
+        self.partial_sums += 1
+
+    def halo(self, node: fx.Node, original: fx.Node) -> None:
+        """A convolution over a sharded grid dim: extend the local rows by the neighbours' border rows and
+        drop the conv's zero padding on that dim (the first and last rank get zero rows instead)."""
+        lay = layout_of(original) if isinstance(original, fx.Node) else None
+        if not isinstance(lay, SeqLayout) or lay.dim < 2:
+            return
+        w = node.args[1]
+        nsp = len(shape_of(w)) - 2
+        k = shape_of(w)[lay.dim]
+        if k == 1:
+            return
+        padding = list(_conv_arg(node, 4, "padding", 0, nsp))
+        p = padding[lay.dim - 2]
+        graph = self.gm.graph
+        with graph.inserting_before(node):
+            h = graph.call_function(collectives.halo_rows, (node.args[0], lay.dim, p, self.group))
+        _unique_name(graph, h, f"halo_{original.name}")
+        padding[lay.dim - 2] = 0
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults = (None, None, None, 1, 0, 1, 1)
+        args = [_arg_at(node, i, nm, d) for i, (nm, d) in enumerate(zip(names, defaults))]
+        args[0], args[4] = h, tuple(padding)
+        node.args, node.kwargs = tuple(args), {}
+        self.halos += 1
 
     def get_full(self, a: fx.Node, consumer: fx.Node, kind: str | None = None) -> fx.Node:
         if a in self.full:
@@ -418,7 +625,7 @@ class _Rewriter:
         with self.gm.graph.inserting_before(consumer):
             g = self.gm.graph.call_function(collectives.gather_tokens,
                                             (loc, lay.dim, lay.segments, self.group, self.n))
-        g.name = f"gather_{a.name}"
+        _unique_name(self.gm.graph, g, f"gather_{a.name}")
         kind = kind or ("fallback" if META_BLOCK in consumer.meta else "exit")
         g.meta[META_GATHER] = f"{kind}: needed by {consumer.name} ({target_name(consumer)})"
         if kind == "fallback":
@@ -454,11 +661,16 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not has_tokens:
             continue
         rule = rule_for(node) if node.op in ("call_function", "call_method") else None
+        partial = _partial_sum(node) if node.op in ("call_function", "call_method") else None
+        if partial is not None:
+            rw.partial_sum(node, *partial)
+            propagated += 1
+            continue
         tuple_in = node.target is operator.getitem and args and isinstance(example_value(args[0]), (tuple, list))
         if tuple_in:
-            ok = args[0] in rw.local and _can_propagate(node, rule)
+            ok = args[0] in rw.local and _can_propagate(node, rule, n)
         else:
-            ok = _can_propagate(node, rule)
+            ok = _can_propagate(node, rule, n)
         mutated = _mutated_arg(node)
         if ok and not is_sdpa(node) and not tuple_in and not any(
                 a in rw.local or isinstance(layout_of(a), SeqLayout) for a in args
@@ -497,6 +709,8 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), loc)
             _localize(node, n, original)
             rw.slice_full_operands(node)
+            if op_name(node) in CONVS:
+                rw.halo(node, original)
         rw.local[node] = node
         lay = layout_of(node)
         if isinstance(lay, SeqLayout):
@@ -505,16 +719,21 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # fx counts no method call as impure: keep in-place writes (x.copy_(...)) whose result is unused
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutated_arg(n) is not None)
     changed = propagated > 0 or rw.sources > 0
+    extra = {"partial_sums": rw.partial_sums, "halo_exchanges": rw.halos}
     summary = (f"{propagated} nodes run on local tokens, {rw.sources} values sliced, "
                f"{rw.gathers['exit']} exit gathers, {rw.gathers['fallback']} fallback gathers")
     if rw.gathers["mask"]:
         summary += f", {rw.gathers['mask']} attention masks gathered"
+    if rw.partial_sums:
+        summary += f", {rw.partial_sums} sums over tokens all-reduced"
+    if rw.halos:
+        summary += f", {rw.halos} convolutions with halo rows"
     if rw.fallback_sites:
         summary += " at " + "; ".join(rw.fallback_sites[:5])
     return PassResult(gm, changed=changed, summary=summary,
                       counts={"local_nodes": propagated, "sliced_values": rw.sources,
                               "exit_gathers": rw.gathers["exit"], "fallback_gathers": rw.gathers["fallback"],
-                              "mask_gathers": rw.gathers["mask"]})
+                              "mask_gathers": rw.gathers["mask"], **{k: v for k, v in extra.items() if v}})
 
 
 # ---- pass 3: attention over the whole sequence from local shards -----------------------------------
@@ -558,7 +777,7 @@ def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         new.meta = {k2: v2 for k2, v2 in node.meta.items() if k2 != "xfx.created_by"}
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        new.name = f"sp_attention_{site.index}"
+        _unique_name(gm.graph, new, f"sp_attention_{site.index}")
         sites[site.kind if site.kind in sites else "self"] += 1
     total = sum(sites.values())
     how = "+".join(a for a, d in (("ulysses", mesh.ulysses), ("ring", mesh.ring)) if d > 1) or "local"

@@ -46,6 +46,9 @@ class Rule:
     # (in_slot, in_dim, count, out_slot, out_dim): [B, L] -> [B*L]; resolved only when L is an attention
     # sequence and B*L is not (a video's [F, HW] -> [F*HW] token sequence stays one plain space)
     flattens: list[tuple[Slot, int, int, Slot, int]] = field(default_factory=list)
+    # (in_slot, in_dims, out_slot, out_dims): a reshape that splits one dim into a grid ([L] -> [H, W]) or
+    # merges a grid back; a token dim sharded into whole rows makes the grid's leading dim sharded
+    grids: list[tuple[Slot, list[int], Slot, list[int]]] = field(default_factory=list)
 
 
 # ---- op names ---------------------------------------------------------------------------------------
@@ -381,6 +384,8 @@ def rule_for(node: fx.Node) -> Rule | None:
                 for d in gj[:-1]:
                     count *= os_[d]
                 rule.unflattens.append(((x, None), gi[0], count, out, gj[-1]))
+            if len(gi) != len(gj) and gi and gj and (len(gi) == 1 or len(gj) == 1):
+                rule.grids.append(((x, None), list(gi), out, list(gj)))
         if name in ("view_as", "reshape_as") and _is_tensor_node(args[1]):
             rule.links += [((args[1], None), d, out, d) for d in range(len(os_))]
         return rule
@@ -508,6 +513,16 @@ def rule_for(node: fx.Node) -> Rule | None:
         nd = min(len(xs), len(os_))
         rule.links += [((x, None), d, out, d) for d in range(nd - (1 if name == "view_as_complex" else 0))
                        if d < len(xs) - (1 if name == "view_as_complex" else 0)]
+        return rule
+    if name in ("conv1d", "conv2d", "conv3d"):
+        # [B, C, *spatial]: the batch and every spatial dim the conv keeps the size of (stride 1, 'same'
+        # padding) index the same positions; a kernel wider than 1 along a sharded dim needs a halo
+        if os_ is None or len(xs) != len(os_) or len(xs) < 3:
+            return None
+        rule.links.append(((x, None), 0, out, 0))
+        for d in range(2, len(xs)):
+            if xs[d] == os_[d]:
+                rule.links.append(((x, None), d, out, d))
         return rule
     if name == "pad":
         pad = _arg(node, 1, "pad")

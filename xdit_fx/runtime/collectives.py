@@ -170,6 +170,76 @@ def gather_tokens(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group
     return torch.cat(out, dim=dim)
 
 
+# ---- partial sums over the token dim, and halos for convolutions over a sharded grid dim --------------
+
+@torch.library.custom_op("xdit_fx::all_reduce_sum", mutates_args=())
+def all_reduce_sum(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Sum of every rank's `x` (a partial result of a contraction over sharded tokens)."""
+    pg = _group(group)
+    n = dist.get_world_size(pg)
+    out = x.contiguous().clone()
+    if n > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=pg)
+        COMM.add(group, "all_reduce", _nbytes(out) * (n - 1))
+    return out
+
+
+@all_reduce_sum.register_fake
+def _(x, group):
+    return torch.empty_like(x)
+
+
+def all_reduce_tokens(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Graph-level call of `all_reduce_sum`: the sum over tokens of every rank's partial result."""
+    return all_reduce_sum(x, group)
+
+
+def halo_rows(x: torch.Tensor, dim: int, halo: int, group: str) -> torch.Tensor:
+    """Graph-level call of `halo_exchange`: local rows plus `halo` neighbour rows on each side."""
+    return halo_exchange(x, dim, halo, group) if halo else x
+
+
+def zero_token_padding(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group: str, n: int) -> torch.Tensor:
+    """`x` with the padding positions of its local token dim set to 0 (they must not enter a sum)."""
+    if not any(s and length % n for length, s in segments):
+        return x
+    r = dist.get_rank(_group(group))
+    keep = []
+    for length, sharded in segments:
+        if sharded:
+            c = -(-length // n)
+            keep.extend(r * c + i < length for i in range(c))
+        else:
+            keep.extend([True] * length)
+    shape = [1] * x.dim()
+    shape[dim] = len(keep)
+    return x * torch.tensor(keep, dtype=x.dtype, device=x.device).view(shape)
+
+
+@torch.library.custom_op("xdit_fx::halo_exchange", mutates_args=())
+def halo_exchange(x: torch.Tensor, dim: int, halo: int, group: str) -> torch.Tensor:
+    """`x` (this rank's rows of a grid sharded along `dim`) extended by `halo` rows of each neighbour on
+    both sides; zeros beyond the first and last rank (a zero-padded convolution's border)."""
+    pg = _group(group)
+    n, r = dist.get_world_size(pg), dist.get_rank(pg)
+    rows = x.shape[dim]
+    edges = torch.cat([x.narrow(dim, 0, halo), x.narrow(dim, rows - halo, halo)], dim=dim).contiguous()
+    parts = [torch.empty_like(edges) for _ in range(n)]
+    dist.all_gather(parts, edges, group=pg)
+    COMM.add(group, "halo", _nbytes(edges) * (n - 1))
+    zeros = x.new_zeros(edges.narrow(dim, 0, halo).shape)
+    before = parts[r - 1].narrow(dim, halo, halo) if r > 0 else zeros
+    after = parts[r + 1].narrow(dim, 0, halo) if r < n - 1 else zeros
+    return torch.cat([before, x, after], dim=dim)
+
+
+@halo_exchange.register_fake
+def _(x, dim, halo, group):
+    shape = list(x.shape)
+    shape[dim] += 2 * halo
+    return x.new_empty(shape)
+
+
 # ---- ring attention ----------------------------------------------------------------------------------
 
 def attention_with_lse(q, k, v, bias, scale):
