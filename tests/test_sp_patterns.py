@@ -54,10 +54,10 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList([make() for _ in range(depth)])
         self.proj_out = nn.Linear(DIM, 8)
 
-    def forward(self, x, mask=None):
+    def forward(self, x, extra=None):  # extra: a mask or text states, passed to every block
         h = self.proj_in(x)
         for blk in self.blocks:
-            h = blk(h, mask) if mask is not None else blk(h)
+            h = blk(h, extra) if extra is not None else blk(h)
         return self.proj_out(h)
 
 
@@ -74,7 +74,7 @@ def block_causal_mask(lengths):
 
 def case_masked_rows():
     model = Stack(lambda: AttnBlock())
-    return model, {"x": torch.randn(1, 24, 8), "mask": block_causal_mask([6, 6, 12])}
+    return model, {"x": torch.randn(1, 24, 8), "extra": block_causal_mask([6, 6, 12])}
 
 
 def case_causal():
@@ -111,7 +111,61 @@ def case_fold_frames():
     return FoldFramesDiT(), {"x": torch.randn(2, 3 * 9, 8)}
 
 
-CASES = {"masked_rows": case_masked_rows, "causal": case_causal, "fold_frames": case_fold_frames}
+class LinearAttnBlock(nn.Module):
+    """ReLU linear attention (Sana-style): out = (q (K^T V)) / (q . sum_L K), plus a token-mean context."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM)  # with bias: padding tokens are not zero after it
+        self.ctx = nn.Linear(DIM, DIM)
+        self.out = nn.Linear(DIM, DIM)
+        self.cross_q = nn.Linear(DIM, DIM)
+        self.cross_kv = nn.Linear(8, 2 * DIM)
+
+    def forward(self, x, text):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        q, k, v = F.relu(_heads(q)), F.relu(_heads(k)), _heads(v)  # [B, H, L, D]
+        kv = torch.matmul(k.transpose(-1, -2), v)  # [B, H, D, D]: a sum over the tokens
+        z = 1.0 / (torch.matmul(q, k.sum(dim=2, keepdim=True).transpose(-1, -2)) + 1e-6)  # [B, H, L, 1]
+        o = _merge(torch.matmul(q, kv) * z)
+        x = x + self.out(o) + self.ctx(x.mean(dim=1, keepdim=True))
+        tk, tv = self.cross_kv(text).chunk(2, dim=-1)  # the block's only SDPA: cross-attention to text
+        return x + _merge(F.scaled_dot_product_attention(_heads(self.cross_q(x)), _heads(tk), _heads(tv)))
+
+
+def case_linear_attn():  # 21 tokens: the last rank holds a padding token that must not enter the sums
+    return Stack(LinearAttnBlock), {"x": torch.randn(2, 21, 8), "extra": torch.randn(2, 5, 8)}
+
+
+class MixFFNBlock(nn.Module):
+    """Attention, then a Mix-FFN: tokens -> (H, W) grid -> 1x1, depthwise 3x3, 1x1 convs -> tokens, and a
+    1-D conv over the token sequence (kernel 3)."""
+
+    def __init__(self, h, w):
+        super().__init__()
+        self.h, self.w = h, w
+        self.attn = AttnBlock()
+        self.inv = nn.Conv2d(DIM, 2 * DIM, 1)
+        self.depth = nn.Conv2d(2 * DIM, 2 * DIM, 3, padding=1, groups=2 * DIM)
+        self.point = nn.Conv2d(2 * DIM, DIM, 1)
+        self.seq_conv = nn.Conv1d(DIM, DIM, 3, padding=1)
+
+    def forward(self, x):
+        x = self.attn(x)
+        b, l, c = x.shape
+        g = x.unflatten(1, (self.h, self.w)).permute(0, 3, 1, 2)
+        g = self.point(F.silu(self.depth(F.silu(self.inv(g)))))
+        x = x + g.flatten(2).transpose(1, 2)
+        return x + self.seq_conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+def case_grid_conv():  # a 6 x 5 grid: 3 whole rows per rank
+    return Stack(lambda: MixFFNBlock(6, 5)), {"x": torch.randn(1, 30, 8)}
+
+
+CASES = {"masked_rows": case_masked_rows, "causal": case_causal, "fold_frames": case_fold_frames,
+         "linear_attn": case_linear_attn, "grid_conv": case_grid_conv}
 
 
 def run_cases(rank, world, plan_text, names):
@@ -135,6 +189,8 @@ def run_cases(rank, world, plan_text, names):
 
 
 PLANS = ["ulysses=2", "ring=2"]
+# the mechanism each case must use (pass counts), so that a case cannot pass by running unparallelized
+EXPECT = {"linear_attn": ("partial_sums", 6), "grid_conv": ("halo_exchanges", 4), "causal": ("sp_attention_sites", 2)}
 
 
 @pytest.fixture(scope="module", params=PLANS)
@@ -152,3 +208,7 @@ def test_pattern_matches_single_process(plan_results, name):
         assert r["max_abs"] <= ATOL + 1e-6 * r["ref_max"], f"{name} {plan} rank {rank}: max abs {r['max_abs']:.3g}"
         assert c.get("fallback_gathers", 0) == 0, f"{name} {plan}: {c.get('fallback_gathers')} fallback gathers"
         assert c.get("token_spaces", 0) > 0, f"{name} {plan}: nothing sharded ({c})"
+        assert c.get("blocks", 0) > 0, f"{name} {plan}: no transformer block found, fallbacks would not count"
+        if name in EXPECT:
+            key, count = EXPECT[name]
+            assert c.get(key, 0) == count, f"{name} {plan}: expected {count} {key}, got {c.get(key, 0)} ({c})"

@@ -676,7 +676,7 @@ def _(g, uneven):
 @E("sana", "SanaTransformer2DModel", dict(
     in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=8, num_layers=2,
     num_cross_attention_heads=4, cross_attention_head_dim=8, cross_attention_dim=32, caption_channels=16,
-    mlp_ratio=2.5, sample_size=8, patch_size=1), heads=4, note="ReLU linear self-attention (no softmax; its sum over tokens would need an all-reduce rule, not written yet): the only SDPA is cross-attention to text, so nothing is sharded")
+    mlp_ratio=2.5, sample_size=8, patch_size=1), heads=4, note="ReLU linear self-attention: K^T V over the sharded tokens is all-reduced; Mix-FFN depthwise conv on row-sharded (H, W) grids with halo rows")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 4, *_hw(uneven)), encoder_hidden_states=_r(g, 1, _txt(uneven), 16),
                 timestep=torch.tensor([500.0]))
@@ -687,7 +687,7 @@ def _(g, uneven):
     num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=16,
     mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
     norm_elementwise_affine=False, norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32), heads=2,
-    note="linear self-attention with RoPE (no all-reduce rule yet) and a temporal conv FFN: the only SDPA is cross-attention, nothing is sharded")
+    note="linear self-attention with RoPE (K^T V and sum of K all-reduced); the (F, H, W) grid is sharded by whole frames, its temporal conv gets halo frames")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 16, 2, 8, 8), encoder_hidden_states=_r(g, 1, 12, 16), timestep=torch.tensor([500]))
 
