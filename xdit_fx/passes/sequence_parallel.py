@@ -78,6 +78,7 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     of some attention (self or joint attention). Writes a SeqLayout per tensor dim that carries one."""
     td = infer(gm.graph)
     candidates = []
+    queries: set = set()
     for node in gm.graph.nodes:
         if not is_sdpa(node):
             continue
@@ -88,9 +89,13 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         site = node.meta[META_ATTENTION]
         site.kind = ("joint" if len(qsegs) > 1 or len(ksegs) > 1 else "self") if common else "cross"
         candidates += [s for s in common if td.size[s] >= 2 and s not in candidates]
-    for node in gm.graph.nodes:  # linear attention: K^T V contracts both operands over one token space
+        queries.update(qsegs)
+    # linear attention: K^T V contracts both operands over one token space. Sharded when that space is also
+    # the query sequence of some attention (Sana's image tokens: cross-attention queries), which tells the
+    # image/video tokens apart from the other sums a model does (chunked scans, pooling over channels)
+    for node in gm.graph.nodes:
         c = _contracted_space(node, td)
-        if c is not None and td.size[c] >= 2 and c not in candidates:
+        if c is not None and c in queries and td.size[c] >= 2 and c not in candidates:
             candidates.append(c)
     sharded = _compatible_spaces(gm.graph, td, candidates)
     rows = _grid_rows(gm.graph, td, sharded, ctx.mesh.sp)
@@ -149,11 +154,18 @@ def _contracted_space(node: fx.Node, td):
 
 
 def _grid_rows(graph: fx.Graph, td, sharded: set, n: int) -> set:
-    """Leading dims of grids that a sharded token dim is reshaped into ([L] -> [H, W] or [F, H, W]) when
-    every rank's chunk is whole rows (H divisible by n): those rows are sharded too (row sharding), so
-    convolutions over the grid run on local rows plus a halo."""
+    """Leading dims of grids that a sharded token dim is reshaped into ([L] -> [H, W] or [F, H, W]) for a
+    convolution, when every rank's chunk is whole rows (H divisible by n): those rows are sharded too (row
+    sharding), so the convolutions run on local rows plus a halo."""
+    conv_dims = set()  # spatial dims that some convolution runs over: only those grids are worth sharding
+    for node in graph.nodes:
+        if op_name(node) in CONVS and node.args and isinstance(node.args[0], fx.Node):
+            shp = slot_shape((node.args[0], None))
+            for d in range(2, len(shp or ())):
+                if (node.args[0], None, d) in td.parent:
+                    conv_dims.add(td.find((node.args[0], None, d)))
     rows: set = set()
-    changed = True
+    changed = bool(conv_dims)
     while changed:
         changed = False
         for node in graph.nodes:
@@ -171,7 +183,8 @@ def _grid_rows(graph: fx.Graph, td, sharded: set, n: int) -> set:
                     continue
                 h = td.size[td.find(lead)]
                 root = td.find(lead)
-                if h >= n and h % n == 0 and root not in td.composite and root not in sharded | rows:
+                if h >= n and h % n == 0 and root in conv_dims and root not in td.composite \
+                        and root not in sharded | rows:
                     rows.add(root)
                     changed = True
     return rows
