@@ -403,7 +403,15 @@ def _partial_sum(node: fx.Node):
 
 def _unique_name(graph: fx.Graph, node: fx.Node, base: str) -> None:
     """Give an inserted node a readable name that no other node of the graph has."""
-    node.name = graph._graph_namespace.create_name(base, None)
+    taken = {n.name for n in graph.nodes if n is not node}
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_v{k}"
+    node.name = name
+    used = getattr(getattr(graph, "_graph_namespace", None), "_used_names", None)
+    if isinstance(used, set):  # so that nodes fx names later do not take it
+        used.add(name)
 
 
 def _batch_sharded_sdpa(node: fx.Node) -> bool:
@@ -459,10 +467,10 @@ def _localize(node: fx.Node, n: int, original: Any = None) -> None:
             node.target = "split" if node.op == "call_method" else torch.split
             node.args = (node.args[0], sizes, lay.dim)
             node.kwargs = {}
-    elif name == "unflatten" and isinstance(layout_of(node), SeqLayout):
-        dim = _arg_at(node, 1, "dim", None)
-        nd = len(slot_shape((x, None)))
-        dim = dim % nd
+    elif name == "unflatten" and isinstance(layout_of(node), SeqLayout) and isinstance(layout_of(x), SeqLayout) \
+            and _arg_at(node, 1, "dim", 0) % len(slot_shape((x, None))) == layout_of(x).dim:
+        # the token dim itself is unflattened (into grid rows): its sizes become the local ones
+        dim = _arg_at(node, 1, "dim", 0) % len(slot_shape((x, None)))
         sizes = list(_arg_at(node, 2, "sizes", ()))
         local = _local_shape(node, n)
         node.args = (node.args[0], dim, tuple(local[dim:dim + len(sizes)]))
