@@ -212,3 +212,20 @@ def test_pattern_matches_single_process(plan_results, name):
         if name in EXPECT:
             key, count = EXPECT[name]
             assert c.get(key, 0) == count, f"{name} {plan}: expected {count} {key}, got {c.get(key, 0)} ({c})"
+
+
+def test_inserted_node_names_are_unique():
+    """Two values that would both be called shard_<x> (a value sliced along two layouts) get distinct names."""
+    from xdit_fx.passes.sequence_parallel import _unique_name
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.neg, (x,))
+    b = g.call_function(torch.neg, (x,))
+    _unique_name(g, a, "shard_x")
+    _unique_name(g, b, "shard_x")
+    c = g.call_function(torch.neg, (b,))  # a node fx names later does not take a name given above
+    g.output(c)
+    names = [n.name for n in g.nodes]
+    assert names[1:3] == ["shard_x", "shard_x_v2"], names
+    assert len(set(names)) == len(names), names
