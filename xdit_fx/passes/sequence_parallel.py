@@ -196,6 +196,7 @@ def _compatible_spaces(graph: fx.Graph, td, candidates: list) -> set:
     video: the frames are the batch of one and the sequence of the other) cannot both be sharded; the
     longer one is, and the attention over the other runs locally on its sharded batch dim."""
     meets: dict = {c: set() for c in candidates}
+    together: dict = {c: set() for c in candidates}  # segments of one sequence (joint text + image)
     cand = set(candidates)
     for node in graph.nodes:
         for slot in tensor_slots(node):
@@ -204,13 +205,17 @@ def _compatible_spaces(graph: fx.Graph, td, candidates: list) -> set:
                 segs = {s for s in td.segments((slot[0], slot[1], d)) if s in cand}
                 if segs:
                     dims.append(segs)
+                    for x in segs:
+                        together[x].update(segs)
             for i, a in enumerate(dims):
                 for b in dims[i + 1:]:
                     for x in a:
                         meets[x].update(y for y in b if y != x)
+                    for y in b:
+                        meets[y].update(x for x in a if x != y)
     chosen: set = set()
     for c in sorted(candidates, key=lambda c: -td.size[c]):  # stable: ties keep graph order
-        if not meets[c] & chosen:
+        if not (meets[c] - together[c]) & chosen:  # a [L, L] mask over a joint sequence is no conflict
             chosen.add(c)
     return chosen
 
@@ -385,8 +390,8 @@ def _partial_sum(node: fx.Node):
         a, da, b, db = cd
         la, lb = layout_of(a), layout_of(b)
         if isinstance(la, SeqLayout) and isinstance(lb, SeqLayout) and la.dim == da and lb.dim == db \
-                and la.segments == lb.segments:
-            return a, da
+                and la.segments == lb.segments and all(sh for _, sh in la.segments):
+            return a, da  # (a replicated segment would be summed on every rank: not a partial sum)
         return None
     name = op_name(node)
     if name in ("sum", "mean") and node.args and isinstance(node.args[0], fx.Node):
@@ -396,6 +401,7 @@ def _partial_sum(node: fx.Node):
         if isinstance(dim, (list, tuple)) and len(dim) == 1:
             dim = dim[0]
         if isinstance(lay, SeqLayout) and isinstance(dim, int) and dim % len(slot_shape((x, None))) == lay.dim \
+                and all(sh for _, sh in lay.segments) \
                 and all(layout_of(a) is None for a in _tensor_args(node) if a is not x):
             return x, lay.dim
     return None

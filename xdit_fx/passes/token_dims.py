@@ -610,7 +610,10 @@ def infer(graph: fx.Graph) -> TokenDims:
     for node in graph.nodes:
         if op_name(node) == "scaled_dot_product_attention":
             sa = sdpa_args(node)
-            seq_dims += [(sa["query"], None, 2), (sa["key"], None, 2)]
+            for t in (sa["query"], sa["key"]):
+                shp = slot_shape((t, None)) if isinstance(t, fx.Node) else None
+                if shp and len(shp) >= 2:
+                    seq_dims.append((t, None, len(shp) - 2))
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
