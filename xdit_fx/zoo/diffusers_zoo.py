@@ -688,7 +688,7 @@ def _(g, uneven):
     num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=16,
     mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
     norm_elementwise_affine=False, norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32), heads=2,
-    note="linear self-attention with RoPE (K^T V and sum of K all-reduced); the (F, H, W) grid is sharded by whole frames, its temporal conv gets halo frames")
+    note="linear self-attention with RoPE (K^T V and sum of K all-reduced); the (F, H, W) grid is sharded by whole frames, its temporal conv gets halo frames (2 frames on 4 ranks do not split: the 4-process plan gathers there)")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 16, 2, 8, 8), encoder_hidden_states=_r(g, 1, 12, 16), timestep=torch.tensor([500]))
 
@@ -731,7 +731,7 @@ def _(g, uneven):
     qk_norm="rms_norm_across_heads", image_dim=16, rope_max_seq_len=32,
     motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
     motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
-    inject_face_latents_blocks=2), heads=2, note="pose/face control, image cross-attention; the face adapter unflattens tokens into (frames, tokens per frame)")
+    inject_face_latents_blocks=2), heads=2, note="pose/face control, image cross-attention; the face adapter unflattens tokens into (frames, tokens per frame): 21 frames do not split into whole frames per rank, so that view gathers (row sharding needs frames divisible by the degree)")
 def _(g, uneven):
     f, h, w = 20, 8, 8  # the motion path needs 21 | (frames + 1)
     return dict(hidden_states=_r(g, 1, 12, f + 1, h, w), timestep=torch.tensor([500]),
