@@ -193,14 +193,20 @@ PLANS = ["ulysses=2", "ring=2"]
 EXPECT = {"linear_attn": ("partial_sums", 6), "grid_conv": ("halo_exchanges", 4), "causal": ("sp_attention_sites", 2)}
 
 
+USP_CASES = ["masked_rows", "linear_attn"]  # 4 processes: masks by global position, all-reduce over ring x ulysses
+
+
 @pytest.fixture(scope="module", params=PLANS)
 def plan_results(request):
     return request.param, spawn_gloo(2, run_cases, request.param, list(CASES))
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_pattern_matches_single_process(plan_results, name):
-    plan, per_rank = plan_results
+@pytest.fixture(scope="module")
+def usp_results():
+    return "ulysses=2,ring=2", spawn_gloo(4, run_cases, "ulysses=2,ring=2", USP_CASES)
+
+
+def _check(plan, per_rank, name):
     for rank, results in enumerate(per_rank):
         r = results[name]
         c = r["counts"]
@@ -212,6 +218,16 @@ def test_pattern_matches_single_process(plan_results, name):
         if name in EXPECT:
             key, count = EXPECT[name]
             assert c.get(key, 0) == count, f"{name} {plan}: expected {count} {key}, got {c.get(key, 0)} ({c})"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_pattern_matches_single_process(plan_results, name):
+    _check(*plan_results, name)
+
+
+@pytest.mark.parametrize("name", USP_CASES)
+def test_pattern_matches_single_process_usp(usp_results, name):
+    _check(*usp_results, name)
 
 
 def test_inserted_node_names_are_unique():
