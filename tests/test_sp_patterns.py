@@ -1,7 +1,8 @@
-"""Token-mixing patterns beyond plain softmax self-attention, on tiny from-scratch models (2 gloo ranks).
+"""Token-mixing patterns beyond plain softmax self-attention, on tiny from-scratch models (gloo on CPU).
 
 Each model is a stack of blocks (an nn.ModuleList) so that fallback gathers inside blocks are counted.
-Every pattern must match the single-process output under ulysses=2 and ring=2 with no fallback gather:
+Every pattern must match the single-process output under ulysses=2 and ring=2 (2 processes; masked_rows and
+linear_attn also under ulysses=2,ring=2 on 4) with no fallback gather:
   masked_rows   a block-causal mask that masks some query rows fully within one ring chunk
   causal        SDPA(is_causal=True) over the sharded sequence
   fold_frames   temporal attention with the spatial tokens folded into the batch dim ([B*HW, F, D])
