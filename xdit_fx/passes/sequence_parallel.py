@@ -77,7 +77,8 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Find token spaces with dim rules; shard every space that is both the query and the key sequence
     of some attention (self or joint attention). Writes a SeqLayout per tensor dim that carries one."""
     td = infer(gm.graph)
-    sharded = set()
+    candidates = []
+    queries: set = set()
     for node in gm.graph.nodes:
         if not is_sdpa(node):
             continue
@@ -87,7 +88,18 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         common = [s for s in qsegs if s in ksegs]
         site = node.meta[META_ATTENTION]
         site.kind = ("joint" if len(qsegs) > 1 or len(ksegs) > 1 else "self") if common else "cross"
-        sharded.update(s for s in common if td.size[s] >= 2)
+        candidates += [s for s in common if td.size[s] >= 2 and s not in candidates]
+        queries.update(qsegs)
+    # linear attention: K^T V contracts both operands over one token space. Sharded when that space is also
+    # the query sequence of some attention (Sana's image tokens: cross-attention queries), which tells the
+    # image/video tokens apart from the other sums a model does (chunked scans, pooling over channels)
+    for node in gm.graph.nodes:
+        c = _contracted_space(node, td)
+        if c is not None and c in queries and td.size[c] >= 2 and c not in candidates:
+            candidates.append(c)
+    sharded = _compatible_spaces(gm.graph, td, candidates)
+    rows = _grid_rows(gm.graph, td, sharded, ctx.mesh.sp)
+    sharded |= rows
     tensors = 0
     for node in gm.graph.nodes:
         layouts: dict[Any, SeqLayout | str] = {}
@@ -116,6 +128,98 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                               "unparallelized_graphs": int(bool(n_sites and not spaces))})
 
 
+def _contraction_dims(node: fx.Node):
+    """(a, a_dim, b, b_dim) for a matmul/bmm whose operands are contracted along a_dim and b_dim."""
+    name = op_name(node)
+    if name not in ("matmul", "bmm") or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    sa, sb = slot_shape((a, None)) if isinstance(a, fx.Node) else None, \
+        slot_shape((b, None)) if isinstance(b, fx.Node) else None
+    if not sa or not sb or len(sa) < 2 or len(sb) < 2:
+        return None
+    return a, len(sa) - 1, b, len(sb) - 2
+
+
+def _contracted_space(node: fx.Node, td):
+    """The token space a matmul sums over when both operands carry it there (K^T V of linear attention)."""
+    cd = _contraction_dims(node)
+    if cd is None:
+        return None
+    a, da, b, db = cd
+    if (a, None, da) not in td.parent or (b, None, db) not in td.parent:
+        return None
+    sa, sb = td.segments((a, None, da)), td.segments((b, None, db))
+    return sa[0] if len(sa) == 1 and sa == sb else None
+
+
+def _grid_rows(graph: fx.Graph, td, sharded: set, n: int) -> set:
+    """Leading dims of grids that a sharded token dim is reshaped into ([L] -> [H, W] or [F, H, W]) for a
+    convolution, when every rank's chunk is whole rows (H divisible by n): those rows are sharded too (row
+    sharding), so the convolutions run on local rows plus a halo."""
+    conv_dims = set()  # spatial dims that some convolution runs over: only those grids are worth sharding
+    for node in graph.nodes:
+        if op_name(node) in CONVS and node.args and isinstance(node.args[0], fx.Node):
+            shp = slot_shape((node.args[0], None))
+            for d in range(2, len(shp or ())):
+                if (node.args[0], None, d) in td.parent:
+                    conv_dims.add(td.find((node.args[0], None, d)))
+    rows: set = set()
+    changed = bool(conv_dims)
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            rule = td.rules.get(node)
+            if rule is None:
+                continue
+            for (si, di, so, do) in rule.grids:
+                if len(di) != 1 or len(do) < 2:
+                    continue
+                segs = td.segments((si[0], si[1], di[0]))
+                if len(segs) != 1 or segs[0] not in sharded | rows:
+                    continue
+                lead = (so[0], so[1], do[0])
+                if lead not in td.parent:
+                    continue
+                h = td.size[td.find(lead)]
+                root = td.find(lead)
+                if h >= n and h % n == 0 and root in conv_dims and root not in td.composite \
+                        and root not in sharded | rows:
+                    rows.add(root)
+                    changed = True
+    return rows
+
+
+def _compatible_spaces(graph: fx.Graph, td, candidates: list) -> set:
+    """Token spaces to shard: at most one per tensor. Two attention sequences that meet in one tensor as
+    different dims (spatial attention over [B*F, HW, D] and temporal attention over [B*HW, F, D] of a
+    video: the frames are the batch of one and the sequence of the other) cannot both be sharded; the
+    longer one is, and the attention over the other runs locally on its sharded batch dim."""
+    meets: dict = {c: set() for c in candidates}
+    together: dict = {c: set() for c in candidates}  # segments of one sequence (joint text + image)
+    cand = set(candidates)
+    for node in graph.nodes:
+        for slot in tensor_slots(node):
+            dims = []
+            for d in range(len(slot_shape(slot))):
+                segs = {s for s in td.segments((slot[0], slot[1], d)) if s in cand}
+                if segs:
+                    dims.append(segs)
+                    for x in segs:
+                        together[x].update(segs)
+            for i, a in enumerate(dims):
+                for b in dims[i + 1:]:
+                    for x in a:
+                        meets[x].update(y for y in b if y != x)
+                    for y in b:
+                        meets[y].update(x for x in a if x != y)
+    chosen: set = set()
+    for c in sorted(candidates, key=lambda c: -td.size[c]):  # stable: ties keep graph order
+        if not (meets[c] - together[c]) & chosen:  # a [L, L] mask over a joint sequence is no conflict
+            chosen.add(c)
+    return chosen
+
+
 # ---- pass 2: slice at the sources, keep token-wise ops local, gather at the exits ------------------
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -131,7 +235,7 @@ def _arg_layout(node: fx.Node, a: fx.Node) -> Any:
     return layout_of(a)
 
 
-def _carried(node: fx.Node, rule) -> tuple[set, set]:
+def _carried(node: fx.Node, rule, n: int = 1) -> tuple[set, set]:
     """(input (node, index, dim), output (index, dim)) pairs whose token dims the rule carries through."""
     ins, outs = set(), set()
 
@@ -155,6 +259,34 @@ def _carried(node: fx.Node, rule) -> tuple[set, set]:
                 outs.add((so[1], do))
             else:  # x[..., a:b, ...] = value: the value fills one segment of x
                 ins.add((so[0], so[1], do))
+    for (si, di, count, so, do) in rule.unflattens:  # [B*L] -> [B, L]: L's layout is the segment's
+        li, lo = lay(si), lay(so)
+        if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di and lo.dim == do \
+                and len(li.segments) == count and set(li.segments) == {lo.segments[0]} and len(lo.segments) == 1:
+            ins.add((si[0], si[1], di))
+            outs.add((so[1], do))
+    for (si, di, so, do) in rule.grids:  # [L] <-> [H, W] with whole rows per rank: the leading dims
+        li, lo = lay(si), lay(so)
+        if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di[0] and lo.dim == do[0] \
+                and len(li.segments) == 1 and len(lo.segments) == 1 and li.segments[0][1] and lo.segments[0][1]:
+            si_shape, so_shape = slot_shape(si), slot_shape(so)
+            inner_i = 1
+            for d in di[1:]:
+                inner_i *= si_shape[d]
+            inner_o = 1
+            for d in do[1:]:
+                inner_o *= so_shape[d]
+            li_len, lo_len = li.segments[0][0], lo.segments[0][0]
+            # exact only without padding: every rank holds the same whole rows on both sides
+            if li_len * inner_i == lo_len * inner_o and li_len % n == 0 and lo_len % n == 0:
+                ins.add((si[0], si[1], di[0]))
+                outs.add((so[1], do[0]))
+    for (si, di, count, so, do) in rule.flattens:  # [B, L] -> [B*L]: B copies of L's layout
+        li, lo = lay(si), lay(so)
+        if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di and lo.dim == do \
+                and len(li.segments) == 1 and lo.segments == li.segments * count:
+            ins.add((si[0], si[1], di))
+            outs.add((so[1], do))
     for (so, do, parts) in rule.concat:
         lo = lay(so)
         if isinstance(lo, SeqLayout) and lo.dim == do:
@@ -166,17 +298,22 @@ def _carried(node: fx.Node, rule) -> tuple[set, set]:
     return ins, outs
 
 
-def _can_propagate(node: fx.Node, rule) -> bool:
+def _can_propagate(node: fx.Node, rule, n: int = 1) -> bool:
     if rule is None:
         return False
-    if is_sdpa(node):
+    if is_sdpa(node) and _batch_sharded_sdpa(node):
+        pass  # tokens folded into the batch: attention is token-wise there, checked like any op below
+    elif is_sdpa(node):
         sa = sdpa_args(node)
         lq, lk, lv = layout_of(sa["query"]), layout_of(sa["key"]), layout_of(sa["value"])
-        causal = sa["is_causal"] or sa["dropout_p"]
+        # is_causal is fine (sp_attention masks by global position); dropout is not (its RNG stream differs)
+        causal = bool(sa["dropout_p"]) or (sa["is_causal"] and sa["attn_mask"] is not None)
         return (isinstance(lq, SeqLayout) and lq.dim == 2 and not causal
                 and (lk is None and lv is None or isinstance(lk, SeqLayout) and isinstance(lv, SeqLayout)
                      and lk.dim == 2 and lv.dim == 2))
-    ins, outs = _carried(node, rule)
+    if op_name(node) in CONVS and _conv_halo(node, n) is False:
+        return False
+    ins, outs = _carried(node, rule, n)
     if node.target is operator.setitem:  # the token dim of x must be indexed by a full or segment slice
         x = node.args[0]
         lay = layout_of(x)
@@ -204,6 +341,89 @@ def _can_propagate(node: fx.Node, rule) -> bool:
         if lay == MULTI or (idx, lay.dim) not in outs:
             return False
     return True
+
+
+CONVS = ("conv1d", "conv2d", "conv3d")
+
+
+def _conv_arg(node: fx.Node, pos: int, name: str, default: Any, nd: int) -> Any:
+    v = _arg_at(node, pos, name, default)
+    return [v] * nd if isinstance(v, int) else v
+
+
+def _conv_halo(node: fx.Node, n: int):
+    """For a convolution whose input is sharded along a spatial dim: (dim, halo rows), (dim, 0) when the
+    kernel is 1 there, or False when it cannot run on local rows (stride, non-'same' padding, padded chunk)."""
+    x = node.args[0]
+    lay = layout_of(x)
+    if not isinstance(lay, SeqLayout) or lay.dim < 2:
+        return None
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    ws = shape_of(w) if isinstance(w, fx.Node) else None
+    if not ws:
+        return False
+    nsp = len(ws) - 2
+    i = lay.dim - 2
+    k = ws[lay.dim]
+    if k == 1:
+        return lay.dim, 0
+    stride = _conv_arg(node, 3, "stride", 1, nsp)
+    padding = _conv_arg(node, 4, "padding", 0, nsp)
+    dilation = _conv_arg(node, 5, "dilation", 1, nsp)
+    if isinstance(padding, str) or stride[i] != 1 or (k - 1) % 2 or padding[i] != dilation[i] * (k - 1) // 2:
+        return False
+    if len(lay.segments) != 1 or not lay.segments[0][1] or lay.segments[0][0] % n:
+        return False
+    if lay.segments[0][0] // n < padding[i]:
+        return False
+    return lay.dim, padding[i]
+
+
+def _partial_sum(node: fx.Node):
+    """(operand, token dim) of a sum over the sharded token dim whose result carries no tokens: a matmul
+    contracting two operands over it (K^T V), or x.sum(dim) / x.mean(dim). Each rank sums its tokens and an
+    all-reduce adds the partial results (padding zeroed first)."""
+    if META_TOKEN_DIMS in node.meta:
+        return None
+    cd = _contraction_dims(node)
+    if cd is not None:
+        a, da, b, db = cd
+        la, lb = layout_of(a), layout_of(b)
+        if isinstance(la, SeqLayout) and isinstance(lb, SeqLayout) and la.dim == da and lb.dim == db \
+                and la.segments == lb.segments and all(sh for _, sh in la.segments):
+            return a, da  # (a replicated segment would be summed on every rank: not a partial sum)
+        return None
+    name = op_name(node)
+    if name in ("sum", "mean") and node.args and isinstance(node.args[0], fx.Node):
+        x = node.args[0]
+        lay = layout_of(x)
+        dim = _arg_at(node, 1, "dim", None)
+        if isinstance(dim, (list, tuple)) and len(dim) == 1:
+            dim = dim[0]
+        if isinstance(lay, SeqLayout) and isinstance(dim, int) and dim % len(slot_shape((x, None))) == lay.dim \
+                and all(sh for _, sh in lay.segments) \
+                and all(layout_of(a) is None for a in _tensor_args(node) if a is not x):
+            return x, lay.dim
+    return None
+
+
+def _unique_name(graph: fx.Graph, node: fx.Node, base: str) -> None:
+    """Give an inserted node a readable name that no other node of the graph has."""
+    taken = {n.name for n in graph.nodes if n is not node}
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_v{k}"
+    node.name = name
+    used = getattr(getattr(graph, "_graph_namespace", None), "_used_names", None)
+    if isinstance(used, set):  # so that nodes fx names later do not take it
+        used.add(name)
+
+
+def _batch_sharded_sdpa(node: fx.Node) -> bool:
+    """An attention whose queries carry the sharded tokens on the batch or head dim, not the sequence."""
+    lq = layout_of(sdpa_args(node)["query"])
+    return isinstance(lq, SeqLayout) and lq.dim in (0, 1)
 
 
 def _mutated_arg(node: fx.Node) -> fx.Node | None:
@@ -253,6 +473,14 @@ def _localize(node: fx.Node, n: int, original: Any = None) -> None:
             node.target = "split" if node.op == "call_method" else torch.split
             node.args = (node.args[0], sizes, lay.dim)
             node.kwargs = {}
+    elif name == "unflatten" and isinstance(layout_of(node), SeqLayout) and isinstance(layout_of(x), SeqLayout) \
+            and _arg_at(node, 1, "dim", 0) % len(slot_shape((x, None))) == layout_of(x).dim:
+        # the token dim itself is unflattened (into grid rows): its sizes become the local ones
+        dim = _arg_at(node, 1, "dim", 0) % len(slot_shape((x, None)))
+        sizes = list(_arg_at(node, 2, "sizes", ()))
+        local = _local_shape(node, n)
+        node.args = (node.args[0], dim, tuple(local[dim:dim + len(sizes)]))
+        node.kwargs = {}
     elif name == "narrow":
         lay = layout_of(x)
         dim, start, length = node.args[1], node.args[2], node.args[3]
@@ -304,6 +532,8 @@ class _Rewriter:
         self.gathers = {"exit": 0, "fallback": 0, "mask": 0}
         self.fallback_sites: list[str] = []
         self.sources = 0
+        self.partial_sums = 0
+        self.halos = 0
         self.aligned: dict[tuple, fx.Node] = {}
 
     # Slices and gathers go right before their first consumer, not after the producer: a value written in
@@ -319,7 +549,7 @@ class _Rewriter:
         with self.gm.graph.inserting_before(consumer):
             s = self.gm.graph.call_function(collectives.shard_tokens,
                                             (whole, lay.dim, lay.segments, self.group, self.n))
-        s.name = f"shard_{a.name}"
+        _unique_name(self.gm.graph, s, f"shard_{a.name}")
         s.meta[META_LAYOUT] = lay
         self.local[a] = s
         self.sources += 1
@@ -353,13 +583,64 @@ class _Rewriter:
             if key not in self.aligned:
                 with self.gm.graph.inserting_before(node):
                     s = self.gm.graph.call_function(collectives.shard_tokens, (a, d, lay.segments, self.group, self.n))
-                s.name = f"shard_{a.name}"
+                _unique_name(self.gm.graph, s, f"shard_{a.name}")
                 s.meta[META_LAYOUT] = SeqLayout(d, lay.segments)
                 self.aligned[key] = s
                 self.sources += 1
             return self.aligned[key]
 
         node.args, node.kwargs = fx.node.map_aggregate((node.args, node.kwargs), fix)
+
+    def partial_sum(self, node: fx.Node, operand: fx.Node, dim: int) -> None:
+        """node sums over the sharded token dim of `operand` (and of its partner): run it on local tokens
+        with the padding zeroed, then all-reduce; the result is whole on every rank."""
+        lay = layout_of(operand)
+        node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: self.get_local(a, node))
+        graph = self.gm.graph
+        if any(s and length % self.n for length, s in lay.segments):
+            local = self.local[operand]
+            with graph.inserting_before(node):
+                z = graph.call_function(collectives.zero_token_padding, (local, dim, lay.segments, self.group, self.n))
+            _unique_name(graph, z, f"unpad_{operand.name}")
+            node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: z if a is local else a)
+        last = node
+        if op_name(node) == "mean":  # local mean over ceil(L/n) slots -> its share of the global mean
+            total = sum(length for length, _ in lay.segments)
+            with graph.inserting_after(node):
+                last = graph.call_function(operator.mul, (node, lay.local_len(self.n) / total))
+            _unique_name(graph, last, f"share_{node.name}")
+        with graph.inserting_after(last):
+            ar = graph.call_function(collectives.all_reduce_tokens, (last, self.group))
+        _unique_name(graph, ar, f"allreduce_{node.name}")
+        ar.meta = {k: v for k, v in node.meta.items() if k in ("example_value", "val", "tensor_meta")}
+        keep = {ar, last}
+        node.replace_all_uses_with(ar, delete_user_cb=lambda u: u not in keep)
+        self.partial_sums += 1
+
+    def halo(self, node: fx.Node, original: fx.Node) -> None:
+        """A convolution over a sharded grid dim: extend the local rows by the neighbours' border rows and
+        drop the conv's zero padding on that dim (the first and last rank get zero rows instead)."""
+        lay = layout_of(original) if isinstance(original, fx.Node) else None
+        if not isinstance(lay, SeqLayout) or lay.dim < 2:
+            return
+        w = node.args[1]
+        nsp = len(shape_of(w)) - 2
+        k = shape_of(w)[lay.dim]
+        if k == 1:
+            return
+        padding = list(_conv_arg(node, 4, "padding", 0, nsp))
+        p = padding[lay.dim - 2]
+        graph = self.gm.graph
+        with graph.inserting_before(node):
+            h = graph.call_function(collectives.halo_rows, (node.args[0], lay.dim, p, self.group))
+        _unique_name(graph, h, f"halo_{original.name}")
+        padding[lay.dim - 2] = 0
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults = (None, None, None, 1, 0, 1, 1)
+        args = [_arg_at(node, i, nm, d) for i, (nm, d) in enumerate(zip(names, defaults))]
+        args[0], args[4] = h, tuple(padding)
+        node.args, node.kwargs = tuple(args), {}
+        self.halos += 1
 
     def get_full(self, a: fx.Node, consumer: fx.Node, kind: str | None = None) -> fx.Node:
         if a in self.full:
@@ -371,7 +652,7 @@ class _Rewriter:
         with self.gm.graph.inserting_before(consumer):
             g = self.gm.graph.call_function(collectives.gather_tokens,
                                             (loc, lay.dim, lay.segments, self.group, self.n))
-        g.name = f"gather_{a.name}"
+        _unique_name(self.gm.graph, g, f"gather_{a.name}")
         kind = kind or ("fallback" if META_BLOCK in consumer.meta else "exit")
         g.meta[META_GATHER] = f"{kind}: needed by {consumer.name} ({target_name(consumer)})"
         if kind == "fallback":
@@ -407,11 +688,16 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not has_tokens:
             continue
         rule = rule_for(node) if node.op in ("call_function", "call_method") else None
+        partial = _partial_sum(node) if node.op in ("call_function", "call_method") else None
+        if partial is not None:
+            rw.partial_sum(node, *partial)
+            propagated += 1
+            continue
         tuple_in = node.target is operator.getitem and args and isinstance(example_value(args[0]), (tuple, list))
         if tuple_in:
-            ok = args[0] in rw.local and _can_propagate(node, rule)
+            ok = args[0] in rw.local and _can_propagate(node, rule, n)
         else:
-            ok = _can_propagate(node, rule)
+            ok = _can_propagate(node, rule, n)
         mutated = _mutated_arg(node)
         if ok and not is_sdpa(node) and not tuple_in and not any(
                 a in rw.local or isinstance(layout_of(a), SeqLayout) for a in args
@@ -427,7 +713,7 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         if mutated is not None:  # only the local copy sees the write
             rw.full.pop(mutated, None)
-        if is_sdpa(node):
+        if is_sdpa(node) and not _batch_sharded_sdpa(node):
             sa = sdpa_args(node)
             q, k, v, mask = sa.pop("query"), sa.pop("key"), sa.pop("value"), sa["attn_mask"]
             if mask is not None:
@@ -450,6 +736,8 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), loc)
             _localize(node, n, original)
             rw.slice_full_operands(node)
+            if op_name(node) in CONVS:
+                rw.halo(node, original)
         rw.local[node] = node
         lay = layout_of(node)
         if isinstance(lay, SeqLayout):
@@ -458,16 +746,21 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     # fx counts no method call as impure: keep in-place writes (x.copy_(...)) whose result is unused
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutated_arg(n) is not None)
     changed = propagated > 0 or rw.sources > 0
+    extra = {"partial_sums": rw.partial_sums, "halo_exchanges": rw.halos}
     summary = (f"{propagated} nodes run on local tokens, {rw.sources} values sliced, "
                f"{rw.gathers['exit']} exit gathers, {rw.gathers['fallback']} fallback gathers")
     if rw.gathers["mask"]:
         summary += f", {rw.gathers['mask']} attention masks gathered"
+    if rw.partial_sums:
+        summary += f", {rw.partial_sums} sums over tokens all-reduced"
+    if rw.halos:
+        summary += f", {rw.halos} convolutions with halo rows"
     if rw.fallback_sites:
         summary += " at " + "; ".join(rw.fallback_sites[:5])
     return PassResult(gm, changed=changed, summary=summary,
                       counts={"local_nodes": propagated, "sliced_values": rw.sources,
                               "exit_gathers": rw.gathers["exit"], "fallback_gathers": rw.gathers["fallback"],
-                              "mask_gathers": rw.gathers["mask"]})
+                              "mask_gathers": rw.gathers["mask"], **{k: v for k, v in extra.items() if v}})
 
 
 # ---- pass 3: attention over the whole sequence from local shards -----------------------------------
@@ -504,12 +797,14 @@ def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             sp_group=names.get("sp", "sp"), ulysses_group=names.get("ulysses", "ulysses"),
             ring_group=names.get("ring", "ring"),
         )
+        if sa["is_causal"]:
+            kwargs["is_causal"] = True
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(sp_attn.sp_attention, (q, k, v, mask), kwargs)
         new.meta = {k2: v2 for k2, v2 in node.meta.items() if k2 != "xfx.created_by"}
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        new.name = f"sp_attention_{site.index}"
+        _unique_name(gm.graph, new, f"sp_attention_{site.index}")
         sites[site.kind if site.kind in sites else "self"] += 1
     total = sum(sites.values())
     how = "+".join(a for a, d in (("ulysses", mesh.ulysses), ("ring", mesh.ring)) if d > 1) or "local"

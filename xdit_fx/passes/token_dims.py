@@ -40,6 +40,15 @@ class Rule:
     concat: list[tuple[Slot, int, list[tuple[Slot, int]]]] = field(default_factory=list)
     selects: list[tuple[Slot, int, int, int, Slot, int]] = field(default_factory=list)
     ignore: set = field(default_factory=set)
+    # (in_slot, in_dim, count, out_slot, out_dim): a dim made of `count` copies of one token space (a token
+    # dim flattened into the batch: [B, L] -> [B*L]) is unflattened back ([B*L] -> [B, L]); out_dim is L
+    unflattens: list[tuple[Slot, int, int, Slot, int]] = field(default_factory=list)
+    # (in_slot, in_dim, count, out_slot, out_dim): [B, L] -> [B*L]; resolved only when L is an attention
+    # sequence and B*L is not (a video's [F, HW] -> [F*HW] token sequence stays one plain space)
+    flattens: list[tuple[Slot, int, int, Slot, int]] = field(default_factory=list)
+    # (in_slot, in_dims, out_slot, out_dims): a reshape that splits one dim into a grid ([L] -> [H, W]) or
+    # merges a grid back; a token dim sharded into whole rows makes the grid's leading dim sharded
+    grids: list[tuple[Slot, list[int], Slot, list[int]]] = field(default_factory=list)
 
 
 # ---- op names ---------------------------------------------------------------------------------------
@@ -265,6 +274,13 @@ def rule_for(node: fx.Node) -> Rule | None:
         q, k, v = sa["query"], sa["key"], sa["value"]
         rule.links += [((q, None), d, out, d) for d in range(3)]
         rule.links.append(((k, None), 2, (v, None), 2))
+        # batch (and head) dims index the same things in q, k and v: a token dim folded into the batch
+        # (temporal attention over [B*HW, F, D]) stays sharded through an attention that is then local
+        qs, ks, vs = slot_shape((q, None)), slot_shape((k, None)), slot_shape((v, None))
+        if qs and ks and vs and len(qs) == len(ks) == len(vs) == 4:
+            for d in (0, 1):
+                if qs[d] == ks[d] == vs[d] != 1:
+                    rule.links += [((q, None), d, (k, None), d), ((q, None), d, (v, None), d)]
         return rule
 
     if name in ELEMENTWISE or name in DTYPE_FROM_SECOND:
@@ -356,6 +372,20 @@ def rule_for(node: fx.Node) -> Rule | None:
         for gi, gj in groups:
             if len(gi) == 1 and len(gj) == 1:
                 rule.links.append(((x, None), gi[0], out, gj[0]))
+            elif len(gi) > 1 and len(gj) == 1 and xs[gi[-1]] > 1:
+                # [.., B, L, ..] -> [.., B*L, ..]: the merged dim is B segments, each one whole copy of L's
+                # space (a sharded L then stays sharded: the local merged dim is [B, L_local] flattened)
+                count = 1
+                for d in gi[:-1]:
+                    count *= xs[d]
+                rule.flattens.append(((x, None), gi[-1], count, out, gj[0]))
+            elif len(gi) == 1 and len(gj) > 1 and os_[gj[-1]] > 1:
+                count = 1
+                for d in gj[:-1]:
+                    count *= os_[d]
+                rule.unflattens.append(((x, None), gi[0], count, out, gj[-1]))
+            if len(gi) != len(gj) and gi and gj and (len(gi) == 1 or len(gj) == 1):
+                rule.grids.append(((x, None), list(gi), out, list(gj)))
         if name in ("view_as", "reshape_as") and _is_tensor_node(args[1]):
             rule.links += [((args[1], None), d, out, d) for d in range(len(os_))]
         return rule
@@ -484,6 +514,16 @@ def rule_for(node: fx.Node) -> Rule | None:
         rule.links += [((x, None), d, out, d) for d in range(nd - (1 if name == "view_as_complex" else 0))
                        if d < len(xs) - (1 if name == "view_as_complex" else 0)]
         return rule
+    if name in ("conv1d", "conv2d", "conv3d"):
+        # [B, C, *spatial]: the batch and every spatial dim the conv keeps the size of (stride 1, 'same'
+        # padding) index the same positions; a kernel wider than 1 along a sharded dim needs a halo
+        if os_ is None or len(xs) != len(os_) or len(xs) < 3:
+            return None
+        rule.links.append(((x, None), 0, out, 0))
+        for d in range(2, len(xs)):
+            if xs[d] == os_[d]:
+                rule.links.append(((x, None), d, out, d))
+        return rule
     if name == "pad":
         pad = _arg(node, 1, "pad")
         nd = len(xs)
@@ -564,6 +604,16 @@ def infer(graph: fx.Graph) -> TokenDims:
                 td.add((slot[0], slot[1], d), s)
     selects: list[tuple[DimSlot, int, int, DimSlot]] = []
     concats: list[tuple[DimSlot, list[DimSlot]]] = []
+    unflattens: list[tuple[DimSlot, int, DimSlot]] = []
+    flattens: list[tuple[DimSlot, int, DimSlot]] = []
+    seq_dims: list[DimSlot] = []  # query and key sequence dims of every attention
+    for node in graph.nodes:
+        if op_name(node) == "scaled_dot_product_attention":
+            sa = sdpa_args(node)
+            for t in (sa["query"], sa["key"]):
+                shp = slot_shape((t, None)) if isinstance(t, fx.Node) else None
+                if shp and len(shp) >= 2:
+                    seq_dims.append((t, None, len(shp) - 2))
     for node in graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
@@ -586,6 +636,10 @@ def infer(graph: fx.Graph) -> TokenDims:
             concats.append(((so[0], so[1], do), [(s[0], s[1], d) for s, d in parts]))
         for (si, di, start, stop, so, do) in rule.selects:
             selects.append(((si[0], si[1], di), start, stop, (so[0], so[1], do)))
+        for (si, di, count, so, do) in rule.unflattens:
+            unflattens.append(((si[0], si[1], di), count, (so[0], so[1], do)))
+        for (si, di, count, so, do) in rule.flattens:
+            flattens.append(((si[0], si[1], di), count, (so[0], so[1], do)))
     for out, parts in concats:
         root = td.find(out)
         if root not in td.composite and len(parts) > 1:
@@ -602,6 +656,19 @@ def infer(graph: fx.Graph) -> TokenDims:
     changed = True
     while changed:
         changed = False
+        seq_roots = set()
+        for ds in seq_dims:
+            if ds in td.parent:
+                seq_roots.update(td.segments(ds))
+        for src, count, out in flattens:
+            root = td.find(out)
+            if td.find(src) in seq_roots and root not in seq_roots and root not in td.composite:
+                td.composite[root] = [src] * count
+                changed = True
+        for src, count, out in unflattens:
+            rep = repeated_space(td, src, count)
+            if rep is not None:
+                changed |= td.union(rep, out)
         for src, start, stop, out in selects:
             picked = select_segments(td, src, start, stop)
             if picked is None:
@@ -612,6 +679,17 @@ def infer(graph: fx.Graph) -> TokenDims:
                 td.composite[td.find(out)] = picked
                 changed = True
     return td
+
+
+def repeated_space(td: TokenDims, ds: DimSlot, count: int) -> DimSlot | None:
+    """The one space of which `ds`'s dim is `count` whole copies (a flattened [B, L]), else None."""
+    comp = td.composite.get(td.find(ds))
+    if comp is None or len(comp) != count:
+        return None
+    roots = {td.find(s) for s in comp}
+    if len(roots) != 1 or td.find(comp[0]) in td.composite:
+        return None
+    return td.find(comp[0])
 
 
 def select_segments(td: TokenDims, src: DimSlot, start: int, stop: int) -> list[DimSlot] | None:

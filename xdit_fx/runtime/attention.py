@@ -101,9 +101,17 @@ def sp_attention(
     sp_group: str,
     ulysses_group: str,
     ring_group: str,
+    is_causal: bool = False,
 ) -> torch.Tensor:
-    """Attention of rank-local q over the whole sequence (see the module docstring)."""
+    """Attention of rank-local q over the whole sequence (see the module docstring).
+
+    `is_causal` (SDPA's top-left aligned causal mask) becomes an explicit mask over global positions,
+    so that every chunk a rank sees is masked by where its tokens sit in the whole sequence."""
     n = ulysses * ring
+    if is_causal:
+        lq = sum(length for length, _ in q_segments)
+        lk = sum(length for length, _ in kv_segments) if kv_segments is not None else k.shape[2]
+        attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
     heads = q.shape[1]
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])

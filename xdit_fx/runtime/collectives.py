@@ -170,13 +170,92 @@ def gather_tokens(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group
     return torch.cat(out, dim=dim)
 
 
+# ---- partial sums over the token dim, and halos for convolutions over a sharded grid dim --------------
+
+@torch.library.custom_op("xdit_fx::all_reduce_sum", mutates_args=())
+def all_reduce_sum(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Sum of every rank's `x` (a partial result of a contraction over sharded tokens)."""
+    pg = _group(group)
+    n = dist.get_world_size(pg)
+    out = x.contiguous().clone()
+    if n > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=pg)
+        COMM.add(group, "all_reduce", _nbytes(out) * (n - 1))
+    return out
+
+
+@all_reduce_sum.register_fake
+def _(x, group):
+    return torch.empty_like(x)
+
+
+def all_reduce_tokens(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Graph-level call of `all_reduce_sum`: the sum over tokens of every rank's partial result."""
+    return all_reduce_sum(x, group)
+
+
+def halo_rows(x: torch.Tensor, dim: int, halo: int, group: str) -> torch.Tensor:
+    """Graph-level call of `halo_exchange`: local rows plus `halo` neighbour rows on each side."""
+    return halo_exchange(x, dim, halo, group) if halo else x
+
+
+def zero_token_padding(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group: str, n: int) -> torch.Tensor:
+    """`x` with the padding positions of its local token dim set to 0 (they must not enter a sum)."""
+    if not any(s and length % n for length, s in segments):
+        return x
+    r = dist.get_rank(_group(group))
+    keep = []
+    for length, sharded in segments:
+        if sharded:
+            c = -(-length // n)
+            keep.extend(r * c + i < length for i in range(c))
+        else:
+            keep.extend([True] * length)
+    shape = [1] * x.dim()
+    shape[dim] = len(keep)
+    return x * torch.tensor(keep, dtype=x.dtype, device=x.device).view(shape)
+
+
+@torch.library.custom_op("xdit_fx::halo_exchange", mutates_args=())
+def halo_exchange(x: torch.Tensor, dim: int, halo: int, group: str) -> torch.Tensor:
+    """`x` (this rank's rows of a grid sharded along `dim`) extended by `halo` rows of each neighbour on
+    both sides; zeros beyond the first and last rank (a zero-padded convolution's border)."""
+    pg = _group(group)
+    n, r = dist.get_world_size(pg), dist.get_rank(pg)
+    rows = x.shape[dim]
+    edges = torch.cat([x.narrow(dim, 0, halo), x.narrow(dim, rows - halo, halo)], dim=dim).contiguous()
+    parts = [torch.empty_like(edges) for _ in range(n)]
+    dist.all_gather(parts, edges, group=pg)
+    COMM.add(group, "halo", _nbytes(edges) * (n - 1))
+    zeros = x.new_zeros(edges.narrow(dim, 0, halo).shape)
+    before = parts[r - 1].narrow(dim, halo, halo) if r > 0 else zeros
+    after = parts[r + 1].narrow(dim, 0, halo) if r < n - 1 else zeros
+    return torch.cat([before, x, after], dim=dim)
+
+
+@halo_exchange.register_fake
+def _(x, dim, halo, group):
+    shape = list(x.shape)
+    shape[dim] += 2 * halo
+    return x.new_empty(shape)
+
+
 # ---- ring attention ----------------------------------------------------------------------------------
 
 def attention_with_lse(q, k, v, bias, scale):
-    """Attention output and log-sum-exp over the keys: (out [B,H,L,D], lse [B,H,L])."""
+    """Attention output and log-sum-exp over the keys: (out [B,H,L,D], lse [B,H,L]).
+
+    A query row whose keys are all masked (-inf) in this chunk gets lse = -inf and out = 0, so that a
+    log-sum-exp merge gives it weight 0 (the CPU flash kernel reports lse = 0 for such rows)."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        if bias is not None:
+            dead = torch.isneginf(bias).all(dim=-1)  # broadcastable to lse: [.., Lq]
+            if dead.any():
+                dead = dead.expand(lse.shape)
+                lse = lse.masked_fill(dead, float("-inf"))
+                out = out.masked_fill(dead.unsqueeze(-1), 0.0)
         return out, lse
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if bias is not None:
@@ -197,6 +276,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
     n, rank = dist.get_world_size(pg), dist.get_rank(pg)
     lk = k.shape[-2]
     out = lse = None
+    low = q.dtype in (torch.bfloat16, torch.float16)
     kv = torch.stack([k, v]).contiguous()
     for step in range(n):
         src = (rank - step) % n
@@ -206,7 +286,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
                    dist.P2POp(dist.irecv, nxt, dist.get_global_rank(pg, (rank - 1) % n), pg)]
             reqs = dist.batch_isend_irecv(ops)
         b = bias[..., src * lk:(src + 1) * lk] if bias is not None else None
-        o, l = attention_with_lse(q, kv[0], kv[1], b, scale)
+        if low:  # bf16/fp16 chunks: attend and merge in float32, cast back once at the end
+            o, l = attention_with_lse(q.float(), kv[0].float(), kv[1].float(),
+                                      b.float() if b is not None and b.is_floating_point() else b, scale)
+        else:
+            o, l = attention_with_lse(q, kv[0], kv[1], b, scale)
         o, l = o.float(), l.float()
         o = torch.where(torch.isfinite(l).unsqueeze(-1), o, torch.zeros_like(o))
         if out is None:

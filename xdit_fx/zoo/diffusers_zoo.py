@@ -422,7 +422,7 @@ def _(g, uneven):
     in_channels=4, cross_attention_dim=8, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
     num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
     video_length=2), heads=2,
-    note="temporal attention folds the spatial tokens into the batch dim ([B*HW, F, D]); a token dim merged into the batch is not tracked, so the blocks gather")
+    note="temporal attention folds the spatial tokens into the batch dim ([B*HW, F, D]): the spatial tokens are sharded, the frames attention runs locally on the sharded batch dim")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 4, 2, 8, 8), encoder_hidden_states=_r(g, 1, 8, 8), timestep=torch.tensor([500]),
                 enable_temporal_attentions=True)
@@ -613,8 +613,8 @@ def _(g, uneven):
     patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
     context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6)), heads=4,
     note="condition image interleaved in the text; 2x2 slot expansion; block-causal prefill runs one SDPA per "
-         "segment on q[:, start:end] against the key prefix k[:, :end]. ring=2 comes out silently wrong (also "
-         "without the text mask; ulysses=2 is exact): open bug, not a refusal")
+         "segment on q[:, start:end] against the key prefix k[:, :end]; query rows fully masked within one ring "
+         "chunk merge with weight 0")
 def _(g, uneven):
     h, w = (4, 6) if uneven else (4, 4)
     txt = 8
@@ -634,8 +634,9 @@ def _(g, uneven):
     caption_channels=16, chunk_plucker_channels=48, chunk_plucker_post_attn_blocks=2, mlp_ratio=2.0,
     mixed_precision="fp32"), heads=4,
     note="camera-conditioned (UCPE) world model: one gated-delta-net linear-attention block, one softmax block; "
-         "Plucker rays added after attention. ring=2 misses the tolerance by ~2x (7e-5; also without camera "
-         "conditions, where 0 gathers are reported) while ulysses=2 is exact: not investigated yet")
+         "Plucker rays added after attention. Its attention casts q, k, v to bf16: ring=2 (fp32 chunks) matches the "
+         "fp32-attention reference (its 6e-5 against the bf16 one is the kernel's rounding); the gated delta net's "
+         "chunked scan over frames (flip, causal conv, per-chunk views) gathers")
 def _(g, uneven):
     f, h, w = (3, 3, 5) if uneven else (2, 4, 4)
     txt = _txt(uneven)
@@ -676,7 +677,7 @@ def _(g, uneven):
 @E("sana", "SanaTransformer2DModel", dict(
     in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=8, num_layers=2,
     num_cross_attention_heads=4, cross_attention_head_dim=8, cross_attention_dim=32, caption_channels=16,
-    mlp_ratio=2.5, sample_size=8, patch_size=1), heads=4, note="ReLU linear self-attention (no softmax; its sum over tokens would need an all-reduce rule, not written yet): the only SDPA is cross-attention to text, so nothing is sharded")
+    mlp_ratio=2.5, sample_size=8, patch_size=1), heads=4, note="ReLU linear self-attention: K^T V over the sharded tokens is all-reduced; Mix-FFN depthwise conv on row-sharded (H, W) grids with halo rows")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 4, *_hw(uneven)), encoder_hidden_states=_r(g, 1, _txt(uneven), 16),
                 timestep=torch.tensor([500.0]))
@@ -687,7 +688,7 @@ def _(g, uneven):
     num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24, caption_channels=16,
     mlp_ratio=2.5, dropout=0.0, attention_bias=False, sample_size=8, patch_size=(1, 2, 2),
     norm_elementwise_affine=False, norm_eps=1e-6, qk_norm="rms_norm_across_heads", rope_max_seq_len=32), heads=2,
-    note="linear self-attention with RoPE (no all-reduce rule yet) and a temporal conv FFN: the only SDPA is cross-attention, nothing is sharded")
+    note="linear self-attention with RoPE (K^T V and sum of K all-reduced); the (F, H, W) grid is sharded by whole frames, its temporal conv gets halo frames (2 frames on 4 ranks do not split: the 4-process plan gathers there)")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 16, 2, 8, 8), encoder_hidden_states=_r(g, 1, 12, 16), timestep=torch.tensor([500]))
 
@@ -730,7 +731,7 @@ def _(g, uneven):
     qk_norm="rms_norm_across_heads", image_dim=16, rope_max_seq_len=32,
     motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
     motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
-    inject_face_latents_blocks=2), heads=2, note="pose/face control, image cross-attention; the face adapter unflattens tokens into (frames, tokens per frame)")
+    inject_face_latents_blocks=2), heads=2, note="pose/face control, image cross-attention; the face adapter unflattens tokens into (frames, tokens per frame): 21 frames do not split into whole frames per rank, so that view gathers (row sharding needs frames divisible by the degree)")
 def _(g, uneven):
     f, h, w = 20, 8, 8  # the motion path needs 21 | (frames + 1)
     return dict(hidden_states=_r(g, 1, 12, f + 1, h, w), timestep=torch.tensor([500]),
