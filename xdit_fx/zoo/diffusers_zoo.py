@@ -219,7 +219,7 @@ def _(g, uneven):
     head_dim=6, hidden_act="relu2", hidden_size=12, intermediate_size=24, latent_channel=2, latent_patch_size=1,
     num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1, patch_latent_dim=2, qk_norm_for_text=False,
     rms_norm_eps=1e-5, rope_axes_dim=[1, 1, 1], rope_theta=1e8, vocab_size=32), heads=2,
-    note="packed mixture-of-transformers (text + vision) sequence")
+    note="packed mixture-of-transformers (text + vision) sequence; causal attention (is_causal=True) is masked by global position")
 def _(g, uneven):
     h, w = 4, 4
     n = h * w
