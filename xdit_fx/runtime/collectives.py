@@ -247,22 +247,69 @@ def attention_with_lse(q, k, v, bias, scale):
 
     A query row whose keys are all masked (-inf) in this chunk gets lse = -inf and out = 0, so that a
     log-sum-exp merge gives it weight 0 (the CPU flash kernel reports lse = 0 for such rows)."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        if bias is not None:
+    fused = _fused_attention_with_lse(q, k, v, bias, scale)
+    if fused is not None:
+        out, lse = fused
+        if bias is not None and bias.dtype != torch.bool:
             dead = torch.isneginf(bias).all(dim=-1)  # broadcastable to lse: [.., Lq]
             if dead.any():
                 dead = dead.expand(lse.shape)
                 lse = lse.masked_fill(dead, float("-inf"))
                 out = out.masked_fill(dead.unsqueeze(-1), 0.0)
         return out, lse
+    return attention_with_lse_reference(q, k, v, bias, scale)
+
+
+def _fused_attention_with_lse(q, k, v, bias, scale):
+    """A fused kernel that also returns the log-sum-exp, or None where none applies (then the reference).
+
+    CPU: the flash kernel for CPU. CUDA: FlashAttention-2 (fp16/bf16, no bias, head dim <= 256), else the
+    memory-efficient kernel (fp32 too, with an additive bias; its lse is padded to a multiple of 32 rows)."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    if q.device.type != "cuda" or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
+        return None
+    lq = q.shape[-2]
+    if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        try:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+            return res[0], res[1]
+        except RuntimeError:
+            pass
+    try:
+        b = None
+        if bias is not None:
+            b = bias if bias.dtype != torch.bool else torch.zeros(bias.shape, dtype=q.dtype, device=q.device) \
+                .masked_fill(~bias, float("-inf"))
+            b = b.to(q.dtype).expand(q.shape[0], q.shape[1], lq, k.shape[-2])
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, b, True, 0.0, False, scale=scale)
+        return res[0], res[1][..., :lq]
+    except RuntimeError:
+        return None
+
+
+def attention_with_lse_reference(q, k, v, bias, scale):
+    """The same in plain ops (materializes the scores): devices without a fused kernel, and checks."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     if bias is not None:
         scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
     return out, lse
+
+
+def merge_partial(out, lse, o, l):
+    """Merge a chunk's (output, log-sum-exp) into the running ones, in float32; a row without keys in the
+    chunk (lse -inf) gets weight 0. ``out``/``lse`` None: the first chunk."""
+    o, l = o.float(), l.float()
+    o = torch.where(torch.isfinite(l).unsqueeze(-1), o, torch.zeros_like(o))
+    if out is None:
+        return o, l
+    new = torch.logaddexp(lse, l)
+    w_old = torch.exp(lse - new).nan_to_num(0.0).unsqueeze(-1)
+    w_new = torch.exp(l - new).nan_to_num(0.0).unsqueeze(-1)
+    return out * w_old + o * w_new, new
 
 
 @torch.library.custom_op("xdit_fx::ring_attention", mutates_args=())
@@ -286,20 +333,14 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
                    dist.P2POp(dist.irecv, nxt, dist.get_global_rank(pg, (rank - 1) % n), pg)]
             reqs = dist.batch_isend_irecv(ops)
         b = bias[..., src * lk:(src + 1) * lk] if bias is not None else None
-        if low:  # bf16/fp16 chunks: attend and merge in float32, cast back once at the end
+        # bf16/fp16 chunks on the CPU attend in float32 (its kernel rounds each chunk's output to bf16); on
+        # CUDA the fused kernels accumulate in float32 already and keep their speed. Merging is in float32.
+        if low and q.device.type == "cpu":
             o, l = attention_with_lse(q.float(), kv[0].float(), kv[1].float(),
                                       b.float() if b is not None and b.is_floating_point() else b, scale)
         else:
             o, l = attention_with_lse(q, kv[0], kv[1], b, scale)
-        o, l = o.float(), l.float()
-        o = torch.where(torch.isfinite(l).unsqueeze(-1), o, torch.zeros_like(o))
-        if out is None:
-            out, lse = o, l
-        else:
-            new = torch.logaddexp(lse, l)
-            w_old = torch.exp(lse - new).nan_to_num(0.0).unsqueeze(-1)
-            w_new = torch.exp(l - new).nan_to_num(0.0).unsqueeze(-1)
-            out, lse = out * w_old + o * w_new, new
+        out, lse = merge_partial(out, lse, o, l)
         if step < n - 1:
             for r in reqs:
                 r.wait()
