@@ -21,6 +21,7 @@ on every call; the scheduler hook marks the steps, as for the cache).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,8 @@ class PipeFusionRuntime:
         self.filled: dict[tuple, tuple] = {}
         self.calls: dict[int, int] = {}
         self.records: list[PipeFusionRecord] = []
+        #: of the last region call: seconds in this stage's compute, and from entry to the exit broadcast
+        self.last_busy_s = self.last_wall_s = 0.0
         self.step = 0
         self.call_in_step = 0
         self.slot = 0
@@ -171,6 +174,7 @@ class PipeFusionRuntime:
         recv_order = sorted({i for kind, i in program.inputs if kind == "recv"})
         exits: list[list[torch.Tensor | None]] = [[None] * m for _ in spec.exits]
         pending = []
+        busy, t_start = 0.0, time.perf_counter()
         PATCH.runtime, PATCH.patches, PATCH.key = self, m, key
         try:
             for p in range(m):
@@ -183,7 +187,9 @@ class PipeFusionRuntime:
                     COMM.add(self.group, "pipefusion_p2p", c.nbytes)
                     received[i] = buf
                 args = [live_ins[i] if kind == "live_in" else received[i] for kind, i in program.inputs]
+                t0 = time.perf_counter()
                 outs = program.body(*args)
+                busy += time.perf_counter() - t0
                 for (kind, i), o in zip(program.outputs, outs):
                     if kind == "send":
                         o = o.contiguous()
@@ -207,6 +213,8 @@ class PipeFusionRuntime:
                 if me != last:
                     COMM.add(self.group, "broadcast", t.numel() * t.element_size())
             full.append(t)
+        # wall: until the last stage's output has arrived, so 1 - busy / wall is this stage's bubble
+        self.last_busy_s, self.last_wall_s = busy, time.perf_counter() - t_start
         return tuple(full)
 
 
