@@ -61,6 +61,7 @@ def speed_worker(plan: str | None, threads: int, repeats: int) -> dict[str, Any]
     from xdit_fx.zoo import build_flux, flux_inputs
 
     torch.set_num_threads(threads)
+    torch.manual_seed(0)  # the same weights in every process
     model = build_flux(**MODEL).eval()
     inputs = flux_inputs(*GRID, TEXT_TOKENS, text_dim=MODEL["text_dim"])
     total_params = parameter_bytes(model)
