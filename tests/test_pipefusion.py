@@ -268,3 +268,15 @@ def test_pipefusion_with_cfg_on_the_digits_pipeline_matches_serial():
         ref = pipe([0, 1, 2, 3], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
     images = spawn_gloo(4, _cfg_pipeline, "cfg=2,pipefusion=2,warmup=4")[0]
     assert (images - ref).abs().max().item() <= 1e-4
+
+
+def test_generate_flags_make_the_plan():
+    import argparse
+
+    from xdit_fx.generate import add_arguments, plan_from_args
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "4", "--warmup_steps", "2",
+                         "--use_cfg_parallel"])
+    assert plan_from_args(args) == Plan.from_string("cfg=2,pipefusion=2,patches=4,warmup=2")
+    assert plan_from_args(p.parse_args(["--pipefusion_parallel_degree", "2"])).patches == 2
