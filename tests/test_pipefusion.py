@@ -280,3 +280,28 @@ def test_generate_flags_make_the_plan():
                          "--use_cfg_parallel"])
     assert plan_from_args(args) == Plan.from_string("cfg=2,pipefusion=2,patches=4,warmup=2")
     assert plan_from_args(p.parse_args(["--pipefusion_parallel_degree", "2"])).patches == 2
+
+
+def _two_call_pipeline(rank, world):
+    from xdit_fx.digits import load_pipeline
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe = xdit_fx.parallelize(pipe, "pipefusion=2,patches=2,warmup=1")
+    with torch.no_grad():
+        out = pipe([3, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), cfg_mode="two_call")
+    pf = pipe.denoisers["transformer"].pipefusion
+    return out.images if out is not None else None, [(r.step, r.slot, r.warm) for r in pf.records], sorted(pf.kv)
+
+
+def test_two_call_cfg_branches_keep_their_own_buffers_and_warm_up_each():
+    from xdit_fx.digits import load_pipeline
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe([3, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), cfg_mode="two_call").images
+    images, records, kv_keys = spawn_gloo(2, _two_call_pipeline)[0]
+    # the conditional (slot 0) and unconditional (slot 1) calls of each step: each branch's first call is warm
+    assert records == [(0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False), (2, 0, False), (2, 1, False)]
+    assert {k[0] for k in kv_keys} == {0, 1}
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (images - ref).pow(2).sum()).item()
+    assert 20 < sqnr < 200, sqnr  # stale K/V on 2 of 3 steps: close, not equal
