@@ -259,7 +259,17 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, changed=False, summary="no token sequence in this graph: it runs whole on every rank")
     post: set[fx.Node] = set(gathers)
     for g in gathers:
-        post |= nx.descendants(dag, g)
+        later = nx.descendants(dag, g)
+        block = next((n for n in nodes if n in later and META_BLOCK in n.meta), None)
+        if block is not None:
+            raise UnsupportedGraph(
+                f"pipefusion: %{g.name} gathers the whole token sequence ({g.meta.get(META_GATHER, 'exit')}) and "
+                f"{describe_node(block)}\n  in {block.meta[META_BLOCK]} depends on it: a value computed per patch "
+                "is needed whole before (or inside) the block stack (e.g. a text refiner whose pooled output "
+                "conditions every block), so the patches cannot flow through the stages independently.\n"
+                "  fix: run this model with ulysses/ring (sequence parallel handles it with the same gather), "
+                "or cfg/dp; to look at the graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
+        post |= later
     region: set[fx.Node] = set(shards)
     for s in shards:
         region |= nx.descendants(dag, s)
