@@ -136,7 +136,7 @@ def test_patches_must_divide_every_token_segment():
 def test_a_per_patch_value_needed_whole_before_the_blocks_is_refused_naming_it():
     from xdit_fx import UnsupportedGraph
     # HunyuanVideo's token refiner pools the (patched) text over its tokens and conditions every block with it
-    with pytest.raises(UnsupportedGraph, match=r"(?s)gathers the whole token sequence .* token_refiner"):
+    with pytest.raises(UnsupportedGraph, match=r"(?s)gathers the whole token sequence.*token_refiner"):
         _region("hunyuan_video", "pipefusion=2")
 
 
