@@ -69,6 +69,9 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
         bias = None
         if attn_mask is not None:
             bias = _mask_bias(attn_mask, qpos, tuple(range(k.shape[2])), q.dtype, q.device)
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     runtime = PATCH.runtime
     if runtime is None:
