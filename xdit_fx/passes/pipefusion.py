@@ -386,6 +386,23 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                                        f"{sorted(readers[n])} and is not a tensor ({type(v).__name__}).")
             crossings.append(Crossing(n.name, stage[n], tuple(sorted(readers[n])), _local_shape(n, m), v.dtype))
 
+    # in-place writes: a write into a value recomputed per stage (a mask built by x[:, a:b] = 1) goes with
+    # every copy of that value; a write that other stages would have to see is refused
+    from .cache import _writes_in_place
+    writers: dict[fx.Node, list[fx.Node]] = {}
+    for n in nodes:
+        if n in region and _writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node):
+            target = n.args[0]
+            readers_of_target = {stage[u] for u in target.users if u in region and u is not n}
+            if stage[n] >= 0 and (target not in region or stage[target] not in (-1, stage[n])
+                                  or readers_of_target - {stage[n], -1}):
+                raise UnsupportedGraph(
+                    f"pipefusion: {describe_node(n)}\n  writes %{target.name} in place on stage {stage[n]}, and "
+                    "another stage (or the graph outside the per-patch region) reads it: the write would not reach "
+                    "the other rank. Look at it with: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
+            if stage[n] < 0:
+                writers.setdefault(target, []).append(n)
+
     # stage programs
     live_in_nodes = list(dict.fromkeys(a for n in nodes if n in region for a in n.all_input_nodes
                                        if a not in region))
@@ -412,6 +429,8 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if a in region and stage[a] < 0 and a not in wanted:
                 wanted.add(a)
                 todo.extend(a.all_input_nodes)
+                for w in writers.get(a, ()):  # its in-place writes come with it
+                    todo.append(w)
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         inputs: list[tuple[str, object]] = []
