@@ -270,11 +270,33 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 "  fix: run this model with ulysses/ring (sequence parallel handles it with the same gather), "
                 "or cfg/dp; to look at the graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
         post |= later
+    again = next((n for n in nodes if n in post and n not in gathers and (
+        _is(n, pf_shard_tokens) or _is(n, collectives.gather_tokens))), None) or next(
+        (g for g in gathers if g.args[0] in post), None)
+    if again is not None:
+        raise UnsupportedGraph(
+            f"pipefusion: {describe_node(again)}\n  slices or gathers the token sequence again after an earlier "
+            "gather: the graph goes back to per-patch tokens after it needed them whole, so the part after the "
+            "per-patch region cannot run once on the assembled output.\n"
+            "  fix: run this model with ulysses/ring, or cfg/dp; to look at the graph: xdit-fx dump MODEL "
+            "--plan pipefusion=2 --out DIR")
     region: set[fx.Node] = set(shards)
     for s in shards:
         region |= nx.descendants(dag, s)
     region -= post
     region = {n for n in region if n.op != "output"}
+    stateful, depth = None, 0
+    for n in nodes:  # a torch.func.vmap section: between _vmap_increment_nesting and _vmap_decrement_nesting
+        name = target_name(n) if n.op == "call_function" else ""
+        depth += ("vmap_increment" in name) - ("vmap_decrement" in name)
+        if (depth > 0 or "batch_dim" in name) and (n in region or n in post) and stateful is None:
+            stateful = n
+    if stateful is not None:
+        raise UnsupportedGraph(
+            f"pipefusion: {describe_node(stateful)}\n  is part of a torch.func.vmap section on the token sequence; "
+            "its nesting state cannot be split between pipeline stages or patches.\n"
+            "  fix: run this model with ulysses/ring, or cfg/dp; to look at the graph: xdit-fx dump MODEL "
+            "--plan pipefusion=2 --out DIR")
     bad = next((n for n in nodes if n in region and any(a in post for a in n.all_input_nodes)), None)
     if bad is not None:
         g = next(a for a in nx.ancestors(dag, bad) if a in gathers)
