@@ -126,7 +126,15 @@ def cut_stages(costs: list[float], n: int) -> list[int]:
 @graph_pass(reads=["xfx.token_dims", META_BLOCK], writes=[META_LAYOUT, META_SP_ATTENTION])
 def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """shard_sequence over the M patches instead of ranks: the graph computes one patch of the token stream."""
+    from .analysis import _is_flex_attention
     m = ctx.plan.patches
+    flex = next((n for n in gm.graph.nodes if _is_flex_attention(n)), None)
+    if flex is not None:
+        raise UnsupportedGraph(
+            f"patch_sequence: {describe_node(flex)}\n  is flex_attention: its block mask and score/mask functions "
+            "index keys by global token position, which the per-patch K/V buffers cannot re-index yet.\n"
+            "  fix: use the model's SDPA attention backend if it has one, or run it with cfg/dp; to look at the "
+            "graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
     result = shard_sequence(gm, dataclasses.replace(ctx, mesh=MeshSpec(ring=m), groups=None))
     shards = 0
     for node in gm.graph.nodes:
