@@ -312,3 +312,18 @@ def test_two_call_cfg_branches_keep_their_own_buffers_and_warm_up_each():
     assert {k[0] for k in kv_keys} == {0, 1}
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (images - ref).pow(2).sum()).item()
     assert 20 < sqnr < 200, sqnr  # stale K/V on 2 of 3 steps: close, not equal
+
+
+def test_dump_shows_the_stage_of_each_node_and_the_cut():
+    from xdit_fx.capture import capture_graphs
+    from xdit_fx.dump import render_graph
+    from xdit_fx.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.zoo import get
+
+    zm = get("scratch_dit")
+    plan = Plan.from_string("pipefusion=2")
+    gm = run_pipeline(capture_graphs(zm.build(), **zm.inputs())[0], build_pipeline(plan),
+                      PassContext(plan=plan, mesh=MeshSpec()))
+    text = render_graph(gm)
+    assert "module xfx_pipefusion(" in text and "xfx.pipefusion='2 stages x 2 patches; stage 0: blocks.0" in text
+    assert "xfx.stage=0" in text and "xfx.stage=1" in text and "pf_attention(" in text
