@@ -105,12 +105,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--skip-speed", action="store_true", help="keep the speed rows of the last results file")
+    ap.add_argument("--skip-quality", action="store_true", help="keep the quality rows of the last results file")
     args = ap.parse_args()
     labels = list(range(10)) * args.per_class
     from xdit_fx.digits.pipeline import DEFAULT_GUIDANCE
 
     quality = []
-    for guidance in (DEFAULT_GUIDANCE, 1.0):
+    last = Path(args.out_dir) / "pipefusion_cpu.json"
+    if args.skip_quality:
+        previous = json.loads(last.read_text())
+        quality, args.per_class = previous["quality"], previous["per_class"]
+    for guidance in (DEFAULT_GUIDANCE, 1.0) * (not args.skip_quality):
         ref = None
         for name, nproc, plan in [("exact (1 process)", 1, None), ("pipefusion=2, M=2", 2, "pipefusion=2,patches=2"),
                                   ("pipefusion=2, M=4", 2, "pipefusion=2,patches=4")]:
