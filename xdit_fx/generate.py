@@ -29,7 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--ulysses_degree", type=int, default=1)
     p.add_argument("--ring_degree", type=int, default=1)
-    p.add_argument("--pipefusion_parallel_degree", type=int, default=1)
+    p.add_argument("--pipefusion_parallel_degree", type=int, default=1,
+                   help="PipeFusion: pipeline stages over the block stack (cost-balanced)")
+    p.add_argument("--num_pipeline_patch", type=int, default=None,
+                   help="PipeFusion: patches the token sequence is split into (default: one per stage)")
+    p.add_argument("--warmup_steps", type=int, default=1,
+                   help="PipeFusion: denoising steps that run the whole sequence synchronously (exact) before "
+                        "patches use stale K/V")
     p.add_argument("--use_cfg_parallel", action="store_true", help="split the two CFG branches over 2 ranks")
     p.add_argument("--data_parallel_degree", type=int, default=1)
     p.add_argument("--no_parallel_vae", action="store_true", help="decode the VAE on every rank whole")
@@ -56,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def plan_from_args(args: argparse.Namespace) -> Plan:
     return Plan(ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
                 pipefusion_degree=args.pipefusion_parallel_degree, cfg_degree=2 if args.use_cfg_parallel else 1,
+                pipefusion_patches=args.num_pipeline_patch or 0, pipefusion_warmup_steps=args.warmup_steps,
                 dp_degree=args.data_parallel_degree, compile=args.use_torch_compile,
                 parallel_vae=not args.no_parallel_vae, cache=cache_from_args(args))
 

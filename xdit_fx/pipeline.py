@@ -92,6 +92,7 @@ class ParallelPipeline:
         plan, state = self.plan, self.pair_state
 
         caches = [pm.cache for pm in self.denoisers.values() if pm.cache is not None]
+        caches += [pm.pipefusion for pm in self.denoisers.values() if pm.pipefusion is not None]
         for cache in caches:
             cache.step_hooked = True
 

@@ -27,7 +27,7 @@ from .errors import PlanError
 #: Mesh axes from outermost to innermost.
 AXES = ("dp", "cfg", "pipefusion", "ring", "ulysses")
 #: Axes whose passes exist; the others are accepted and validated, then refused until implemented.
-SUPPORTED_AXES = ("dp", "cfg", "ring", "ulysses")
+SUPPORTED_AXES = ("dp", "cfg", "pipefusion", "ring", "ulysses")
 
 _SHORT_NAMES = {
     "dp": "dp_degree",
@@ -36,6 +36,8 @@ _SHORT_NAMES = {
     "ring": "ring_degree",
     "ulysses": "ulysses_degree",
 }
+#: other integer keys of the plan string
+_INT_KEYS = {"patches": "pipefusion_patches", "warmup": "pipefusion_warmup_steps"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,13 @@ class Plan:
         ring_degree: ranks that pass key/value chunks around a ring (no head constraint).
         cfg_degree: 1 or 2: ranks that share the two classifier-free-guidance branches (the conditional
             and unconditional halves of a batched call, or the two calls of a two-call pipeline).
-        pipefusion_degree: pipeline stages over the block stack (not yet supported).
+        pipefusion_degree: pipeline stages over the block stack (PipeFusion): each rank holds a cost-balanced
+            share of the blocks and the token sequence flows through them in patches (see
+            xdit_fx/passes/pipefusion.py).
+        pipefusion_patches: M, the number of patches the token sequence is split into under PipeFusion
+            (0: one per stage). Every token segment must be divisible by M.
+        pipefusion_warmup_steps: calls per generation (and per CFG branch) that run the whole sequence
+            synchronously (exact) and fill the stale-K/V buffers before patches use them.
         dp_degree: data-parallel replicas; each takes a share of the images of every batched call.
         compile: run the rewritten graph through ``torch.compile`` (Inductor).
         parallel_vae: on a pipeline, decode the latent split by rows over all ranks (halo exchange).
@@ -65,6 +73,8 @@ class Plan:
     cfg_degree: int = 1
     pipefusion_degree: int = 1
     dp_degree: int = 1
+    pipefusion_patches: int = 0
+    pipefusion_warmup_steps: int = 1
     compile: bool = False
     parallel_vae: bool = True
     cache: CacheConfig | None = None
@@ -78,6 +88,21 @@ class Plan:
         for flag in ("compile", "parallel_vae"):
             if not isinstance(getattr(self, flag), bool):
                 raise PlanError(f"Plan.{flag} must be a bool, got {getattr(self, flag)!r}.")
+        for name, low in (("pipefusion_patches", 0), ("pipefusion_warmup_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PlanError(f"Plan.{name} must be an integer >= {low}, got {value!r}"
+                                + (" (0 means one patch per pipeline stage)." if name == "pipefusion_patches" else "."))
+        if self.pipefusion_degree > 1 and self.sequence_parallel_degree > 1:
+            raise PlanError(
+                f"Plan pipefusion={self.pipefusion_degree} with ulysses={self.ulysses_degree}, ring={self.ring_degree}: "
+                "PipeFusion combined with sequence parallelism is not supported yet (the K/V buffers would have to "
+                "hold the head-sharded or ring-passed keys of every patch). Combine pipefusion with cfg and dp, or "
+                "use ulysses/ring without pipefusion.")
+        if self.pipefusion_degree > 1 and self.compile:
+            raise PlanError(
+                f"Plan pipefusion={self.pipefusion_degree} with compile=True: refused. The stages run as eager "
+                "GraphModules between point-to-point sends; set compile=0 (or use compile with ulysses/ring/cfg/dp).")
         if self.cfg_degree > 2:
             raise PlanError(
                 f"Plan.cfg_degree={self.cfg_degree}: classifier-free guidance has two branches, so cfg_degree "
@@ -99,6 +124,11 @@ class Plan:
                     f"this version parallelizes over {' and '.join(SUPPORTED_AXES)} only. "
                     f"Set {field}=1."
                 )
+
+    @property
+    def patches(self) -> int:
+        """M: how many patches the token sequence is split into under PipeFusion."""
+        return self.pipefusion_patches or self.pipefusion_degree
 
     # ---- sizes --------------------------------------------------------------------------------------
     def degree(self, axis: str) -> int:
@@ -160,7 +190,7 @@ class Plan:
             key, value = key.strip(), value.strip()
             if not sep or not value:
                 raise PlanError(f"Plan string item {item!r} is not of the form key=value (e.g. 'ulysses=2').")
-            name = _SHORT_NAMES.get(key, key)
+            name = _SHORT_NAMES.get(key, _INT_KEYS.get(key, key))
             if name in fields:
                 raise PlanError(f"Plan string {text!r} sets {key!r} twice.")
             if name in ("compile", "parallel_vae"):
@@ -169,20 +199,24 @@ class Plan:
                 fields[name] = value.lower() in ("1", "true")
             elif name == "cache":
                 fields[name] = cache_from_string(value)
-            elif name in _SHORT_NAMES.values():
+            elif name in _SHORT_NAMES.values() or name in _INT_KEYS.values():
                 try:
                     fields[name] = int(value)
                 except ValueError:
                     raise PlanError(f"{key}={value!r}: a degree must be an integer.") from None
             else:
                 raise PlanError(
-                    f"Unknown plan key {key!r}; use one of {', '.join(AXES)}, compile, parallel_vae, cache "
+                    f"Unknown plan key {key!r}; use one of {', '.join(AXES)}, patches, warmup, compile, parallel_vae, cache "
                     "(e.g. 'ulysses=2,ring=2' or 'cfg=2,cache=fbc:0.1')."
                 )
         return cls(**fields)
 
     def to_string(self) -> str:
         parts = [f"{axis}={self.degree(axis)}" for axis in AXES if self.degree(axis) > 1]
+        if self.pipefusion_patches:
+            parts.append(f"patches={self.pipefusion_patches}")
+        if self.pipefusion_warmup_steps != 1:
+            parts.append(f"warmup={self.pipefusion_warmup_steps}")
         if self.compile:
             parts.append("compile=1")
         if not self.parallel_vae:

@@ -8,10 +8,11 @@ from .normalize_attention import normalize_attention
 from .base import (GraphHistory, GraphPass, MeshSpec, PassContext, PassInfo, PassResult, check_pipeline,
                    graph_pass, run_pipeline)
 from .sequence_parallel import infer_token_dims, parallelize_attention, shard_sequence
+from .pipefusion import patch_sequence, pipefusion
 
 ALL_PASSES: tuple[GraphPass, ...] = (
     normalize_attention, find_attention, find_transformer_blocks, infer_token_dims, shard_sequence, parallelize_attention,
-    insert_cache,
+    insert_cache, patch_sequence, pipefusion,
 )
 
 
@@ -23,6 +24,9 @@ def build_pipeline(plan) -> list[GraphPass]:
         # token dims need the attention sites (a space is sharded if it is a query and key sequence);
         # sharding must run before attention is rewritten (it marks which sites run on local shards)
         passes += [infer_token_dims, shard_sequence, parallelize_attention]
+    if plan.pipefusion_degree > 1:
+        # the graph of one patch (shard_sequence over patches), then the stage cut and the region
+        passes += [infer_token_dims, patch_sequence, pipefusion]
     if plan.cache is not None:
         # last: the region it cuts out holds the blocks as the other passes left them (collectives included)
         passes.append(insert_cache)
@@ -34,5 +38,5 @@ __all__ = [
     "ALL_PASSES", "GraphHistory", "GraphPass", "MeshSpec", "PassContext", "PassInfo", "PassResult",
     "build_pipeline", "check_pipeline", "graph_pass", "run_pipeline",
     "normalize_attention", "find_attention", "find_transformer_blocks", "infer_token_dims", "parallelize_attention", "shard_sequence",
-    "insert_cache",
+    "insert_cache", "patch_sequence", "pipefusion",
 ]

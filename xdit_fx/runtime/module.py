@@ -52,12 +52,17 @@ class ParallelModule(nn.Module):
         self.last_comm: dict[str, dict[str, int]] = {}
         # a plan that only splits the batch (cfg/dp, no compile, no dump) has nothing to rewrite: run eagerly
         batch_only = plan.batch_degree > 1 and plan.sequence_parallel_degree == 1 and not plan.compile \
-            and plan.cache is None \
+            and plan.cache is None and plan.pipefusion_degree == 1 \
             and not (plan.debug_dump_dir or os.environ.get("XDIT_FX_DUMP_DIR"))
         self._compiled = model if batch_only else \
             torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False)
         self.batch = BatchSplitter(plan, groups) if plan.batch_degree > 1 else None
         self.cache = CacheRuntime(plan.cache, self._sp_groups) if plan.cache is not None else None
+        self.pipefusion = None
+        if plan.pipefusion_degree > 1:
+            from .pipefusion import PipeFusionRuntime
+            self.pipefusion = PipeFusionRuntime(plan, groups)
+        self._to_free: list[torch.Tensor] = []
 
     def _sp_groups(self) -> list[str]:
         return [self.groups.names["sp"]] if self.groups is not None and self.plan.sequence_parallel_degree > 1 else []
@@ -71,12 +76,15 @@ class ParallelModule(nn.Module):
         """Start a new generation: forget cached residuals and statistics (pipelines do it on every call)."""
         if self.cache is not None:
             self.cache.reset()
+        if self.pipefusion is not None:
+            self.pipefusion.reset()
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
         plan = self.plan
         ctx = PassContext(plan=plan, mesh=MeshSpec(ring=plan.ring_degree, ulysses=plan.ulysses_degree),
                           groups=self.groups)
         history = GraphHistory()
+        warm_gm = _copy_graph(gm) if plan.pipefusion_degree > 1 else None
         dump_dir = plan.debug_dump_dir or os.environ.get("XDIT_FX_DUMP_DIR")
         render = None
         if dump_dir:
@@ -92,6 +100,8 @@ class ParallelModule(nn.Module):
                            formats=run_formats())
         self.histories.append(history)
         self.graphs.append(gm)
+        if warm_gm is not None:
+            self._bind_pipefusion(gm, warm_gm, ctx, example_inputs)
         regions = [m for m in gm.modules() if isinstance(m, CachedRegion)]
         if self.cache is not None and gm.meta.get(REFUSAL):
             self.cache.refusals.append(gm.meta[REFUSAL])
@@ -102,12 +112,46 @@ class ParallelModule(nn.Module):
             return compile_fx(gm, example_inputs)
         return gm.forward
 
+    def _bind_pipefusion(self, gm: fx.GraphModule, warm_gm: fx.GraphModule, ctx: PassContext,
+                         example_inputs: list[Any]) -> None:
+        """Build the one-patch (warm-up) version of the graph, bind both regions to the runtime, and free
+        the parameters that only other stages read."""
+        import dataclasses
+
+        from .pipefusion import PipeFusionRegion
+        warm_plan = dataclasses.replace(self.plan, pipefusion_patches=1)
+        warm_gm = run_pipeline(warm_gm, build_pipeline(warm_plan), dataclasses.replace(ctx, plan=warm_plan))
+        regions = [(n, gm.get_submodule(n.target)) for n in gm.graph.nodes
+                   if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PipeFusionRegion)]
+        warm = [warm_gm.get_submodule(n.target) for n in warm_gm.graph.nodes
+                if n.op == "call_module" and isinstance(warm_gm.get_submodule(n.target), PipeFusionRegion)]
+        if len(regions) != len(warm) or any(r.spec.live_ins != w.spec.live_ins for (_, r), w in zip(regions, warm)):
+            raise XditFxError("pipefusion: the one-patch warm-up graph differs from the patched one in its inputs; "
+                              "please report it with a dump (xdit-fx dump MODEL --plan ... --out DIR)")
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        keep = {n.name for n in placeholders if any(u.op != "call_module" or u.target not in
+                                                    {c.target for c, _ in regions} for u in n.users)}
+        stage = self.pipefusion.stage
+        for (_, region), w in zip(regions, warm):
+            region.bind(self.pipefusion, w)
+            w.bind(self.pipefusion, w)
+            keep |= set(region.spec.programs[stage].params) | set(w.spec.programs[stage].params)
+        if regions:  # freed after this call (dynamo checks its guards on the parameters right after compiling)
+            self._to_free += [t for n, t in zip(placeholders, example_inputs) if n.name not in keep
+                              and isinstance(t, nn.Parameter)]
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         before = COMM.snapshot()
+        if self.pipefusion is not None:
+            self.pipefusion.next_call()
         if self.cache is not None:
             self.cache.next_call()
         out = self.batch(self._run, args, kwargs) if self.batch is not None else self._run(*args, **kwargs)
         self.last_comm = COMM.since(before)
+        if self._to_free:  # parameters only other pipeline stages read (the next call recaptures once)
+            from .pipefusion import free_parameters
+            free_parameters(self._to_free)
+            self._to_free = []
         return out
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
@@ -129,3 +173,11 @@ class ParallelModule(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("model"), name)
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a captured graph (node facts copied shallowly) that passes can rewrite independently."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)

@@ -1,0 +1,279 @@
+"""The PipeFusion runtime: patches flow through the stages inside one transformer call.
+
+`PipeFusionRegion` (built by passes/pipefusion.py) holds one GraphModule per stage. On each call, the rank of
+stage s runs its GraphModule once per patch p = 0..M-1: it receives the patch's crossing values from earlier
+stages (blocking receive), computes, and sends what later stages read (non-blocking), so stage s works on
+patch p while stage s+1 works on patch p-1. The last stage assembles the exits (the per-patch pieces of the
+values the rest of the graph reads whole) and broadcasts them; every rank then runs the rest of the graph,
+so every rank returns the whole output, like any other plan.
+
+Attention: each site keeps a full-sequence K/V buffer per call slot (the position of a call within a
+denoising step: a two-call CFG pipeline's branches get their own buffers). A patch writes its fresh K/V
+into its slice and attends over the whole buffer: the other patches' K/V come from the previous call
+(stale), except those of earlier patches of this call, which are already fresh.
+
+Warm-up: the first `pipefusion_warmup_steps` calls of each slot in a generation (and any call whose input
+shapes have not filled the buffers yet) run the warm-up program, the same passes with one patch: the whole
+sequence, synchronously, exact, filling every buffer. `reset()` starts a new generation (pipelines do it
+on every call; the scheduler hook marks the steps, as for the cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import XditFxError
+from .attention import _mask_bias, _positions
+from .collectives import COMM, _group
+
+log = logging.getLogger(__name__)
+
+
+class _PatchContext:
+    """What the per-patch ops read while a stage program runs: the runtime, the patch, the patch count."""
+
+    runtime: "PipeFusionRuntime | None" = None
+    patch: int = 0
+    patches: int = 1
+    key: tuple = ()
+
+
+PATCH = _PatchContext()
+
+
+def pf_shard_tokens(x: torch.Tensor, dim: int, segments, group: str, n: int) -> torch.Tensor:
+    """Patch PATCH.patch of x's token dim: chunk p of every sharded segment (the pass checked that each
+    segment splits evenly), replicated segments whole. No communication."""
+    p = PATCH.patch if n > 1 else 0
+    pieces = x.split([s[0] for s in segments], dim=dim) if len(segments) > 1 else (x,)
+    out = [piece.narrow(dim, p * (length // n), length // n) if sharded else piece
+           for piece, (length, sharded) in zip(pieces, segments)]
+    return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
+
+
+def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
+                 site: int, q_segments: tuple, kv_segments: tuple | None, scale: float | None) -> torch.Tensor:
+    """Attention of the patch's queries over the site's full-sequence K/V buffer, after writing the patch's
+    fresh K/V into it. Cross-attention to whole (unpatched) keys runs as is."""
+    n, p = PATCH.patches, PATCH.patch
+    qpos = _positions(tuple(q_segments), n, p, False)
+    if kv_segments is None or not any(s for _, s in kv_segments):
+        bias = None
+        if attn_mask is not None:
+            bias = _mask_bias(attn_mask, qpos, tuple(range(k.shape[2])), q.dtype, q.device)
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    runtime = PATCH.runtime
+    if runtime is None:
+        raise XditFxError("pf_attention ran outside a PipeFusion runtime (a dump's graph run by hand?); "
+                          "run the model through xdit_fx.parallelize(model, plan).")
+    total = sum(length for length, _ in kv_segments)
+    kidx = torch.tensor(_positions(tuple(kv_segments), n, p, False), device=k.device)
+    kbuf, vbuf = runtime.kv_buffer(site, k, v, total)
+    kbuf.index_copy_(2, kidx, k)
+    vbuf.index_copy_(2, kidx, v)
+    kk, vv = kbuf, vbuf
+    if kk.shape[1] != q.shape[1]:  # grouped-query attention
+        kk = kk.repeat_interleave(q.shape[1] // kk.shape[1], dim=1)
+        vv = vv.repeat_interleave(q.shape[1] // vv.shape[1], dim=1)
+    bias = None
+    if attn_mask is not None:
+        bias = _mask_bias(attn_mask, qpos, tuple(range(total)), q.dtype, q.device)
+    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias, scale=scale)
+
+
+@dataclass
+class PipeFusionRecord:
+    step: int
+    slot: int
+    warm: bool
+
+
+class PipeFusionRuntime:
+    """Per ParallelModule: the stage of this rank, the K/V buffers, warm-up counting, the patch loop."""
+
+    def __init__(self, plan, groups) -> None:
+        self.plan = plan
+        self.group = groups.names["pipefusion"]
+        pg = _group(self.group)
+        self.stage = dist.get_rank(pg)
+        self.ranks = [dist.get_global_rank(pg, i) for i in range(dist.get_world_size(pg))]
+        self.step_hooked = False
+        self.reset()
+
+    # ---- generation / step / call boundaries (the same protocol as the cache runtime) -------------------
+    def reset(self) -> None:
+        """A new generation: drop the K/V buffers and the warm-up counts."""
+        self.kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.filled: dict[tuple, tuple] = {}
+        self.calls: dict[int, int] = {}
+        self.records: list[PipeFusionRecord] = []
+        #: of the last region call: seconds in this stage's compute, and from entry to the exit broadcast
+        self.last_busy_s = self.last_wall_s = 0.0
+        self.step = 0
+        self.call_in_step = 0
+        self.slot = 0
+        self.warm = True
+        self.ordinal = 0
+
+    def end_step(self) -> None:
+        self.step += 1
+        self.call_in_step = 0
+
+    def next_call(self) -> None:
+        self.slot = self.call_in_step if self.step_hooked else 0
+        self.call_in_step += 1
+        done = self.calls.get(self.slot, 0)
+        self.warm = done < self.plan.pipefusion_warmup_steps
+        self.calls[self.slot] = done + 1
+        self.ordinal = 0
+
+    # ---- buffers -----------------------------------------------------------------------------------------
+    def kv_buffer(self, site: int, k: torch.Tensor, v: torch.Tensor, total: int):
+        key = PATCH.key + (site,)
+        shape_k = k.shape[:2] + (total,) + k.shape[3:]
+        shape_v = v.shape[:2] + (total,) + v.shape[3:]
+        buf = self.kv.get(key)
+        if buf is None or buf[0].shape != shape_k or buf[1].shape != shape_v or buf[0].dtype != k.dtype:
+            buf = (k.new_zeros(shape_k), v.new_zeros(shape_v))
+            self.kv[key] = buf
+        return buf
+
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.kv.values() for t in pair)
+
+    # ---- one call of a region -----------------------------------------------------------------------------
+    def run(self, region: "PipeFusionRegion", live_ins: tuple[Any, ...]) -> tuple:
+        key = (self.slot, self.ordinal)
+        self.ordinal += 1
+        sig = tuple(tuple(t.shape) for t in live_ins if isinstance(t, torch.Tensor))
+        warm = self.warm or self.filled.get(key) != sig
+        prog = region.warm_region if warm else region
+        if prog is None:
+            raise XditFxError("this PipeFusion region has no warm-up program bound (built by a dump or a test); "
+                              "run the model through xdit_fx.parallelize(model, plan).")
+        self.records.append(PipeFusionRecord(self.step, self.slot, warm))
+        out = self._run(prog.spec, live_ins, key)
+        if warm:
+            self.filled[key] = sig
+        return out
+
+    def _run(self, spec, live_ins: tuple[Any, ...], key: tuple) -> tuple:
+        pg = _group(self.group)
+        me, last, m = self.stage, spec.stages - 1, spec.patches
+        program = spec.programs[me]
+        device = next((t.device for t in live_ins if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        n_cross = max(len(spec.crossings), 1)
+        recv_order = sorted({i for kind, i in program.inputs if kind == "recv"})
+        exits: list[list[torch.Tensor | None]] = [[None] * m for _ in spec.exits]
+        pending = []
+        busy, t_start = 0.0, time.perf_counter()
+        PATCH.runtime, PATCH.patches, PATCH.key = self, m, key
+        try:
+            for p in range(m):
+                PATCH.patch = p
+                received = {}
+                for i in recv_order:  # in crossing order (NCCL matches sends and receives by order)
+                    c = spec.crossings[i]
+                    buf = torch.empty(c.shape, dtype=c.dtype, device=device)
+                    dist.recv(buf, src=self.ranks[c.src], group=pg, tag=p * n_cross + i)
+                    COMM.add(self.group, "pipefusion_p2p", c.nbytes)
+                    received[i] = buf
+                args = [live_ins[i] if kind == "live_in" else received[i] for kind, i in program.inputs]
+                t0 = time.perf_counter()
+                outs = program.body(*args)
+                busy += time.perf_counter() - t0
+                for (kind, i), o in zip(program.outputs, outs):
+                    if kind == "send":
+                        o = o.contiguous()
+                        for d in spec.crossings[i].dsts:
+                            pending.append((dist.isend(o, dst=self.ranks[d], group=pg, tag=p * n_cross + i), o))
+                    else:
+                        exits[i][p] = o
+        finally:
+            PATCH.runtime = None
+        for work, _ in pending:
+            work.wait()
+        full = []
+        for e, pieces in zip(spec.exits, exits):
+            if me == last:
+                t = _assemble(pieces, e.dim, e.segments, m)
+            else:
+                t = torch.empty(e.shape, dtype=e.dtype, device=device)
+            if len(self.ranks) > 1:
+                t = t.contiguous()
+                dist.broadcast(t, src=self.ranks[last], group=pg)
+                if me != last:
+                    COMM.add(self.group, "broadcast", t.numel() * t.element_size())
+            full.append(t)
+        # wall: until the last stage's output has arrived, so 1 - busy / wall is this stage's bubble
+        self.last_busy_s, self.last_wall_s = busy, time.perf_counter() - t_start
+        return tuple(full)
+
+
+def _assemble(pieces: list[torch.Tensor], dim: int, segments, m: int) -> torch.Tensor:
+    """The whole tensor from its M patches: chunk p of every sharded segment comes from patch p; a
+    replicated segment (computed whole by every patch) from the last patch."""
+    if m == 1:
+        return pieces[0]
+    lens = [length // m if sharded else length for length, sharded in segments]
+    split = [piece.split(lens, dim=dim) for piece in pieces]
+    out = []
+    for j, (length, sharded) in enumerate(segments):
+        out.append(torch.cat([s[j] for s in split], dim=dim) if sharded else split[-1][j])
+    return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
+
+
+class PipeFusionRegion(nn.Module):
+    """The per-patch part of the graph, cut into stages. `body` is the whole region (for dumps);
+    `spec.programs[s].body` what stage s runs. `warm_region`: the one-patch version (warm-up calls)."""
+
+    def __init__(self, body, spec) -> None:
+        super().__init__()
+        self.body = body
+        self.spec = spec
+        self.runtime: PipeFusionRuntime | None = None
+        self.warm_region: PipeFusionRegion | None = None
+
+    def bind(self, runtime: PipeFusionRuntime, warm_region: "PipeFusionRegion") -> None:
+        self.runtime = runtime
+        self.warm_region = warm_region
+
+    def forward(self, *live_ins: Any) -> tuple:
+        if self.runtime is None:
+            raise XditFxError("this PipeFusion region is not bound to a runtime (it was built by a dump or a "
+                              "test); run the model through xdit_fx.parallelize(model, plan).")
+        return self.runtime.run(self, live_ins)
+
+
+def parameter_bytes(module: nn.Module) -> int:
+    """Bytes of parameter storage a module holds (freed parameters hold one element)."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        s = p.untyped_storage()
+        if s.data_ptr() in seen:
+            continue
+        seen.add(s.data_ptr())
+        total += s.nbytes()
+    return total
+
+
+def free_parameters(tensors: list[torch.Tensor]) -> int:
+    """Replace each tensor's storage by one element broadcast to its shape; returns the bytes released."""
+    freed = 0
+    for t in tensors:
+        if t.numel() > 1 and t.stride() != (0,) * t.dim():
+            freed += t.numel() * t.element_size()
+            with torch.no_grad():
+                t.data = torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+    return freed
