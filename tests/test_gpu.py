@@ -70,3 +70,18 @@ def test_fully_masked_rows_of_a_chunk_get_minus_infinity_and_zero_output():
     out, lse = attention_with_lse(q, k, v, bias, q.shape[-1] ** -0.5)
     assert torch.isneginf(lse[..., :5]).all() and (out[..., :5, :] == 0).all()
     assert torch.isfinite(lse[..., 5:]).all()
+
+
+def test_a_key_chunk_of_unaligned_length_with_a_mask_stays_on_the_fused_kernel(monkeypatch):
+    from xdit_fx.runtime import collectives
+
+    q, k, v = _qkv(torch.bfloat16, lq=45, lk=45)
+    bias = _mask_bias(45, 45, 1, torch.bfloat16)
+    want = _exact(q, k, v, bias, q.shape[-1] ** -0.5)
+
+    def no_fallback(*args):
+        raise AssertionError("fell back to the materialized-scores reference")
+
+    monkeypatch.setattr(collectives, "attention_with_lse_reference", no_fallback)
+    out, lse = attention_with_lse(q, k, v, bias, q.shape[-1] ** -0.5)
+    assert (out.double() - want).abs().max().item() <= TOL[torch.bfloat16]

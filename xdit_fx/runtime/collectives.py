@@ -282,7 +282,11 @@ def _fused_attention_with_lse(q, k, v, bias, scale):
         if bias is not None:
             b = bias if bias.dtype != torch.bool else torch.zeros(bias.shape, dtype=q.dtype, device=q.device) \
                 .masked_fill(~bias, float("-inf"))
-            b = b.to(q.dtype).expand(q.shape[0], q.shape[1], lq, k.shape[-2])
+            b = b.to(q.dtype)
+            pad = (-b.shape[-1]) % 8  # the kernel wants bias rows 16-byte aligned: pad, then view the keys
+            if pad:
+                b = torch.nn.functional.pad(b, (0, pad))[..., :k.shape[-2]]
+            b = b.expand(q.shape[0], q.shape[1], lq, k.shape[-2])
         res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, b, True, 0.0, False, scale=scale)
         return res[0], res[1][..., :lq]
     except RuntimeError:
