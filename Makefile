@@ -24,14 +24,15 @@ demo: $(STAMP)
 
 # every zoo model (diffusers classes + from-scratch DiTs) under ulysses=2 and ring=2 (one 2-process spawn),
 # a diverse subset under ulysses=2,ring=2 (4 processes on 2 cores are slow), both cache kinds in one process
-# (the repeated call must skip); then COVERAGE.md from all of them
+# (the repeated call must skip), pipefusion=2 (2 processes); then COVERAGE.md from all of them
 USP_MODELS := scratch_dit,scratch_mmdit,scratch_mha_uvit,scratch_manual_video,anyflow_far,hunyuan_dit,ace_step,helios,nucleus_moe_image_moe,ideogram4,wan_vace,ltx2_video,stable_audio3,bria_fibo2,qwen_image,z_image,latte,sana,sana_video,qwen_image21,cosmos3_omni,flux,sd3
 coverage: $(STAMP)
 	mkdir -p .scratch
 	$(BIN)/xdit-fx coverage --plan ulysses=2 --plan ring=2 --jsonl COVERAGE.jsonl --out .scratch/coverage-2.md
 	$(BIN)/xdit-fx coverage --plan ulysses=2,ring=2 --models $(USP_MODELS) --jsonl COVERAGE-usp.jsonl --out .scratch/coverage-4.md
 	$(BIN)/xdit-fx coverage --plan cache=fbc:1e9 --plan cache=teacache:1e9 --jsonl COVERAGE-cache.jsonl --out .scratch/coverage-cache.md
-	$(BIN)/xdit-fx coverage --report-only COVERAGE.jsonl COVERAGE-usp.jsonl COVERAGE-cache.jsonl --out COVERAGE.md
+	$(BIN)/xdit-fx coverage --plan pipefusion=2 --jsonl COVERAGE-pipefusion.jsonl --out .scratch/coverage-pipefusion.md
+	$(BIN)/xdit-fx coverage --report-only COVERAGE.jsonl COVERAGE-usp.jsonl COVERAGE-cache.jsonl COVERAGE-pipefusion.jsonl --out COVERAGE.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sequence_parallel_cpu.py
