@@ -140,6 +140,19 @@ def test_a_per_patch_value_needed_whole_before_the_blocks_is_refused_naming_it()
         _region("hunyuan_video", "pipefusion=2")
 
 
+@pytest.mark.parametrize("case, match", [("linear_attn", "sums over every token"),
+                                         ("grid_conv", "convolves across the rows of neighbouring patches")])
+def test_token_sums_and_cross_row_convolutions_are_refused_naming_the_node(case, match):
+    # under sequence parallel these are all-reduces / halo exchanges over the ranks of one call; a patch
+    # pipeline has no such partners, so they are refused instead of hanging on a collective
+    from xdit_fx import UnsupportedGraph
+    from test_sp_patterns import CASES
+
+    model, inputs = CASES[case]()
+    with pytest.raises(UnsupportedGraph, match=rf"(?s)patch_sequence: node .*{match}"):
+        _region(model, "pipefusion=2", **inputs)
+
+
 def test_degree_above_block_count_is_refused():
     with pytest.raises(PlanError, match="only 2 blocks"):
         _region("scratch_dit", "pipefusion=3")

@@ -136,6 +136,19 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "  fix: use the model's SDPA attention backend if it has one, or run it with cfg/dp; to look at the "
             "graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
     result = shard_sequence(gm, dataclasses.replace(ctx, mesh=MeshSpec(ring=m), groups=None))
+    # collectives that need every rank's tokens of the same call: across patches, those tokens are computed
+    # at other times (or on other stages), so the per-patch graph cannot run them
+    needs_all = {collectives.all_reduce_tokens: "sums over every token (e.g. linear attention's K^T V)",
+                 collectives.halo_rows: "convolves across the rows of neighbouring patches",
+                 collectives.zero_token_padding: "sums over every token (e.g. linear attention's K^T V)"}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in needs_all:
+            src = next((u for u in node.users), node)
+            raise UnsupportedGraph(
+                f"patch_sequence: {describe_node(src)}\n  {needs_all[node.target]}: under sequence parallel "
+                f"that is a collective over the ranks of one call ({node.name}), but PipeFusion computes one "
+                "patch at a time, so the other patches' part is not there.\n  fix: use ulysses/ring for this "
+                "model, or cfg/dp; to look at the graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
     shards = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is collectives.shard_tokens:
