@@ -135,8 +135,10 @@ def test_patches_must_divide_every_token_segment():
 
 def test_a_per_patch_value_needed_whole_before_the_blocks_is_refused_naming_it():
     from xdit_fx import UnsupportedGraph
-    # HunyuanVideo's token refiner pools the (patched) text over its tokens and conditions every block with it
-    with pytest.raises(UnsupportedGraph, match=r"(?s)gathers the whole token sequence.*token_refiner"):
+    # HunyuanVideo's token refiner pools the (patched) text over its tokens and conditions every block with
+    # it: a sum over every token, which one patch at a time cannot compute
+    with pytest.raises(UnsupportedGraph, match=r"(?s)patch_sequence: node 'pooled_projections' \(context_embedder"
+                                               r"\).*sums over every token"):
         _region("hunyuan_video", "pipefusion=2")
 
 
