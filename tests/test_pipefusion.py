@@ -365,6 +365,9 @@ def test_dump_shows_the_stage_of_each_node_and_the_cut():
 
 
 # ---- pipefusion x ulysses: 4 ranks (2 stages x 2 ulysses ranks) -------------------------------------------
+# the 4-process fixture takes 60-90 s on 2 shared CPU cores (both models, exact and stale plans)
+slow_4 = pytest.mark.skipif(os.environ.get("XDIT_FX_SLOW_TESTS") != "1", reason="4 processes: XDIT_FX_SLOW_TESTS=1")
+
 
 def _hybrid_runs(rank, world, names):
     from xdit_fx.passes.pipefusion import _global_value
@@ -398,6 +401,7 @@ def four_rank():
     return names, spawn_gloo(4, _hybrid_runs, names)
 
 
+@slow_4
 @pytest.mark.parametrize("name", ["flux", "scratch_dit"])
 def test_pipefusion_with_ulysses_warmup_on_every_call_equals_the_single_process(four_rank, name):
     _, res = four_rank
@@ -409,6 +413,7 @@ def test_pipefusion_with_ulysses_warmup_on_every_call_equals_the_single_process(
             assert (o - r).abs().max().item() <= EXACT_ATOL
 
 
+@slow_4
 @pytest.mark.parametrize("name", ["flux", "scratch_dit"])
 def test_pipefusion_with_ulysses_stale_kv_stays_close(four_rank, name):
     _, res = four_rank
@@ -432,6 +437,7 @@ def _stream_lengths(name: str) -> list[int]:
     return [inputs["x"].shape[-2] * inputs["x"].shape[-1] // 4]  # 2x2 patches
 
 
+@slow_4
 @pytest.mark.parametrize("name", ["flux", "scratch_dit"])
 def test_pipefusion_with_ulysses_bytes_per_call_match_the_formula(four_rank, name):
     """Ranks: (stage, ulysses rank) = 0:(0,0) 1:(0,1) 2:(1,0) 3:(1,1). Per call and rank: stage 1 receives
