@@ -395,14 +395,18 @@ def _hybrid_runs(rank, world, names):
     return results
 
 
+#: scratch_mmdit: a joint attention with a one-token segment (the time token) computed whole by every patch
+HYBRID_MODELS = ["flux", "scratch_dit", "scratch_mmdit"]
+
+
 @pytest.fixture(scope="module")
 def four_rank():
-    names = ["flux", "scratch_dit"]
+    names = HYBRID_MODELS
     return names, spawn_gloo(4, _hybrid_runs, names)
 
 
 @slow_4
-@pytest.mark.parametrize("name", ["flux", "scratch_dit"])
+@pytest.mark.parametrize("name", HYBRID_MODELS)
 def test_pipefusion_with_ulysses_warmup_on_every_call_equals_the_single_process(four_rank, name):
     _, res = four_rank
     _, ref = _serial(name)
@@ -414,7 +418,7 @@ def test_pipefusion_with_ulysses_warmup_on_every_call_equals_the_single_process(
 
 
 @slow_4
-@pytest.mark.parametrize("name", ["flux", "scratch_dit"])
+@pytest.mark.parametrize("name", HYBRID_MODELS)
 def test_pipefusion_with_ulysses_stale_kv_stays_close(four_rank, name):
     _, res = four_rank
     _, ref = _serial(name)

@@ -384,14 +384,12 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 raise PlanError(
                     f"pipefusion: attention {describe_node(n)}\n  has {site.heads} heads, which is not divisible "
                     f"by ulysses_degree={u}.\n  fix: choose ulysses in {ok}, or pipefusion without ulysses.")
-            segs = tuple(spec["q_segments"]) + tuple(spec["kv_segments"])
-            if not all(s for _, s in segs):
+            if not any(s for _, s in spec["q_segments"]):
                 raise UnsupportedGraph(
-                    f"pipefusion: attention {describe_node(n)}\n  mixes a token segment computed whole by every "
-                    f"patch with patched ones (q {spec['q_segments']}, kv {spec['kv_segments']}); with "
-                    "ulysses the head all-to-all of pf_attention needs every segment patched.\n  fix: run it "
-                    "with pipefusion alone, or ulysses alone; to look at the graph: xdit-fx dump MODEL "
-                    "--plan pipefusion=2,ulysses=2 --out DIR")
+                    f"pipefusion: attention {describe_node(n)}\n  has patched keys but no patched queries "
+                    f"(q {spec['q_segments']}, kv {spec['kv_segments']}); with ulysses the head all-to-all of "
+                    "pf_attention needs patched queries.\n  fix: run it with pipefusion alone, or ulysses alone; "
+                    "to look at the graph: xdit-fx dump MODEL --plan pipefusion=2,ulysses=2 --out DIR")
         with graph.inserting_before(n):
             new = graph.call_function(pf_attention, (a["query"], a["key"], a["value"], a["attn_mask"]),
                                       dict(site=site.index, q_segments=spec["q_segments"],

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..errors import XditFxError
 from .attention import _mask_bias, _positions
-from .collectives import COMM, _group, all_to_all
+from .collectives import COMM, _group, all_gather, all_to_all
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,17 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
     total = sum(length for length, _ in kv_segments)
     heads_slice = None
     if u > 1:
-        # [B, H, chunk, D] on each of the U ranks -> [B, H/U, patch (U chunks in rank order), D]
+        # the patched segments: [B, H, chunk, D] on each of the U ranks -> [B, H/U, patch (U chunks in rank
+        # order), D]; segments computed whole by every patch (a time token): this rank's heads, no comm
         heads = q.shape[1]
         if k.shape[1] != heads:  # grouped-query attention: every query head gets its kv head first
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
+        heads_slice = slice(PATCH.urank * heads // u, (PATCH.urank + 1) * heads // u)
+        qs, ks = tuple(q_segments), tuple(kv_segments)
+        q, q_rep = _split_patched(q, qs, n)
+        k, k_rep = _split_patched(k, ks, n)
+        v, v_rep = _split_patched(v, ks, n)
         if q.shape == k.shape == v.shape:
             q, k, v = all_to_all(torch.stack([q, k, v]), 2, 3, PATCH.ulysses_group).unbind(0)
         else:
@@ -105,9 +111,14 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
             k = all_to_all(k, 1, 2, PATCH.ulysses_group)
             v = all_to_all(v, 1, 2, PATCH.ulysses_group)
         first = PATCH.patch * u
-        qpos = sum((_positions(tuple(q_segments), n, first + j, False) for j in range(u)), ())
-        kpos = sum((_positions(tuple(kv_segments), n, first + j, False) for j in range(u)), ())
-        heads_slice = slice(PATCH.urank * heads // u, (PATCH.urank + 1) * heads // u)
+        q_sharded = q.shape[2]
+        qpos = sum((_patched_positions(qs, n, first + j) for j in range(u)), ()) + _whole_positions(qs)
+        kpos = sum((_patched_positions(ks, n, first + j) for j in range(u)), ()) + _whole_positions(ks)
+        if q_rep is not None:
+            q = torch.cat([q, q_rep[:, heads_slice]], dim=2)
+        if k_rep is not None:
+            k = torch.cat([k, k_rep[:, heads_slice]], dim=2)
+            v = torch.cat([v, v_rep[:, heads_slice]], dim=2)
     else:
         kpos = _positions(tuple(kv_segments), n, p, False)
     kidx = torch.tensor(kpos, device=k.device)
@@ -123,8 +134,50 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
         bias = _mask_bias(attn_mask, qpos, tuple(range(total)), q.dtype, q.device, heads_slice)
     out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias, scale=scale)
     if u > 1:
-        out = all_to_all(out, 2, 1, PATCH.ulysses_group)
+        whole = None
+        if out.shape[2] > q_sharded:  # queries of whole segments: every rank computed its heads; gather them
+            out, whole = out.split([q_sharded, out.shape[2] - q_sharded], dim=2)
+            whole = all_gather(whole.contiguous(), 1, heads, PATCH.ulysses_group)
+        out = all_to_all(out.contiguous(), 2, 1, PATCH.ulysses_group)
+        if whole is not None:
+            out = _merge_patched(out, whole, tuple(q_segments), n)
     return out
+
+
+def _split_patched(x: torch.Tensor, segments: tuple, n: int):
+    """x's local token dim (2) -> (the patched segments' tokens, the whole segments' tokens or None)."""
+    if all(s for _, s in segments):
+        return x, None
+    pieces = x.split([length // n if s else length for length, s in segments], dim=2)
+    patched = [p for p, (_, s) in zip(pieces, segments) if s]
+    whole = [p for p, (_, s) in zip(pieces, segments) if not s]
+    return torch.cat(patched, dim=2), torch.cat(whole, dim=2)
+
+
+def _merge_patched(patched: torch.Tensor, whole: torch.Tensor, segments: tuple, n: int) -> torch.Tensor:
+    """The inverse of `_split_patched`: the local token order of the segments."""
+    pp = iter(patched.split([length // n for length, s in segments if s], dim=2))
+    ww = iter(whole.split([length for length, s in segments if not s], dim=2))
+    return torch.cat([next(pp) if s else next(ww) for _, s in segments], dim=2)
+
+
+def _patched_positions(segments: tuple, n: int, c: int) -> tuple[int, ...]:
+    """Global positions of chunk c of every patched segment (segments divide by n)."""
+    out, off = [], 0
+    for length, s in segments:
+        if s:
+            out.extend(range(off + c * (length // n), off + (c + 1) * (length // n)))
+        off += length
+    return tuple(out)
+
+
+def _whole_positions(segments: tuple) -> tuple[int, ...]:
+    out, off = [], 0
+    for length, s in segments:
+        if not s:
+            out.extend(range(off, off + length))
+        off += length
+    return tuple(out)
 
 
 @dataclass
