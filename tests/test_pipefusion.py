@@ -34,12 +34,15 @@ def test_plan_string_round_trip_and_defaults():
     assert Plan.from_string(plan.to_string()) == plan and Plan.from_dict(plan.to_dict()) == plan
     assert Plan(pipefusion_degree=3).patches == 3  # default: one patch per stage
     assert Plan.from_string("cfg=2,pipefusion=2").world_size == 4
+    hybrid = Plan.from_string("pipefusion=2,ulysses=2")
+    assert hybrid.world_size == 4 and Plan.from_string(hybrid.to_string()) == hybrid
 
 
 @pytest.mark.parametrize("text, match", [
     ("pipefusion=2,patches=-1", "pipefusion_patches must be an integer >= 0"),
     ("pipefusion=2,warmup=-1", "pipefusion_warmup_steps must be an integer >= 0"),
-    ("pipefusion=2,ulysses=2", "PipeFusion combined with sequence parallelism is not supported"),
+    ("pipefusion=2,ring=2", "PipeFusion combined with ring attention is not supported"),
+    ("pipefusion=2,ulysses=2,ring=2", "PipeFusion combined with ring attention is not supported"),
     ("pipefusion=2,compile=1", "set compile=0"),
     ("pipefusion=2,cache=fbc:0.1", "PipeFusion without cache"),
 ])
@@ -119,6 +122,25 @@ def test_flux_cut_sends_the_image_and_the_text_stream():
     # 16 image + 8 text tokens in 2 patches: both streams cross the cut, patch-sized
     assert sorted(c.shape for c in spec.crossings) == [(1, 4, 64), (1, 8, 64)], spec.crossings
     assert "KV buffers at 4 attention sites" in text
+
+
+def test_flux_cut_with_ulysses_sends_each_ranks_chunk_of_both_streams():
+    from xdit_fx.zoo import build_flux, flux_inputs
+    spec, text = _region(build_flux(num_layers=2, num_single_layers=2).eval(), "pipefusion=2,ulysses=2",
+                         **flux_inputs(4, 4, 8))
+    assert spec.block_stage == [0, 0, 1, 1] and spec.ulysses == 2 and spec.patches == 2
+    # 16 image + 8 text tokens in 2 patches x 2 ulysses ranks: each rank sends a quarter of each stream per patch
+    assert sorted(c.shape for c in spec.crossings) == [(1, 2, 64), (1, 4, 64)], spec.crossings
+    assert "2 stages x 2 patches x ulysses 2" in text and "KV buffers at 4 attention sites" in text
+
+
+@pytest.mark.parametrize("plan, match", [
+    ("pipefusion=2,ulysses=2,patches=3", "does not split into pipefusion_patches=3 x ulysses=2 equal chunks"),
+    ("pipefusion=2,ulysses=3", "4 heads, which is not divisible by ulysses_degree=3"),
+])
+def test_pipefusion_with_ulysses_refusals_name_the_node(plan, match):
+    with pytest.raises(PlanError, match=match):
+        _region("scratch_dit", plan)
 
 
 def test_uvit_long_skip_crosses_the_cut():
@@ -342,3 +364,163 @@ def test_dump_shows_the_stage_of_each_node_and_the_cut():
     text = render_graph(gm)
     assert "module xfx_pipefusion(" in text and "xfx.pipefusion='2 stages x 2 patches; stage 0: blocks.0" in text
     assert "xfx.stage=0" in text and "xfx.stage=1" in text and "pf_attention(" in text
+
+
+# ---- pipefusion x ulysses: 4 ranks (2 stages x 2 ulysses ranks) -------------------------------------------
+# the 4-process fixture takes 60-90 s on 2 shared CPU cores (both models, exact and stale plans)
+slow_4 = pytest.mark.skipif(os.environ.get("XDIT_FX_SLOW_TESTS") != "1", reason="4 processes: XDIT_FX_SLOW_TESTS=1")
+
+
+def _hybrid_runs(rank, world, names):
+    from xdit_fx.passes.pipefusion import _global_value
+    from xdit_fx.runtime.pipefusion import pf_attention
+    from xdit_fx.zoo import get
+
+    results = {}
+    for name in names:
+        zm = get(name)
+        steps = _steps(zm.inputs(), CALLS)
+        row = {}
+        for label, plan in [("exact", f"pipefusion=2,ulysses=2,warmup={CALLS}"),
+                            ("stale", "pipefusion=2,ulysses=2,patches=2,warmup=1")]:
+            pm = xdit_fx.parallelize(zm.build(), plan)
+            with torch.no_grad():
+                outs = [_first(pm(**s)) for s in steps]
+            region = next(m for g in pm.graphs for m in g.modules() if hasattr(m, "spec") and hasattr(m.spec, "crossings"))
+            body = region.spec.programs[pm.pipefusion.stage].body
+            # global [B, H, L, D] query of every attention this rank's stage runs
+            queries = [tuple(_global_value(n.args[0]).shape) for n in body.graph.nodes
+                       if n.op == "call_function" and n.target is pf_attention]
+            row[label] = dict(outs=outs, warm=[r.warm for r in pm.pipefusion.records], comm=pm.last_comm,
+                              queries=queries, spec=dataclasses.replace(region.spec, programs=[]))
+        results[name] = row
+    return results
+
+
+#: scratch_mmdit: a joint attention with a one-token segment (the time token) computed whole by every patch
+HYBRID_MODELS = ["flux", "scratch_dit", "scratch_mmdit"]
+
+
+@pytest.fixture(scope="module")
+def four_rank():
+    names = HYBRID_MODELS
+    return names, spawn_gloo(4, _hybrid_runs, names)
+
+
+@slow_4
+@pytest.mark.parametrize("name", HYBRID_MODELS)
+def test_pipefusion_with_ulysses_warmup_on_every_call_equals_the_single_process(four_rank, name):
+    _, res = four_rank
+    _, ref = _serial(name)
+    for rank in range(4):
+        run = res[rank][name]["exact"]
+        assert run["warm"] == [True] * CALLS
+        for o, r in zip(run["outs"], ref):
+            assert (o - r).abs().max().item() <= EXACT_ATOL
+
+
+@slow_4
+@pytest.mark.parametrize("name", HYBRID_MODELS)
+def test_pipefusion_with_ulysses_stale_kv_stays_close(four_rank, name):
+    _, res = four_rank
+    _, ref = _serial(name)
+    run = res[0][name]["stale"]
+    assert run["warm"] == [True] + [False] * (CALLS - 1)
+    assert (run["outs"][0] - ref[0]).abs().max().item() <= EXACT_ATOL
+    for o, r in zip(run["outs"][1:], ref[1:]):
+        err = (o - r).norm().item() / r.norm().item()
+        assert 1e-6 < err < STALE_MAX_REL, err
+    for rank in range(1, 4):  # every rank returns the same output
+        assert torch.equal(res[rank][name]["stale"]["outs"][-1], run["outs"][-1])
+
+
+def _stream_lengths(name: str) -> list[int]:
+    """Token lengths of the streams that cross the cut: Flux's image and text, the DiT's image patches."""
+    from xdit_fx.zoo import get
+    inputs = get(name).inputs()
+    if name == "flux":
+        return sorted([inputs["hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1]])
+    return [inputs["x"].shape[-2] * inputs["x"].shape[-1] // 4]  # 2x2 patches
+
+
+@slow_4
+@pytest.mark.parametrize("name", ["flux", "scratch_dit"])
+def test_pipefusion_with_ulysses_bytes_per_call_match_the_formula(four_rank, name):
+    """Ranks: (stage, ulysses rank) = 0:(0,0) 1:(0,1) 2:(1,0) 3:(1,1). Per call and rank: stage 1 receives
+    1/U of every crossing stream (B*L*D/U elements per stream of L tokens); each attention site of the
+    rank's stage all-to-alls q, k, v and the output of M patches of L/(M*U) tokens, (U-1)/U of each:
+    4*B*H*L*D*(U-1)/U^2 elements, the bytes of Ulysses on the whole sequence; the last stage all-gathers the
+    output's chunks over ulysses ((U-1)/U of the output) and broadcasts the whole output to stage 0."""
+    _, res = four_rank
+    u = 2
+    for rank in range(4):
+        run = res[rank][name]["stale"]
+        spec, comm = run["spec"], run["comm"]
+        stage = rank // u
+        out = run["outs"][-1]
+        whole = out.numel() * out.element_size()
+        assert run["queries"], rank
+        a2a = sum(4 * 4 * torch.Size(q).numel() * (u - 1) // (u * u) for q in run["queries"])
+        assert comm["ulysses"]["all_to_all"] == a2a, (rank, comm)
+        if stage == 1:
+            assert sorted(c.shape[1] * spec.patches * u for c in spec.crossings) == _stream_lengths(name)
+            p2p = sum(c.shape[0] * c.shape[1] * spec.patches * c.shape[2] * 4 for c in spec.crossings)
+            assert comm["pipefusion"]["pipefusion_p2p"] == p2p == spec.patches * sum(c.nbytes for c in spec.crossings)
+            assert comm["ulysses"]["all_gather"] == whole // u * (u - 1)
+            assert "broadcast" not in comm["pipefusion"]
+        else:
+            assert comm["pipefusion"]["broadcast"] == whole
+            assert "pipefusion_p2p" not in comm["pipefusion"] and "all_gather" not in comm["ulysses"]
+
+
+class _MaskedBlock(torch.nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out, self.mlp = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.out(a.transpose(1, 2).flatten(2))
+        return x + self.mlp(x)
+
+
+class MaskedDiT(torch.nn.Module):
+    """Four blocks attending under a per-head boolean mask given whole (padded keys, a few holes per head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_MaskedBlock() for _ in range(4)])
+
+    def forward(self, x, mask):
+        for b in self.blocks:
+            x = b(x, mask)
+        return x
+
+
+def _masked_model_and_inputs():
+    torch.manual_seed(0)
+    mask = torch.ones(1, 4, 16, 16, dtype=torch.bool)
+    mask[..., 13:] = False
+    mask[:, 1, 2:5, 7] = False
+    return MaskedDiT().eval(), dict(x=torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0)), mask=mask)
+
+
+def _masked_hybrid(rank, world):
+    model, inputs = _masked_model_and_inputs()
+    pm = xdit_fx.parallelize(model, f"pipefusion=2,ulysses=2,warmup={CALLS}")
+    with torch.no_grad():
+        return [pm(**s) for s in _steps(inputs, CALLS)], [r.warm for r in pm.pipefusion.records]
+
+
+def test_pipefusion_with_ulysses_masked_attention_equals_the_single_process():
+    """4 processes on a small model (10-20 s): the model's per-head mask is re-indexed to the patch's queries
+    and this rank's heads over the whole-sequence K/V buffer."""
+    model, inputs = _masked_model_and_inputs()
+    with torch.no_grad():
+        ref = [model(**s) for s in _steps(inputs, CALLS)]
+    for outs, warm in spawn_gloo(4, _masked_hybrid):
+        assert warm == [True] * CALLS
+        for o, r in zip(outs, ref):
+            assert (o - r).abs().max().item() <= EXACT_ATOL

@@ -57,7 +57,7 @@ class Plan:
             share of the blocks and the token sequence flows through them in patches (see
             xdit_fx/passes/pipefusion.py).
         pipefusion_patches: M, the number of patches the token sequence is split into under PipeFusion
-            (0: one per stage). Every token segment must be divisible by M.
+            (0: one per stage). Every token segment must be divisible by M (by M * ulysses with ulysses).
         pipefusion_warmup_steps: calls per generation (and per CFG branch) that run the whole sequence
             synchronously (exact) and fill the stale-K/V buffers before patches use them.
         dp_degree: data-parallel replicas; each takes a share of the images of every batched call.
@@ -93,12 +93,11 @@ class Plan:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PlanError(f"Plan.{name} must be an integer >= {low}, got {value!r}"
                                 + (" (0 means one patch per pipeline stage)." if name == "pipefusion_patches" else "."))
-        if self.pipefusion_degree > 1 and self.sequence_parallel_degree > 1:
+        if self.pipefusion_degree > 1 and self.ring_degree > 1:
             raise PlanError(
-                f"Plan pipefusion={self.pipefusion_degree} with ulysses={self.ulysses_degree}, ring={self.ring_degree}: "
-                "PipeFusion combined with sequence parallelism is not supported yet (the K/V buffers would have to "
-                "hold the head-sharded or ring-passed keys of every patch). Combine pipefusion with cfg and dp, or "
-                "use ulysses/ring without pipefusion.")
+                f"Plan pipefusion={self.pipefusion_degree} with ring={self.ring_degree}: PipeFusion combined with "
+                "ring attention is not supported yet (the K/V buffers would have to hold the ring-passed keys of "
+                "every patch). Combine pipefusion with ulysses, cfg and dp, or use ring without pipefusion.")
         if self.pipefusion_degree > 1 and self.compile:
             raise PlanError(
                 f"Plan pipefusion={self.pipefusion_degree} with compile=True: refused. The stages run as eager "

@@ -20,12 +20,13 @@ def build_pipeline(plan) -> list[GraphPass]:
     """The passes a plan needs, in order."""
     # attention written by hand or as nn.MultiheadAttention becomes SDPA first, so analysis sees one form
     passes: list[GraphPass] = [normalize_attention, find_attention, find_transformer_blocks]
-    if plan.sequence_parallel_degree > 1:
+    if plan.sequence_parallel_degree > 1 and plan.pipefusion_degree == 1:
         # token dims need the attention sites (a space is sharded if it is a query and key sequence);
         # sharding must run before attention is rewritten (it marks which sites run on local shards)
         passes += [infer_token_dims, shard_sequence, parallelize_attention]
     if plan.pipefusion_degree > 1:
-        # the graph of one patch (shard_sequence over patches), then the stage cut and the region
+        # the graph of one patch (shard_sequence over patches), then the stage cut and the region; with
+        # ulysses, one of M x ulysses chunks (pf_attention does the all-to-alls)
         passes += [infer_token_dims, patch_sequence, pipefusion]
     if plan.cache is not None:
         # last: the region it cuts out holds the blocks as the other passes left them (collectives included)

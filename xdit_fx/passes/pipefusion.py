@@ -127,7 +127,7 @@ def cut_stages(costs: list[float], n: int) -> list[int]:
 def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """shard_sequence over the M patches instead of ranks: the graph computes one patch of the token stream."""
     from .analysis import _is_flex_attention
-    m = ctx.plan.patches
+    m = ctx.plan.patches * ctx.plan.ulysses_degree  # with ulysses: M x U chunks, patch p on rank r is p*U + r
     flex = next((n for n in gm.graph.nodes if _is_flex_attention(n)), None)
     if flex is not None:
         raise UnsupportedGraph(
@@ -154,7 +154,9 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if node.op == "call_function" and node.target is collectives.shard_tokens:
             node.target = pf_shard_tokens_target()
             shards += 1
-    summary = result.summary.replace("on local tokens", f"on one of {m} patches")
+    what = f"one of {m} patches" if m == ctx.plan.patches else \
+        f"one of {m} chunks ({ctx.plan.patches} patches x ulysses {ctx.plan.ulysses_degree})"
+    summary = result.summary.replace("on local tokens", f"on {what}")
     return PassResult(gm, changed=result.changed, summary=summary, counts=dict(result.counts))
 
 
@@ -210,6 +212,7 @@ class PipeFusionSpec:
     kv_sites: list[int]
     live_ins: list[str]
     programs: list[StageProgram] = field(default_factory=list)
+    ulysses: int = 1  # U: each patch is split over U ranks per stage (chunk p*U + r), attention all-to-alls
 
     def stage_costs(self) -> list[float]:
         out = [0.0] * self.stages
@@ -227,7 +230,8 @@ class PipeFusionSpec:
             bs = [b for b, st in zip(self.blocks, self.block_stage) if st == s]
             spans.append(f"stage {s}: {_span(bs)} ({self.stage_costs()[s] / 1e6:.3g} MFLOP)")
         cross = ", ".join(f"%{c.value} {c.src}->{'/'.join(map(str, c.dsts))} {list(c.shape)}" for c in self.crossings)
-        return (f"{self.stages} stages x {self.patches} patches; " + "; ".join(spans)
+        return (f"{self.stages} stages x {self.patches} patches"
+                + (f" x ulysses {self.ulysses}" if self.ulysses > 1 else "") + "; " + "; ".join(spans)
                 + f"; crossing per patch: {cross or 'none'}; KV buffers at {len(self.kv_sites)} attention sites")
 
 
@@ -267,7 +271,8 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     from ..runtime.pipefusion import PipeFusionRegion, pf_attention, pf_shard_tokens
 
     plan = ctx.plan
-    n_stages, m = plan.pipefusion_degree, plan.patches
+    n_stages, m, u = plan.pipefusion_degree, plan.patches, plan.ulysses_degree
+    chunks = m * u  # per patch and ulysses rank: chunk p*U + r of every sharded segment
     graph = gm.graph
     nodes = list(graph.nodes)
     dag = nx.DiGraph()
@@ -372,6 +377,19 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if a["is_causal"]:
             raise UnsupportedGraph(f"pipefusion: {describe_node(n)}\n  is causal attention; patches with stale "
                                    "keys have no causal order. Run it without pipefusion.")
+        kv_sharded = spec["kv_segments"] is not None and any(s for _, s in spec["kv_segments"])
+        if u > 1 and kv_sharded:
+            if site.heads % u:
+                ok = [d for d in range(1, site.heads + 1) if site.heads % d == 0]
+                raise PlanError(
+                    f"pipefusion: attention {describe_node(n)}\n  has {site.heads} heads, which is not divisible "
+                    f"by ulysses_degree={u}.\n  fix: choose ulysses in {ok}, or pipefusion without ulysses.")
+            if not any(s for _, s in spec["q_segments"]):
+                raise UnsupportedGraph(
+                    f"pipefusion: attention {describe_node(n)}\n  has patched keys but no patched queries "
+                    f"(q {spec['q_segments']}, kv {spec['kv_segments']}); with ulysses the head all-to-all of "
+                    "pf_attention needs patched queries.\n  fix: run it with pipefusion alone, or ulysses alone; "
+                    "to look at the graph: xdit-fx dump MODEL --plan pipefusion=2,ulysses=2 --out DIR")
         with graph.inserting_before(n):
             new = graph.call_function(pf_attention, (a["query"], a["key"], a["value"], a["attn_mask"]),
                                       dict(site=site.index, q_segments=spec["q_segments"],
@@ -383,20 +401,26 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         region.discard(n)
         region.add(new)
         stage[new] = stage.pop(n)
-        if spec["kv_segments"] is not None and any(s for _, s in spec["kv_segments"]):
+        if kv_sharded:
             kv_sites.append(site.index)
     nodes = list(graph.nodes)
 
-    # every sharded token segment must split into M equal patches
+    # every sharded token segment must split into M equal patches (M x U equal chunks with ulysses)
     for n in nodes:
         lay = n.meta.get(META_LAYOUT)
         if n in region and isinstance(lay, SeqLayout):
             for length, sharded in lay.segments:
-                if sharded and length % m:
-                    ok = [d for d in range(1, length + 1) if length % d == 0 and d <= 64]
+                if sharded and length % chunks:
+                    if u == 1:
+                        ok = [d for d in range(1, length + 1) if length % d == 0 and d <= 64]
+                        raise PlanError(
+                            f"pipefusion: {describe_node(n)}\n  has a token segment of {length} tokens, which does "
+                            f"not split into pipefusion_patches={m} equal patches; use patches in {ok}.")
+                    ok = [d for d in range(1, length + 1) if length % (d * u) == 0 and d <= 64]
                     raise PlanError(
                         f"pipefusion: {describe_node(n)}\n  has a token segment of {length} tokens, which does not "
-                        f"split into pipefusion_patches={m} equal patches; use patches in {ok}.")
+                        f"split into pipefusion_patches={m} x ulysses={u} equal chunks; use patches in {ok} "
+                        "(or a ulysses degree that divides the segment with the patches).")
 
     last = n_stages - 1
     exits: list[Exit] = []
@@ -427,7 +451,7 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if not isinstance(v, torch.Tensor):
                 raise UnsupportedGraph(f"pipefusion: {describe_node(n)}\n  crosses from stage {stage[n]} to "
                                        f"{sorted(readers[n])} and is not a tensor ({type(v).__name__}).")
-            crossings.append(Crossing(n.name, stage[n], tuple(sorted(readers[n])), _local_shape(n, m), v.dtype))
+            crossings.append(Crossing(n.name, stage[n], tuple(sorted(readers[n])), _local_shape(n, chunks), v.dtype))
 
     # in-place writes: a write into a value recomputed per stage (a mask built by x[:, a:b] = 1) goes with
     # every copy of that value; a write that other stages would have to see is refused
@@ -507,7 +531,7 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         programs.append(StageProgram(fx.GraphModule(gm, g), inputs, outs, params))
 
     spec = PipeFusionSpec(n_stages, m, blocks, block_stage, costs, crossings, exits, kv_sites,
-                          [a.name for a in live_in_nodes], programs)
+                          [a.name for a in live_in_nodes], programs, ulysses=u)
     description = spec.describe()
 
     # the whole region as one body, for the dump

@@ -12,6 +12,14 @@ denoising step: a two-call CFG pipeline's branches get their own buffers). A pat
 into its slice and attends over the whole buffer: the other patches' K/V come from the previous call
 (stale), except those of earlier patches of this call, which are already fresh.
 
+Ulysses (``pipefusion x ulysses``): each stage is U ranks, and the sequence is cut into M x U chunks: on
+patch p, ulysses rank r computes chunk p*U + r of every token segment, so a patch is U consecutive chunks,
+which is what a Ulysses all-to-all over the U ranks reassembles in order. `pf_attention` all-to-alls q, k, v
+to [patch tokens, heads/U], writes the patch's K/V into the buffer of this rank's heads (the buffer holds the
+whole sequence for heads/U), attends, and all-to-alls back. Crossing values go between the same ulysses rank
+of consecutive stages; the last stage all-gathers the exits over its U ranks before the broadcast. Warm-up
+(one patch) is plain Ulysses: U chunks of the whole sequence.
+
 Warm-up: the first `pipefusion_warmup_steps` calls of each slot in a generation (and any call whose input
 shapes have not filled the buffers yet) run the warm-up program, the same passes with one patch: the whole
 sequence, synchronously, exact, filling every buffer. `reset()` starts a new generation (pipelines do it
@@ -32,7 +40,7 @@ from torch import nn
 
 from ..errors import XditFxError
 from .attention import _mask_bias, _positions
-from .collectives import COMM, _group
+from .collectives import COMM, _group, all_gather, all_to_all
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,9 @@ class _PatchContext:
     patch: int = 0
     patches: int = 1
     key: tuple = ()
+    ulysses: int = 1          # U: ranks per stage that split each patch (and the heads in attention)
+    urank: int = 0            # this rank's index among them
+    ulysses_group: str = ""
 
 
 PATCH = _PatchContext()
@@ -51,8 +62,9 @@ PATCH = _PatchContext()
 
 def pf_shard_tokens(x: torch.Tensor, dim: int, segments, group: str, n: int) -> torch.Tensor:
     """Patch PATCH.patch of x's token dim: chunk p of every sharded segment (the pass checked that each
-    segment splits evenly), replicated segments whole. No communication."""
-    p = PATCH.patch if n > 1 else 0
+    segment splits evenly), replicated segments whole. No communication. With ulysses (n = M x U chunks),
+    chunk p*U + r on ulysses rank r."""
+    p = PATCH.patch * PATCH.ulysses + PATCH.urank if n > 1 else 0
     pieces = x.split([s[0] for s in segments], dim=dim) if len(segments) > 1 else (x,)
     out = [piece.narrow(dim, p * (length // n), length // n) if sharded else piece
            for piece, (length, sharded) in zip(pieces, segments)]
@@ -63,7 +75,8 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
                  site: int, q_segments: tuple, kv_segments: tuple | None, scale: float | None) -> torch.Tensor:
     """Attention of the patch's queries over the site's full-sequence K/V buffer, after writing the patch's
     fresh K/V into it. Cross-attention to whole (unpatched) keys runs as is."""
-    n, p = PATCH.patches, PATCH.patch
+    u = PATCH.ulysses
+    n, p = PATCH.patches * u, PATCH.patch * u + PATCH.urank  # chunks, and this rank's chunk
     qpos = _positions(tuple(q_segments), n, p, False)
     if kv_segments is None or not any(s for _, s in kv_segments):
         bias = None
@@ -78,7 +91,37 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
         raise XditFxError("pf_attention ran outside a PipeFusion runtime (a dump's graph run by hand?); "
                           "run the model through xdit_fx.parallelize(model, plan).")
     total = sum(length for length, _ in kv_segments)
-    kidx = torch.tensor(_positions(tuple(kv_segments), n, p, False), device=k.device)
+    heads_slice = None
+    if u > 1:
+        # the patched segments: [B, H, chunk, D] on each of the U ranks -> [B, H/U, patch (U chunks in rank
+        # order), D]; segments computed whole by every patch (a time token): this rank's heads, no comm
+        heads = q.shape[1]
+        if k.shape[1] != heads:  # grouped-query attention: every query head gets its kv head first
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
+        heads_slice = slice(PATCH.urank * heads // u, (PATCH.urank + 1) * heads // u)
+        qs, ks = tuple(q_segments), tuple(kv_segments)
+        q, q_rep = _split_patched(q, qs, n)
+        k, k_rep = _split_patched(k, ks, n)
+        v, v_rep = _split_patched(v, ks, n)
+        if q.shape == k.shape == v.shape:
+            q, k, v = all_to_all(torch.stack([q, k, v]), 2, 3, PATCH.ulysses_group).unbind(0)
+        else:
+            q = all_to_all(q, 1, 2, PATCH.ulysses_group)
+            k = all_to_all(k, 1, 2, PATCH.ulysses_group)
+            v = all_to_all(v, 1, 2, PATCH.ulysses_group)
+        first = PATCH.patch * u
+        q_sharded = q.shape[2]
+        qpos = sum((_patched_positions(qs, n, first + j) for j in range(u)), ()) + _whole_positions(qs)
+        kpos = sum((_patched_positions(ks, n, first + j) for j in range(u)), ()) + _whole_positions(ks)
+        if q_rep is not None:
+            q = torch.cat([q, q_rep[:, heads_slice]], dim=2)
+        if k_rep is not None:
+            k = torch.cat([k, k_rep[:, heads_slice]], dim=2)
+            v = torch.cat([v, v_rep[:, heads_slice]], dim=2)
+    else:
+        kpos = _positions(tuple(kv_segments), n, p, False)
+    kidx = torch.tensor(kpos, device=k.device)
     kbuf, vbuf = runtime.kv_buffer(site, k, v, total)
     kbuf.index_copy_(2, kidx, k)
     vbuf.index_copy_(2, kidx, v)
@@ -88,8 +131,53 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
         vv = vv.repeat_interleave(q.shape[1] // vv.shape[1], dim=1)
     bias = None
     if attn_mask is not None:
-        bias = _mask_bias(attn_mask, qpos, tuple(range(total)), q.dtype, q.device)
-    return F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias, scale=scale)
+        bias = _mask_bias(attn_mask, qpos, tuple(range(total)), q.dtype, q.device, heads_slice)
+    out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias, scale=scale)
+    if u > 1:
+        whole = None
+        if out.shape[2] > q_sharded:  # queries of whole segments: every rank computed its heads; gather them
+            out, whole = out.split([q_sharded, out.shape[2] - q_sharded], dim=2)
+            whole = all_gather(whole.contiguous(), 1, heads, PATCH.ulysses_group)
+        out = all_to_all(out.contiguous(), 2, 1, PATCH.ulysses_group)
+        if whole is not None:
+            out = _merge_patched(out, whole, tuple(q_segments), n)
+    return out
+
+
+def _split_patched(x: torch.Tensor, segments: tuple, n: int):
+    """x's local token dim (2) -> (the patched segments' tokens, the whole segments' tokens or None)."""
+    if all(s for _, s in segments):
+        return x, None
+    pieces = x.split([length // n if s else length for length, s in segments], dim=2)
+    patched = [p for p, (_, s) in zip(pieces, segments) if s]
+    whole = [p for p, (_, s) in zip(pieces, segments) if not s]
+    return torch.cat(patched, dim=2), torch.cat(whole, dim=2)
+
+
+def _merge_patched(patched: torch.Tensor, whole: torch.Tensor, segments: tuple, n: int) -> torch.Tensor:
+    """The inverse of `_split_patched`: the local token order of the segments."""
+    pp = iter(patched.split([length // n for length, s in segments if s], dim=2))
+    ww = iter(whole.split([length for length, s in segments if not s], dim=2))
+    return torch.cat([next(pp) if s else next(ww) for _, s in segments], dim=2)
+
+
+def _patched_positions(segments: tuple, n: int, c: int) -> tuple[int, ...]:
+    """Global positions of chunk c of every patched segment (segments divide by n)."""
+    out, off = [], 0
+    for length, s in segments:
+        if s:
+            out.extend(range(off + c * (length // n), off + (c + 1) * (length // n)))
+        off += length
+    return tuple(out)
+
+
+def _whole_positions(segments: tuple) -> tuple[int, ...]:
+    out, off = [], 0
+    for length, s in segments:
+        if not s:
+            out.extend(range(off, off + length))
+        off += length
+    return tuple(out)
 
 
 @dataclass
@@ -108,6 +196,9 @@ class PipeFusionRuntime:
         pg = _group(self.group)
         self.stage = dist.get_rank(pg)
         self.ranks = [dist.get_global_rank(pg, i) for i in range(dist.get_world_size(pg))]
+        self.ulysses = plan.ulysses_degree
+        self.ulysses_group = groups.names["ulysses"] if self.ulysses > 1 else ""
+        self.urank = dist.get_rank(_group(self.ulysses_group)) if self.ulysses > 1 else 0
         self.step_hooked = False
         self.reset()
 
@@ -179,6 +270,7 @@ class PipeFusionRuntime:
         pending = []
         busy, t_start = 0.0, time.perf_counter()
         PATCH.runtime, PATCH.patches, PATCH.key = self, m, key
+        PATCH.ulysses, PATCH.urank, PATCH.ulysses_group = self.ulysses, self.urank, self.ulysses_group
         try:
             for p in range(m):
                 PATCH.patch = p
@@ -202,11 +294,14 @@ class PipeFusionRuntime:
                         exits[i][p] = o
         finally:
             PATCH.runtime = None
+            PATCH.ulysses, PATCH.urank, PATCH.ulysses_group = 1, 0, ""
         for work, _ in pending:
             work.wait()
         full = []
         for e, pieces in zip(spec.exits, exits):
-            if me == last:
+            if me == last and self.ulysses > 1:  # chunk p*U + r of every patch p from ulysses rank r
+                t = _assemble(self._gather_ulysses(pieces), e.dim, e.segments, m * self.ulysses)
+            elif me == last:
                 t = _assemble(pieces, e.dim, e.segments, m)
             else:
                 t = torch.empty(e.shape, dtype=e.dtype, device=device)
@@ -219,6 +314,15 @@ class PipeFusionRuntime:
         # wall: until the last stage's output has arrived, so 1 - busy / wall is this stage's bubble
         self.last_busy_s, self.last_wall_s = busy, time.perf_counter() - t_start
         return tuple(full)
+
+    def _gather_ulysses(self, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The last stage's M pieces of an exit from each of its U ranks, in chunk order (p*U + r)."""
+        pg = _group(self.ulysses_group)
+        mine = torch.stack(pieces).contiguous()
+        parts = [torch.empty_like(mine) for _ in range(self.ulysses)]
+        dist.all_gather(parts, mine, group=pg)
+        COMM.add(self.ulysses_group, "all_gather", mine.numel() * mine.element_size() * (self.ulysses - 1))
+        return [parts[r][p] for p in range(len(pieces)) for r in range(self.ulysses)]
 
 
 def _assemble(pieces: list[torch.Tensor], dim: int, segments, m: int) -> torch.Tensor:
