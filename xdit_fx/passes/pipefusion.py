@@ -127,7 +127,8 @@ def cut_stages(costs: list[float], n: int) -> list[int]:
 def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """shard_sequence over the M patches instead of ranks: the graph computes one patch of the token stream."""
     from .analysis import _is_flex_attention
-    m = ctx.plan.patches * ctx.plan.ulysses_degree  # with ulysses: M x U chunks, patch p on rank r is p*U + r
+    # with ulysses: M x U chunks, patch p on rank r is p*U + r; with ring: M x R chunks, p*R + r
+    m = ctx.plan.patches * ctx.plan.ulysses_degree * ctx.plan.ring_degree
     flex = next((n for n in gm.graph.nodes if _is_flex_attention(n)), None)
     if flex is not None:
         raise UnsupportedGraph(
@@ -155,7 +156,8 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             node.target = pf_shard_tokens_target()
             shards += 1
     what = f"one of {m} patches" if m == ctx.plan.patches else \
-        f"one of {m} chunks ({ctx.plan.patches} patches x ulysses {ctx.plan.ulysses_degree})"
+        f"one of {m} chunks ({ctx.plan.patches} patches x ulysses {ctx.plan.ulysses_degree})" \
+        if ctx.plan.ulysses_degree > 1 else f"one of {m} chunks ({ctx.plan.patches} patches x ring {ctx.plan.ring_degree})"
     summary = result.summary.replace("on local tokens", f"on {what}")
     return PassResult(gm, changed=result.changed, summary=summary, counts=dict(result.counts))
 
@@ -213,6 +215,7 @@ class PipeFusionSpec:
     live_ins: list[str]
     programs: list[StageProgram] = field(default_factory=list)
     ulysses: int = 1  # U: each patch is split over U ranks per stage (chunk p*U + r), attention all-to-alls
+    ring: int = 1  # R: each patch is split over R ranks per stage (chunk p*R + r), ring attention over K/V buffers
 
     def stage_costs(self) -> list[float]:
         out = [0.0] * self.stages
@@ -231,7 +234,8 @@ class PipeFusionSpec:
             spans.append(f"stage {s}: {_span(bs)} ({self.stage_costs()[s] / 1e6:.3g} MFLOP)")
         cross = ", ".join(f"%{c.value} {c.src}->{'/'.join(map(str, c.dsts))} {list(c.shape)}" for c in self.crossings)
         return (f"{self.stages} stages x {self.patches} patches"
-                + (f" x ulysses {self.ulysses}" if self.ulysses > 1 else "") + "; " + "; ".join(spans)
+                + (f" x ulysses {self.ulysses}" if self.ulysses > 1 else "")
+                + (f" x ring {self.ring}" if self.ring > 1 else "") + "; " + "; ".join(spans)
                 + f"; crossing per patch: {cross or 'none'}; KV buffers at {len(self.kv_sites)} attention sites")
 
 
@@ -271,8 +275,8 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     from ..runtime.pipefusion import PipeFusionRegion, pf_attention, pf_shard_tokens
 
     plan = ctx.plan
-    n_stages, m, u = plan.pipefusion_degree, plan.patches, plan.ulysses_degree
-    chunks = m * u  # per patch and ulysses rank: chunk p*U + r of every sharded segment
+    n_stages, m, u, rr = plan.pipefusion_degree, plan.patches, plan.ulysses_degree, plan.ring_degree
+    chunks = m * u * rr  # per patch and ulysses (ring) rank: chunk p*U + r (p*R + r) of every sharded segment
     graph = gm.graph
     nodes = list(graph.nodes)
     dag = nx.DiGraph()
@@ -390,6 +394,12 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     f"(q {spec['q_segments']}, kv {spec['kv_segments']}); with ulysses the head all-to-all of "
                     "pf_attention needs patched queries.\n  fix: run it with pipefusion alone, or ulysses alone; "
                     "to look at the graph: xdit-fx dump MODEL --plan pipefusion=2,ulysses=2 --out DIR")
+        if rr > 1 and kv_sharded and not all(s for _, s in tuple(spec["q_segments"]) + tuple(spec["kv_segments"])):
+            raise UnsupportedGraph(
+                f"pipefusion: attention {describe_node(n)}\n  has token segments every patch computes whole "
+                f"(q {spec['q_segments']}, kv {spec['kv_segments']}, e.g. a time token); pipefusion x ring "
+                "passes per-rank K/V buffers of patched chunks only.\n  fix: use pipefusion with ulysses, or "
+                "ring without pipefusion; to look at the graph: xdit-fx dump MODEL --plan pipefusion=2,ring=2 --out DIR")
         with graph.inserting_before(n):
             new = graph.call_function(pf_attention, (a["query"], a["key"], a["value"], a["attn_mask"]),
                                       dict(site=site.index, q_segments=spec["q_segments"],
@@ -411,6 +421,12 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if n in region and isinstance(lay, SeqLayout):
             for length, sharded in lay.segments:
                 if sharded and length % chunks:
+                    if rr > 1:
+                        ok = [d for d in range(1, length + 1) if length % (d * rr) == 0 and d <= 64]
+                        raise PlanError(
+                            f"pipefusion: {describe_node(n)}\n  has a token segment of {length} tokens, which does "
+                            f"not split into pipefusion_patches={m} x ring={rr} equal chunks; use patches in {ok} "
+                            "(or a ring degree that divides the segment with the patches).")
                     if u == 1:
                         ok = [d for d in range(1, length + 1) if length % d == 0 and d <= 64]
                         raise PlanError(
@@ -531,7 +547,7 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         programs.append(StageProgram(fx.GraphModule(gm, g), inputs, outs, params))
 
     spec = PipeFusionSpec(n_stages, m, blocks, block_stage, costs, crossings, exits, kv_sites,
-                          [a.name for a in live_in_nodes], programs, ulysses=u)
+                          [a.name for a in live_in_nodes], programs, ulysses=u, ring=rr)
     description = spec.describe()
 
     # the whole region as one body, for the dump

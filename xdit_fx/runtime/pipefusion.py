@@ -20,6 +20,12 @@ whole sequence for heads/U), attends, and all-to-alls back. Crossing values go b
 of consecutive stages; the last stage all-gathers the exits over its U ranks before the broadcast. Warm-up
 (one patch) is plain Ulysses: U chunks of the whole sequence.
 
+Ring (``pipefusion x ring``): M x R chunks, ring rank r computes chunk p*R + r on patch p. Each rank's
+K/V buffer holds its own chunks of all M patches (all heads, segment-major then patch); a patch writes its
+slot and runs ring attention over the buffers of the R ranks (one whole buffer per ring step; the mask
+follows that key order). Warm-up takes chunks j*R + r of every patch j on rank r (the buffer layout), so
+it fills the buffers exactly. The last stage all-gathers the exits over the ring group.
+
 Warm-up: the first `pipefusion_warmup_steps` calls of each slot in a generation (and any call whose input
 shapes have not filled the buffers yet) run the warm-up program, the same passes with one patch: the whole
 sequence, synchronously, exact, filling every buffer. `reset()` starts a new generation (pipelines do it
@@ -55,15 +61,50 @@ class _PatchContext:
     ulysses: int = 1          # U: ranks per stage that split each patch (and the heads in attention)
     urank: int = 0            # this rank's index among them
     ulysses_group: str = ""
+    ring: int = 1             # R: ranks per stage that split each patch and pass K/V buffers around a ring
+    rrank: int = 0
+    ring_group: str = ""
+    sub: int = 1              # with ring: chunks per segment a rank holds in one program run (M on warm-up)
 
 
 PATCH = _PatchContext()
 
 
+def _ring_chunks() -> list[int]:
+    """With ring: the chunks (of N = M x R per segment) this rank holds, in local order: chunk j*R + r of
+    every patch j this run covers (one patch; all M on warm-up)."""
+    ring, sub, rank = PATCH.ring, PATCH.sub, PATCH.rrank
+    return [(PATCH.patch * sub + j) * ring + rank for j in range(sub)]
+
+
+def _ring_positions(segments: tuple, n: int, chunks: list[int]) -> tuple[int, ...]:
+    """Global positions of the given chunks of every segment (segment-major, then chunk order)."""
+    out, off = [], 0
+    for length, s in segments:
+        c = length // n
+        for j in chunks:
+            out.extend(range(off + j * c, off + (j + 1) * c))
+        off += length
+    return tuple(out)
+
+
 def pf_shard_tokens(x: torch.Tensor, dim: int, segments, group: str, n: int) -> torch.Tensor:
     """Patch PATCH.patch of x's token dim: chunk p of every sharded segment (the pass checked that each
     segment splits evenly), replicated segments whole. No communication. With ulysses (n = M x U chunks),
-    chunk p*U + r on ulysses rank r."""
+    chunk p*U + r on ulysses rank r. With ring (N = M x R chunks): chunk p*R + r on ring rank r; on warm-up
+    chunks j*R + r of every patch j, in j order (the layout of this rank's K/V buffers)."""
+    if PATCH.ring > 1:
+        total = PATCH.patches * PATCH.sub * PATCH.ring  # N = M x R chunks per segment
+        chunks = _ring_chunks()
+        pieces = x.split([s[0] for s in segments], dim=dim) if len(segments) > 1 else (x,)
+        out = []
+        for piece, (length, sharded) in zip(pieces, segments):
+            if not sharded:
+                out.append(piece)
+                continue
+            c = length // total
+            out.extend(piece.narrow(dim, j * c, c) for j in chunks)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
     p = PATCH.patch * PATCH.ulysses + PATCH.urank if n > 1 else 0
     pieces = x.split([s[0] for s in segments], dim=dim) if len(segments) > 1 else (x,)
     out = [piece.narrow(dim, p * (length // n), length // n) if sharded else piece
@@ -75,6 +116,9 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
                  site: int, q_segments: tuple, kv_segments: tuple | None, scale: float | None) -> torch.Tensor:
     """Attention of the patch's queries over the site's full-sequence K/V buffer, after writing the patch's
     fresh K/V into it. Cross-attention to whole (unpatched) keys runs as is."""
+    if PATCH.ring > 1:
+        return _pf_ring_attention(q, k, v, attn_mask, site, tuple(q_segments),
+                                  tuple(kv_segments) if kv_segments is not None else None, scale)
     u = PATCH.ulysses
     n, p = PATCH.patches * u, PATCH.patch * u + PATCH.urank  # chunks, and this rank's chunk
     qpos = _positions(tuple(q_segments), n, p, False)
@@ -144,6 +188,54 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
     return out
 
 
+def _pf_ring_attention(q, k, v, attn_mask, site, q_segments, kv_segments, scale):
+    """pipefusion x ring: this rank's K/V buffer holds its chunk (j*R + r) of every patch j, all heads; the
+    patch's fresh K/V go into their slots, then the local queries attend over the buffers of all R ranks
+    by ring attention (each ring step passes one rank's whole buffer; the bias is in that key order)."""
+    import math
+
+    from .collectives import ring_attention
+    rr, m, sub = PATCH.ring, PATCH.patches * PATCH.sub, PATCH.sub
+    n = m * rr
+    chunks = _ring_chunks()
+    qpos = _ring_positions(q_segments, n, chunks)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if kv_segments is None or not any(s for _, s in kv_segments):  # cross-attention to whole keys
+        bias = None
+        if attn_mask is not None:
+            bias = _mask_bias(attn_mask, qpos, tuple(range(k.shape[2])), q.dtype, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    runtime = PATCH.runtime
+    if runtime is None:
+        raise XditFxError("pf_attention ran outside a PipeFusion runtime (a dump's graph run by hand?); "
+                          "run the model through xdit_fx.parallelize(model, plan).")
+    # buffer layout: segment-major, then patch j = 0..M-1 (chunk j*R + r); all segments are patched
+    lbuf = sum(length // rr for length, _ in kv_segments)
+    idx, off = [], 0
+    for length, _ in kv_segments:
+        c = length // n
+        for j in chunks:
+            idx.extend(range(off + j // rr * c, off + (j // rr + 1) * c))
+        off += length // rr
+    kbuf, vbuf = runtime.kv_buffer(site, k, v, lbuf)
+    if len(idx) == lbuf:
+        kbuf.copy_(k)
+        vbuf.copy_(v)
+    else:
+        kidx = torch.tensor(idx, device=k.device)
+        kbuf.index_copy_(2, kidx, k)
+        vbuf.index_copy_(2, kidx, v)
+    bias = None
+    if attn_mask is not None:
+        kpos = sum((_ring_positions(kv_segments, n, list(range(src, n, rr))) for src in range(rr)), ())
+        bias = _mask_bias(attn_mask, qpos, kpos, q.dtype, q.device)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return ring_attention(q, kbuf, vbuf, bias, scale, PATCH.ring_group)
+
+
 def _split_patched(x: torch.Tensor, segments: tuple, n: int):
     """x's local token dim (2) -> (the patched segments' tokens, the whole segments' tokens or None)."""
     if all(s for _, s in segments):
@@ -199,6 +291,9 @@ class PipeFusionRuntime:
         self.ulysses = plan.ulysses_degree
         self.ulysses_group = groups.names["ulysses"] if self.ulysses > 1 else ""
         self.urank = dist.get_rank(_group(self.ulysses_group)) if self.ulysses > 1 else 0
+        self.ring = plan.ring_degree
+        self.ring_group = groups.names["ring"] if self.ring > 1 else ""
+        self.rrank = dist.get_rank(_group(self.ring_group)) if self.ring > 1 else 0
         self.step_hooked = False
         self.reset()
 
@@ -271,6 +366,8 @@ class PipeFusionRuntime:
         busy, t_start = 0.0, time.perf_counter()
         PATCH.runtime, PATCH.patches, PATCH.key = self, m, key
         PATCH.ulysses, PATCH.urank, PATCH.ulysses_group = self.ulysses, self.urank, self.ulysses_group
+        PATCH.ring, PATCH.rrank, PATCH.ring_group = self.ring, self.rrank, self.ring_group
+        PATCH.sub = self.plan.patches // m if self.ring > 1 else 1  # warm-up: one run covers all M patches
         try:
             for p in range(m):
                 PATCH.patch = p
@@ -295,11 +392,15 @@ class PipeFusionRuntime:
         finally:
             PATCH.runtime = None
             PATCH.ulysses, PATCH.urank, PATCH.ulysses_group = 1, 0, ""
+            PATCH.ring, PATCH.rrank, PATCH.ring_group, PATCH.sub = 1, 0, "", 1
         for work, _ in pending:
             work.wait()
         full = []
         for e, pieces in zip(spec.exits, exits):
-            if me == last and self.ulysses > 1:  # chunk p*U + r of every patch p from ulysses rank r
+            if me == last and self.ring > 1:  # chunk j*R + r of every patch j from ring rank r
+                n = self.plan.patches * self.ring
+                t = _assemble(self._gather_ring(pieces, e.dim, e.segments, n), e.dim, e.segments, n)
+            elif me == last and self.ulysses > 1:  # chunk p*U + r of every patch p from ulysses rank r
                 t = _assemble(self._gather_ulysses(pieces), e.dim, e.segments, m * self.ulysses)
             elif me == last:
                 t = _assemble(pieces, e.dim, e.segments, m)
@@ -323,6 +424,29 @@ class PipeFusionRuntime:
         dist.all_gather(parts, mine, group=pg)
         COMM.add(self.ulysses_group, "all_gather", mine.numel() * mine.element_size() * (self.ulysses - 1))
         return [parts[r][p] for p in range(len(pieces)) for r in range(self.ulysses)]
+
+    def _gather_ring(self, pieces: list[torch.Tensor], dim: int, segments, n: int) -> list[torch.Tensor]:
+        """The last stage's pieces of an exit from each of its R ring ranks, as one piece per chunk in chunk
+        order (j*R + r); a warm-up piece holds all M patches' chunks and is split first."""
+        pg = _group(self.ring_group)
+        mine = torch.stack(pieces).contiguous()
+        parts = [torch.empty_like(mine) for _ in range(self.ring)]
+        dist.all_gather(parts, mine, group=pg)
+        COMM.add(self.ring_group, "all_gather", mine.numel() * mine.element_size() * (self.ring - 1))
+        sub = self.plan.patches // len(pieces)
+        per_rank = [[c for p in range(len(pieces)) for c in _split_sub(parts[r][p], dim, segments, n, sub)]
+                    for r in range(self.ring)]
+        return [per_rank[r][j] for j in range(self.plan.patches) for r in range(self.ring)]
+
+
+def _split_sub(piece: torch.Tensor, dim: int, segments, n: int, sub: int) -> list[torch.Tensor]:
+    """A piece holding `sub` chunks of every sharded segment (segment-major) -> `sub` one-chunk pieces."""
+    if sub == 1:
+        return [piece]
+    lens = [length // n * sub if s else length for length, s in segments]
+    parts = piece.split(lens, dim=dim)
+    per = [p.chunk(sub, dim=dim) if s else [p] * sub for p, (_, s) in zip(parts, segments)]
+    return [torch.cat([x[j] for x in per], dim=dim) if len(per) > 1 else per[0][j] for j in range(sub)]
 
 
 def _assemble(pieces: list[torch.Tensor], dim: int, segments, m: int) -> torch.Tensor:
