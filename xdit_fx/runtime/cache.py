@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import UnsupportedGraph, XditFxError
 from .collectives import COMM, _group
+from .steps import StepSlots
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +103,15 @@ class _SlotState:
     prev_stream: torch.Tensor | None = None  # calibration: the last stream output
 
 
-class CacheRuntime:
+class CacheRuntime(StepSlots):
     """Decides, per call, whether a region runs; keeps the residuals; records statistics."""
 
     def __init__(self, config, reduce_groups: Callable[[], list[str]] | None = None) -> None:
         self.config = config
         self._reduce_groups = reduce_groups or (lambda: [])
-        self.step_hooked = False  # a pipeline's scheduler hook marks the steps
+        self.active: set[int] = set()  # the regions that may skip (kept across generations)
+        self.refusals: list[str] = []  # why a captured graph got no region (insert_cache's reasons)
+        self._costs: dict[int, int] = {}
         self.calibrating = False  # record (probe change, stream change) pairs instead of skipping
         self.calibration: list[tuple[int, float, float]] = []
         self.reset()
@@ -118,26 +121,11 @@ class CacheRuntime:
         """A new generation: forget probes and residuals, start new statistics."""
         self.states: dict[tuple[int, int], _SlotState] = {}
         self.stats = CacheStats()
-        self.step = 0
-        self.call_in_step = 0
-        self.slot = 0
+        self.reset_steps()
         self._ran: list[int] = []
         self._groups: list[str] = []
         self._pending: list[tuple[int, CallRecord]] = []
         self._spans: dict[int, int] = {}
-        if not hasattr(self, "active"):
-            self.active: set[int] = set()  # the regions that may skip (kept across generations)
-            self.refusals: list[str] = []  # why a captured graph got no region (insert_cache's reasons)
-            self._costs: dict[int, int] = {}
-
-    def end_step(self) -> None:
-        self.step += 1
-        self.call_in_step = 0
-
-    def next_call(self) -> None:
-        """Every call of the module, also the ones another cfg rank computes (keeps slots aligned)."""
-        self.slot = self.call_in_step if self.step_hooked else 0
-        self.call_in_step += 1
 
     def begin_run(self, batch_group: str | None) -> None:
         self._ran = []

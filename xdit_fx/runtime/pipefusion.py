@@ -47,6 +47,7 @@ from torch import nn
 from ..errors import XditFxError
 from .attention import _mask_bias, _positions
 from .collectives import COMM, _group, all_gather, all_to_all
+from .steps import StepSlots
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ class PipeFusionRecord:
     warm: bool
 
 
-class PipeFusionRuntime:
+class PipeFusionRuntime(StepSlots):
     """Per ParallelModule: the stage of this rank, the K/V buffers, warm-up counting, the patch loop."""
 
     def __init__(self, plan, groups) -> None:
@@ -294,10 +295,9 @@ class PipeFusionRuntime:
         self.ring = plan.ring_degree
         self.ring_group = groups.names["ring"] if self.ring > 1 else ""
         self.rrank = dist.get_rank(_group(self.ring_group)) if self.ring > 1 else 0
-        self.step_hooked = False
         self.reset()
 
-    # ---- generation / step / call boundaries (the same protocol as the cache runtime) -------------------
+    # ---- generation / step / call boundaries (StepSlots: steps and slots) -------------------------------
     def reset(self) -> None:
         """A new generation: drop the K/V buffers and the warm-up counts."""
         self.kv: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -306,19 +306,12 @@ class PipeFusionRuntime:
         self.records: list[PipeFusionRecord] = []
         #: of the last region call: seconds in this stage's compute, and from entry to the exit broadcast
         self.last_busy_s = self.last_wall_s = 0.0
-        self.step = 0
-        self.call_in_step = 0
-        self.slot = 0
+        self.reset_steps()
         self.warm = True
         self.ordinal = 0
 
-    def end_step(self) -> None:
-        self.step += 1
-        self.call_in_step = 0
-
     def next_call(self) -> None:
-        self.slot = self.call_in_step if self.step_hooked else 0
-        self.call_in_step += 1
+        super().next_call()
         done = self.calls.get(self.slot, 0)
         self.warm = done < self.plan.pipefusion_warmup_steps
         self.calls[self.slot] = done + 1
