@@ -27,6 +27,9 @@ def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> No
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank done before any tears its gloo pairs down: a rank that destroys the group while a peer
+        # still has traffic in flight can abort that peer ("terminate called without an active exception")
+        dist.barrier()
     except BaseException:
         traceback.print_exc()
         raise
