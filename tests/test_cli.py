@@ -14,8 +14,8 @@ def test_passes_lists_the_pipeline_in_order(capsys):
 
 
 def test_bad_plan_is_a_one_line_error_not_a_traceback(capsys):
-    assert main(["passes", "--plan", "pipefusion=2,ulysses=2,ring=2"]) == 2
+    assert main(["passes", "--plan", "pipefusion=2,cache=fbc:0.1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("xdit-fx passes: error:") and "not supported yet" in err and "Traceback" not in err
+    assert err.startswith("xdit-fx passes: error:") and "PipeFusion without cache" in err and "Traceback" not in err
     assert main(["passes", "--plan", "ulysses=x"]) == 2
     assert "a degree must be an integer" in capsys.readouterr().err

@@ -186,7 +186,7 @@ def test_cli_errors_for_a_bad_model_and_a_bad_plan(tmp_path, capsys):
     assert "cannot import" in err(["dump", "no_such_pkg:Model", "--out", str(tmp_path / "o")])
     assert "a degree must be an integer" in err(["dump", "scratch_dit", "--plan", "ulysses=x", "--out", str(tmp_path)])
     assert "Unknown plan key 'tp'" in err(["dump", "scratch_dit", "--plan", "tp=2", "--out", str(tmp_path)])
-    assert "not supported yet" in err(["dump", "scratch_dit", "--plan", "pipefusion=2,ulysses=2,ring=2", "--out", str(tmp_path)])
+    assert "PipeFusion without cache" in err(["dump", "scratch_dit", "--plan", "pipefusion=2,cache=fbc:0.1", "--out", str(tmp_path)])
     assert "--input" in err(["dump", "xdit_fx.zoo:ScratchDiT", "--out", str(tmp_path / "o")])
 
 

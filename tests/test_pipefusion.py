@@ -36,12 +36,13 @@ def test_plan_string_round_trip_and_defaults():
     assert Plan.from_string("cfg=2,pipefusion=2").world_size == 4
     hybrid = Plan.from_string("pipefusion=2,ulysses=2")
     assert hybrid.world_size == 4 and Plan.from_string(hybrid.to_string()) == hybrid
+    usp = Plan.from_string("pipefusion=2,ring=2,ulysses=2,cfg=2")
+    assert usp.world_size == 16 and Plan.from_string(usp.to_string()) == usp
 
 
 @pytest.mark.parametrize("text, match", [
     ("pipefusion=2,patches=-1", "pipefusion_patches must be an integer >= 0"),
     ("pipefusion=2,warmup=-1", "pipefusion_warmup_steps must be an integer >= 0"),
-    ("pipefusion=2,ulysses=2,ring=2", "PipeFusion combined with ring attention is not supported"),
     ("pipefusion=2,compile=1", "set compile=0"),
     ("pipefusion=2,cache=fbc:0.1", "PipeFusion without cache"),
 ])
@@ -525,47 +526,118 @@ def test_pipefusion_with_ulysses_masked_attention_equals_the_single_process():
             assert (o - r).abs().max().item() <= EXACT_ATOL
 
 
-# ---- pipefusion x ring: 4 ranks (2 stages x 2 ring ranks) -------------------------------------------------
+# ---- pipefusion x ring (x ulysses): 4 ranks (2 stages x 2 ring ranks), 8 ranks (x 2 ulysses ranks) ---------
 
-def _masked_ring(rank, world):
-    model, inputs = _masked_model_and_inputs()
+class TimeTokenDiT(MaskedDiT):
+    """MaskedDiT with a time token in front of the image tokens: a token segment every patch computes whole,
+    which the ring keeps out of the K/V buffers (attended locally, merged by log-sum-exp)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t_embed = torch.nn.Linear(8, 32)
+
+    def forward(self, x, t, mask):
+        h = torch.cat([self.t_embed(t).unsqueeze(1), x], dim=1)
+        for b in self.blocks:
+            h = b(h, mask)
+        return h[:, 1:]
+
+
+def _time_token_model_and_inputs():
+    torch.manual_seed(0)
+    mask = torch.ones(1, 4, 17, 17, dtype=torch.bool)
+    mask[..., 14:] = False
+    mask[:, 2, 3:6, 0] = False  # some queries do not see the time token on one head
+    g = torch.Generator().manual_seed(0)
+    return TimeTokenDiT().eval(), dict(x=torch.randn(1, 16, 32, generator=g), t=torch.randn(1, 8, generator=g), mask=mask)
+
+
+SP_MODELS = {"masked": _masked_model_and_inputs, "time_token": _time_token_model_and_inputs}
+WHOLE_TOKENS = {"masked": 0, "time_token": 1}
+
+
+def _ring_small(rank, world, sp):
+    from xdit_fx.runtime.pipefusion import pf_attention
+
     out = {}
-    for label, plan in [("exact", f"pipefusion=2,ring=2,warmup={CALLS}"), ("stale", "pipefusion=2,ring=2,warmup=1")]:
-        pm = xdit_fx.parallelize(model, plan)
+    for name, make in SP_MODELS.items():
+        model, inputs = make()
+        row = {}
+        for label, plan in [("exact", f"pipefusion=2,{sp},warmup={CALLS}"), ("stale", f"pipefusion=2,{sp},warmup=1")]:
+            pm = xdit_fx.parallelize(model, plan)
+            with torch.no_grad():
+                outs = [pm(**s) for s in _steps(inputs, CALLS)]
+            region = next(m for g in pm.graphs for m in g.modules() if hasattr(m, "spec") and hasattr(m.spec, "crossings"))
+            sites = sum(n.op == "call_function" and n.target is pf_attention
+                        for n in region.spec.programs[pm.pipefusion.stage].body.graph.nodes)
+            row[label] = (outs, [r.warm for r in pm.pipefusion.records], pm.last_comm, sites)
+        # the same input twice: the stale K/V of the patched call equal the fresh ones, so it is exact too
+        # (checks that every patch's K/V land in the buffer slots the warm-up filled)
+        pm = xdit_fx.parallelize(model, f"pipefusion=2,{sp},warmup=1")
         with torch.no_grad():
-            out[label] = ([pm(**s) for s in _steps(inputs, CALLS)], [r.warm for r in pm.pipefusion.records],
-                          pm.last_comm)
-    # the same input twice: the stale K/V of the patched call equal the fresh ones, so it is exact too
-    # (checks that every patch's K/V land in the buffer slots the warm-up filled)
-    pm = xdit_fx.parallelize(model, "pipefusion=2,ring=2,warmup=1")
-    with torch.no_grad():
-        out["same"] = [pm(**inputs) for _ in range(2)], [r.warm for r in pm.pipefusion.records]
+            row["same"] = [pm(**inputs) for _ in range(2)], [r.warm for r in pm.pipefusion.records]
+        out[name] = row
     return out
 
 
-def test_pipefusion_with_ring_masked_attention_equals_the_single_process():
-    """4 processes on a small model: chunk p*R + r per patch and ring rank; each rank's K/V buffer holds its
-    chunk of every patch and the ring passes whole buffers, the per-head mask re-indexed to that key order.
-    Warm-up on every call is exact (the warm-up run takes chunks j*R + r of every patch j, the buffer's
-    layout); patched calls with stale K/V stay close."""
-    model, inputs = _masked_model_and_inputs()
-    with torch.no_grad():
-        ref = [model(**s) for s in _steps(inputs, CALLS)]
-    for res in spawn_gloo(4, _masked_ring):
-        outs, warm, _ = res["exact"]
-        assert warm == [True] * CALLS
-        for o, r in zip(outs, ref):
-            assert (o - r).abs().max().item() <= EXACT_ATOL
-        outs, warm, comm = res["stale"]
-        assert warm == [True] + [False] * (CALLS - 1)
-        assert (outs[0] - ref[0]).abs().max().item() <= EXACT_ATOL
-        for o, r in zip(outs[1:], ref[1:]):
-            assert 0 < (o - r).abs().max().item() < 0.05 * r.abs().max().item()
-        assert comm["ring"]["ring_p2p"] > 0
-        outs, warm = res["same"]
-        assert warm == [True, False]
-        for o in outs:
-            assert (o - ref[0]).abs().max().item() <= EXACT_ATOL
+def _ring_bytes(stage: int, sites: int, r: int, u: int, whole: int, m: int = 2, length: int = 16, heads: int = 4,
+                head_dim: int = 8, width: int = 32, elt: int = 4) -> dict:
+    """Bytes one rank moves in one patched call of the 4-block models above (batch 1, float32; `whole`
+    tokens every patch computes whole, in no buffer). Per attention site and patch: Ulysses all-to-alls q,
+    k, v, out of L/(M*R*U) tokens, (U-1)/U of each; the ring passes the K/V buffer (L/R tokens, H/U heads)
+    R-1 times; the whole tokens' outputs are gathered over the heads. Stage 1 receives the hidden state's
+    chunk of each patch (L/(R*U) tokens in all) and the whole tokens with every patch, gathers the output's
+    L tokens over the R*U ranks of the stage, and broadcasts it to stage 0."""
+    out = {("ring", "ring_p2p"): sites * m * (r - 1) * 2 * (heads // u) * (length // r) * head_dim * elt}
+    if u > 1:
+        out[("ulysses", "all_to_all")] = sites * 4 * heads * length * head_dim * (u - 1) // (r * u * u) * elt
+        if whole:  # the whole tokens' outputs, computed for this rank's heads, gathered over the heads
+            out[("ulysses", "all_gather")] = sites * m * whole * heads // u * head_dim * (u - 1) * elt
+    output = length * width * elt
+    if stage == 1:
+        out[("pipefusion", "pipefusion_p2p")] = (length // (r * u) + m * whole) * width * elt
+        out[("sp" if u > 1 else "ring", "all_gather")] = output // (r * u) * (r * u - 1)
+    else:
+        out[("pipefusion", "broadcast")] = output
+    return out
+
+
+def _check_ring_runs(results, world, u):
+    for name, make in SP_MODELS.items():
+        model, inputs = make()
+        with torch.no_grad():
+            ref = [model(**s) for s in _steps(inputs, CALLS)]
+        for rank, res in enumerate(results):
+            row = res[name]
+            outs, warm, _, _ = row["exact"]
+            assert warm == [True] * CALLS
+            for o, r in zip(outs, ref):
+                assert (o - r).abs().max().item() <= EXACT_ATOL, (name, rank)
+            outs, warm, comm, sites = row["stale"]
+            assert warm == [True] + [False] * (CALLS - 1)
+            assert (outs[0] - ref[0]).abs().max().item() <= EXACT_ATOL
+            for o, r in zip(outs[1:], ref[1:]):
+                assert 0 < (o - r).abs().max().item() < 0.05 * r.abs().max().item(), (name, rank)
+            moved = {(axis, op): b for axis, ops in comm.items() for op, b in ops.items()}
+            assert sites == 2 and moved == _ring_bytes(rank // (world // 2), sites, 2, u, WHOLE_TOKENS[name]), (name, rank, moved)
+            outs, warm = row["same"]
+            assert warm == [True, False]
+            for o in outs:
+                assert (o - ref[0]).abs().max().item() <= EXACT_ATOL, (name, rank)
+
+
+def test_pipefusion_with_ring_equals_the_single_process_and_moves_the_counted_bytes():
+    """4 processes on two small models (about 15 s): chunk p*R + r per patch and ring rank; each rank's K/V
+    buffer holds its chunk of every patch and the ring passes whole buffers, the per-head mask re-indexed to
+    that key order. Warm-up on every call is exact (the warm-up run takes chunks j*R + r of every patch j,
+    the buffer's layout); patched calls with stale K/V stay close; bytes per rank match `_ring_bytes`."""
+    _check_ring_runs(spawn_gloo(4, _ring_small, "ring=2"), 4, 1)
+
+
+def test_pipefusion_with_ring_and_ulysses_equals_the_single_process_and_moves_the_counted_bytes():
+    """8 processes (2 stages x 2 ring x 2 ulysses ranks; about 30 s): USP inside each stage. Ranks (r, u)
+    compute chunk (p*R + r)*U + u of patch p; the Ulysses all-to-all makes ring chunk p*R + r for heads/U."""
+    _check_ring_runs(spawn_gloo(8, _ring_small, "ring=2,ulysses=2"), 8, 2)
 
 
 def _ring_runs(rank, world, names):
@@ -589,7 +661,7 @@ def _ring_runs(rank, world, names):
     return results
 
 
-RING_MODELS = ["flux", "scratch_dit"]
+RING_MODELS = ["flux", "scratch_dit", "scratch_mmdit"]
 
 
 @pytest.fixture(scope="module")
@@ -620,7 +692,8 @@ def test_pipefusion_with_ring_warmup_equals_and_stale_stays_close(four_rank_ring
 
 @pytest.mark.parametrize("model, plan, match", [
     ("scratch_dit", "pipefusion=2,ring=2,patches=3", "does not split into pipefusion_patches=3 x ring=2 equal chunks"),
-    ("scratch_mmdit", "pipefusion=2,ring=2", "pipefusion x ring"),
+    ("scratch_dit", "pipefusion=2,ring=2,ulysses=2,patches=3",
+     "does not split into pipefusion_patches=3 x ring=2 x ulysses=2 equal chunks"),
 ])
 def test_pipefusion_with_ring_refusals_name_the_node(model, plan, match):
     from xdit_fx.errors import XditFxError

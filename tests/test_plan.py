@@ -16,8 +16,8 @@ from xdit_fx.plan import AXES
 
 DEGREE_FIELDS = ["ulysses_degree", "ring_degree", "cfg_degree", "pipefusion_degree", "dp_degree"]
 #: combinations refused before any process group: (plan string, what the message says)
-UNSUPPORTED = [("pipefusion=2,ulysses=2,ring=2", "PipeFusion combined with ring attention is not supported yet"),
-               ("pipefusion=2,ring=2,ulysses=2", "Combine pipefusion with ring, or with ulysses")]
+UNSUPPORTED = [("pipefusion=2,ulysses=2,cache=fbc:0.1", "Use cache with ulysses/ring/cfg/dp, or PipeFusion without cache"),
+               ("pipefusion=2,ring=2,cache=teacache:0.2", "each stage would have to agree on which steps skip")]
 
 
 # ---- construction and validation ---------------------------------------------------------------
@@ -128,7 +128,6 @@ def test_serial_plan_string_round_trip():
     ("foo=2", "Unknown plan key 'foo'"),
     ("compile=yes", "use compile=1 or compile=0"),
     ("ulysses=0", "must be an integer >= 1"),
-    ("pipefusion=2,ulysses=2,ring=2", "not supported yet"),
     ("pipefusion=2,patches=x", "must be an integer"),
     ("cfg=3", "cfg_degree is 1 or 2"),
     ("parallel_vae=maybe", "use parallel_vae=1 or parallel_vae=0"),

@@ -93,12 +93,6 @@ class Plan:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PlanError(f"Plan.{name} must be an integer >= {low}, got {value!r}"
                                 + (" (0 means one patch per pipeline stage)." if name == "pipefusion_patches" else "."))
-        if self.pipefusion_degree > 1 and self.ring_degree > 1 and self.ulysses_degree > 1:
-            raise PlanError(
-                f"Plan pipefusion={self.pipefusion_degree} with ring={self.ring_degree} and "
-                f"ulysses={self.ulysses_degree}: PipeFusion combined with ring attention is not supported yet "
-                "together with ulysses (USP inside a stage). Combine pipefusion with ring, or with ulysses, "
-                "plus cfg and dp.")
         if self.pipefusion_degree > 1 and self.compile:
             raise PlanError(
                 f"Plan pipefusion={self.pipefusion_degree} with compile=True: refused. The stages run as eager "

@@ -127,7 +127,7 @@ def cut_stages(costs: list[float], n: int) -> list[int]:
 def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """shard_sequence over the M patches instead of ranks: the graph computes one patch of the token stream."""
     from .analysis import _is_flex_attention
-    # with ulysses: M x U chunks, patch p on rank r is p*U + r; with ring: M x R chunks, p*R + r
+    # with ulysses: M x U chunks, patch p on rank u is p*U + u; with ring (x ulysses): (p*R + r)*U + u
     m = ctx.plan.patches * ctx.plan.ulysses_degree * ctx.plan.ring_degree
     flex = next((n for n in gm.graph.nodes if _is_flex_attention(n)), None)
     if flex is not None:
@@ -155,9 +155,8 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if node.op == "call_function" and node.target is collectives.shard_tokens:
             node.target = pf_shard_tokens_target()
             shards += 1
-    what = f"one of {m} patches" if m == ctx.plan.patches else \
-        f"one of {m} chunks ({ctx.plan.patches} patches x ulysses {ctx.plan.ulysses_degree})" \
-        if ctx.plan.ulysses_degree > 1 else f"one of {m} chunks ({ctx.plan.patches} patches x ring {ctx.plan.ring_degree})"
+    what = f"one of {m} patches" if m == ctx.plan.patches else f"one of {m} chunks ({ctx.plan.patches} patches" + \
+        "".join(f" x {a} {ctx.plan.degree(a)}" for a in ("ring", "ulysses") if ctx.plan.degree(a) > 1) + ")"
     summary = result.summary.replace("on local tokens", f"on {what}")
     return PassResult(gm, changed=result.changed, summary=summary, counts=dict(result.counts))
 
@@ -276,7 +275,7 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     plan = ctx.plan
     n_stages, m, u, rr = plan.pipefusion_degree, plan.patches, plan.ulysses_degree, plan.ring_degree
-    chunks = m * u * rr  # per patch and ulysses (ring) rank: chunk p*U + r (p*R + r) of every sharded segment
+    chunks = m * u * rr  # per patch and rank: chunk p*U + u (ulysses), (p*R + r)*U + u (ring) of every segment
     graph = gm.graph
     nodes = list(graph.nodes)
     dag = nx.DiGraph()
@@ -394,12 +393,6 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     f"(q {spec['q_segments']}, kv {spec['kv_segments']}); with ulysses the head all-to-all of "
                     "pf_attention needs patched queries.\n  fix: run it with pipefusion alone, or ulysses alone; "
                     "to look at the graph: xdit-fx dump MODEL --plan pipefusion=2,ulysses=2 --out DIR")
-        if rr > 1 and kv_sharded and not all(s for _, s in tuple(spec["q_segments"]) + tuple(spec["kv_segments"])):
-            raise UnsupportedGraph(
-                f"pipefusion: attention {describe_node(n)}\n  has token segments every patch computes whole "
-                f"(q {spec['q_segments']}, kv {spec['kv_segments']}, e.g. a time token); pipefusion x ring "
-                "passes per-rank K/V buffers of patched chunks only.\n  fix: use pipefusion with ulysses, or "
-                "ring without pipefusion; to look at the graph: xdit-fx dump MODEL --plan pipefusion=2,ring=2 --out DIR")
         with graph.inserting_before(n):
             new = graph.call_function(pf_attention, (a["query"], a["key"], a["value"], a["attn_mask"]),
                                       dict(site=site.index, q_segments=spec["q_segments"],
@@ -422,11 +415,12 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             for length, sharded in lay.segments:
                 if sharded and length % chunks:
                     if rr > 1:
-                        ok = [d for d in range(1, length + 1) if length % (d * rr) == 0 and d <= 64]
+                        ok = [d for d in range(1, length + 1) if length % (d * rr * u) == 0 and d <= 64]
+                        what = f"ring={rr}" + (f" x ulysses={u}" if u > 1 else "")
                         raise PlanError(
                             f"pipefusion: {describe_node(n)}\n  has a token segment of {length} tokens, which does "
-                            f"not split into pipefusion_patches={m} x ring={rr} equal chunks; use patches in {ok} "
-                            "(or a ring degree that divides the segment with the patches).")
+                            f"not split into pipefusion_patches={m} x {what} equal chunks; use patches in {ok} "
+                            "(or sequence-parallel degrees that divide the segment with the patches).")
                     if u == 1:
                         ok = [d for d in range(1, length + 1) if length % d == 0 and d <= 64]
                         raise PlanError(

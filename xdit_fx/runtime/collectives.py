@@ -316,10 +316,10 @@ def merge_partial(out, lse, o, l):
     return out * w_old + o * w_new, new
 
 
-@torch.library.custom_op("xdit_fx::ring_attention", mutates_args=())
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                   scale: float, group: str) -> torch.Tensor:
-    """Attention of local queries over the keys/values of every rank of `group`, passed around a ring.
+def ring_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                       scale: float, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of local queries over the keys/values of every rank of `group`, passed around a ring:
+    (out in float32, log-sum-exp), so that a caller can merge more keys into it.
 
     `bias`, if given, covers all keys in rank order: [..., Lq, N * Lk]; step j uses the slice of the rank
     whose chunk is held then. Partial results are merged with their log-sum-exp."""
@@ -327,7 +327,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
     n, rank = dist.get_world_size(pg), dist.get_rank(pg)
     lk = k.shape[-2]
     out = lse = None
-    low = q.dtype in (torch.bfloat16, torch.float16)
     kv = torch.stack([k, v]).contiguous()
     for step in range(n):
         src = (rank - step) % n
@@ -337,20 +336,30 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
                    dist.P2POp(dist.irecv, nxt, dist.get_global_rank(pg, (rank - 1) % n), pg)]
             reqs = dist.batch_isend_irecv(ops)
         b = bias[..., src * lk:(src + 1) * lk] if bias is not None else None
-        # bf16/fp16 chunks on the CPU attend in float32 (its kernel rounds each chunk's output to bf16); on
-        # CUDA the fused kernels accumulate in float32 already and keep their speed. Merging is in float32.
-        if low and q.device.type == "cpu":
-            o, l = attention_with_lse(q.float(), kv[0].float(), kv[1].float(),
-                                      b.float() if b is not None and b.is_floating_point() else b, scale)
-        else:
-            o, l = attention_with_lse(q, kv[0], kv[1], b, scale)
-        out, lse = merge_partial(out, lse, o, l)
+        out, lse = merge_partial(out, lse, *_chunk_attention(q, kv[0], kv[1], b, scale))
         if step < n - 1:
             for r in reqs:
                 r.wait()
             COMM.add(group, "ring_p2p", _nbytes(nxt))
             kv = nxt
-    return out.to(q.dtype)
+    return out, lse
+
+
+def _chunk_attention(q, k, v, bias, scale):
+    """One chunk's (out, lse). bf16/fp16 chunks on the CPU attend in float32 (its kernel rounds each chunk's
+    output to bf16); on CUDA the fused kernels accumulate in float32 already and keep their speed."""
+    if q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
+        return attention_with_lse(q.float(), k.float(), v.float(),
+                                  bias.float() if bias is not None and bias.is_floating_point() else bias, scale)
+    return attention_with_lse(q, k, v, bias, scale)
+
+
+@torch.library.custom_op("xdit_fx::ring_attention", mutates_args=())
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   scale: float, group: str) -> torch.Tensor:
+    """Attention of local queries over the keys/values of every rank of `group`, passed around a ring
+    (see `ring_attention_lse`)."""
+    return ring_attention_lse(q, k, v, bias, scale, group)[0].to(q.dtype)
 
 
 @ring_attention.register_fake

@@ -23,8 +23,14 @@ of consecutive stages; the last stage all-gathers the exits over its U ranks bef
 Ring (``pipefusion x ring``): M x R chunks, ring rank r computes chunk p*R + r on patch p. Each rank's
 K/V buffer holds its own chunks of all M patches (all heads, segment-major then patch); a patch writes its
 slot and runs ring attention over the buffers of the R ranks (one whole buffer per ring step; the mask
-follows that key order). Warm-up takes chunks j*R + r of every patch j on rank r (the buffer layout), so
-it fills the buffers exactly. The last stage all-gathers the exits over the ring group.
+follows that key order). Warm-up takes chunks j*R + r of every patch j on rank r, so it fills the buffers
+exactly. The last stage all-gathers the exits over the ring group. A token segment every patch computes
+whole (a time token) is in no buffer: its keys are attended locally and merged by log-sum-exp.
+
+Both (``pipefusion x ring x ulysses``, USP inside a stage): M x R x U chunks; ranks (r, u) compute chunk
+(p*R + r)*U + u on patch p, so the Ulysses all-to-all turns a ring rank's U chunks into one ring chunk
+p*R + r for heads/U, and from there it is the ring case with a buffer of heads/U. The last stage gathers
+the exits over ring x ulysses.
 
 Warm-up: the first `pipefusion_warmup_steps` calls of each slot in a generation (and any call whose input
 shapes have not filled the buffers yet) run the warm-up program, the same passes with one patch: the whole
@@ -35,8 +41,10 @@ on every call; the scheduler hook marks the steps, as for the cache).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -71,31 +79,50 @@ class _PatchContext:
 PATCH = _PatchContext()
 
 
-def _ring_chunks() -> list[int]:
-    """With ring: the chunks (of N = M x R per segment) this rank holds, in local order: chunk j*R + r of
-    every patch j this run covers (one patch; all M on warm-up)."""
-    ring, sub, rank = PATCH.ring, PATCH.sub, PATCH.rrank
-    return [(PATCH.patch * sub + j) * ring + rank for j in range(sub)]
+def _ring_chunks(urank: int | None = None) -> tuple[int, ...]:
+    """With ring: the chunks (of N = M x R x U per sharded segment) that ring rank r and ulysses rank u
+    (this rank's, or `urank`) hold in one program run, in local order: chunk (j*R + r)*U + u of every patch
+    j the run covers (one patch; all M on warm-up)."""
+    ring, sub, r, u = PATCH.ring, PATCH.sub, PATCH.rrank, PATCH.ulysses
+    uu = PATCH.urank if urank is None else urank
+    return tuple(((PATCH.patch * sub + j) * ring + r) * u + uu for j in range(sub))
 
 
-def _ring_positions(segments: tuple, n: int, chunks: list[int]) -> tuple[int, ...]:
-    """Global positions of the given chunks of every segment (segment-major, then chunk order)."""
+def _buffer_chunks(ring_rank: int) -> tuple[int, ...]:
+    """The chunks a ring rank's K/V buffer holds: its chunks of every patch and ulysses rank, in position
+    order ((j*R + r)*U + u for j, then u)."""
+    m, ring, u = PATCH.patches * PATCH.sub, PATCH.ring, PATCH.ulysses
+    return tuple((j * ring + ring_rank) * u + uu for j in range(m) for uu in range(u))
+
+
+@lru_cache(maxsize=4096)
+def _chunk_positions(segments: tuple, n: int, chunks: tuple) -> tuple[int, ...]:
+    """Global positions of the given chunks (of n) of every sharded segment: segment-major, then chunk
+    order. Whole segments are skipped (see `_whole_positions`)."""
     out, off = [], 0
-    for length, s in segments:
-        c = length // n
-        for j in chunks:
-            out.extend(range(off + j * c, off + (j + 1) * c))
+    for length, sharded in segments:
+        if sharded:
+            c = length // n
+            for j in chunks:
+                out.extend(range(off + j * c, off + (j + 1) * c))
         off += length
     return tuple(out)
+
+
+@lru_cache(maxsize=1024)
+def _slots(buffer_positions: tuple, positions: tuple) -> tuple[int, ...]:
+    """Where each position sits in a buffer that holds `buffer_positions`."""
+    where = {pos: i for i, pos in enumerate(buffer_positions)}
+    return tuple(where[pos] for pos in positions)
 
 
 def pf_shard_tokens(x: torch.Tensor, dim: int, segments, group: str, n: int) -> torch.Tensor:
     """Patch PATCH.patch of x's token dim: chunk p of every sharded segment (the pass checked that each
     segment splits evenly), replicated segments whole. No communication. With ulysses (n = M x U chunks),
-    chunk p*U + r on ulysses rank r. With ring (N = M x R chunks): chunk p*R + r on ring rank r; on warm-up
-    chunks j*R + r of every patch j, in j order (the layout of this rank's K/V buffers)."""
+    chunk p*U + r on ulysses rank r. With ring (N = M x R x U chunks): chunk (p*R + r)*U + u on ring rank r,
+    ulysses rank u; on warm-up those chunks of every patch p, in p order (see `_ring_chunks`)."""
     if PATCH.ring > 1:
-        total = PATCH.patches * PATCH.sub * PATCH.ring  # N = M x R chunks per segment
+        total = PATCH.patches * PATCH.sub * PATCH.ring * PATCH.ulysses  # N = M x R x U chunks per segment
         chunks = _ring_chunks()
         pieces = x.split([s[0] for s in segments], dim=dim) if len(segments) > 1 else (x,)
         out = []
@@ -146,9 +173,9 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
         heads_slice = slice(PATCH.urank * heads // u, (PATCH.urank + 1) * heads // u)
         qs, ks = tuple(q_segments), tuple(kv_segments)
-        q, q_rep = _split_patched(q, qs, n)
-        k, k_rep = _split_patched(k, ks, n)
-        v, v_rep = _split_patched(v, ks, n)
+        q, q_rep = _split_local(q, qs, n, 1)
+        k, k_rep = _split_local(k, ks, n, 1)
+        v, v_rep = _split_local(v, ks, n, 1)
         if q.shape == k.shape == v.shape:
             q, k, v = all_to_all(torch.stack([q, k, v]), 2, 3, PATCH.ulysses_group).unbind(0)
         else:
@@ -157,11 +184,11 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
             v = all_to_all(v, 1, 2, PATCH.ulysses_group)
         first = PATCH.patch * u
         q_sharded = q.shape[2]
-        qpos = sum((_patched_positions(qs, n, first + j) for j in range(u)), ()) + _whole_positions(qs)
-        kpos = sum((_patched_positions(ks, n, first + j) for j in range(u)), ()) + _whole_positions(ks)
-        if q_rep is not None:
+        qpos = sum((_chunk_positions(qs, n, (first + j,)) for j in range(u)), ()) + _whole_positions(qs)
+        kpos = sum((_chunk_positions(ks, n, (first + j,)) for j in range(u)), ()) + _whole_positions(ks)
+        if q_rep.shape[2]:
             q = torch.cat([q, q_rep[:, heads_slice]], dim=2)
-        if k_rep is not None:
+        if k_rep.shape[2]:
             k = torch.cat([k, k_rep[:, heads_slice]], dim=2)
             v = torch.cat([v, v_rep[:, heads_slice]], dim=2)
     else:
@@ -179,89 +206,124 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
         bias = _mask_bias(attn_mask, qpos, tuple(range(total)), q.dtype, q.device, heads_slice)
     out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias, scale=scale)
     if u > 1:
-        whole = None
-        if out.shape[2] > q_sharded:  # queries of whole segments: every rank computed its heads; gather them
-            out, whole = out.split([q_sharded, out.shape[2] - q_sharded], dim=2)
+        # queries of whole segments: every rank computed its heads; gather them
+        out, whole = out.split([q_sharded, out.shape[2] - q_sharded], dim=2)
+        if whole.shape[2]:
             whole = all_gather(whole.contiguous(), 1, heads, PATCH.ulysses_group)
-        out = all_to_all(out.contiguous(), 2, 1, PATCH.ulysses_group)
-        if whole is not None:
-            out = _merge_patched(out, whole, tuple(q_segments), n)
+        out = _merge_local(all_to_all(out.contiguous(), 2, 1, PATCH.ulysses_group), whole, tuple(q_segments), n, 1)
     return out
 
 
 def _pf_ring_attention(q, k, v, attn_mask, site, q_segments, kv_segments, scale):
-    """pipefusion x ring: this rank's K/V buffer holds its chunk (j*R + r) of every patch j, all heads; the
-    patch's fresh K/V go into their slots, then the local queries attend over the buffers of all R ranks
-    by ring attention (each ring step passes one rank's whole buffer; the bias is in that key order)."""
-    import math
-
-    from .collectives import ring_attention
-    rr, m, sub = PATCH.ring, PATCH.patches * PATCH.sub, PATCH.sub
-    n = m * rr
-    chunks = _ring_chunks()
-    qpos = _ring_positions(q_segments, n, chunks)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    """pipefusion x ring (x ulysses): the patch's chunks of the patched segments are all-to-alled over the
+    U ulysses ranks (to U consecutive chunks, heads/U), their fresh K/V go into this ring rank's buffer (its
+    chunks of every patch, see `_buffer_chunks`), and the queries attend over the buffers of all R ring
+    ranks by ring attention, the mask re-indexed to that key order. Segments every patch computes whole (a
+    time token) stay out of the buffers: their keys are attended locally (this rank's heads) and merged by
+    log-sum-exp; their queries attend like the others, and their outputs are gathered over the heads."""
+    from .collectives import _chunk_attention, merge_partial, ring_attention_lse
+    rr, u, sub = PATCH.ring, PATCH.ulysses, PATCH.sub
+    n = PATCH.patches * sub * rr * u  # chunks per sharded segment
+    heads = q.shape[1]
+    if k.shape[1] != heads:  # grouped-query attention
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
     if kv_segments is None or not any(s for _, s in kv_segments):  # cross-attention to whole keys
         bias = None
         if attn_mask is not None:
+            qpos = _local_positions(q_segments, n, _ring_chunks())
             bias = _mask_bias(attn_mask, qpos, tuple(range(k.shape[2])), q.dtype, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     runtime = PATCH.runtime
     if runtime is None:
         raise XditFxError("pf_attention ran outside a PipeFusion runtime (a dump's graph run by hand?); "
                           "run the model through xdit_fx.parallelize(model, plan).")
-    # buffer layout: segment-major, then patch j = 0..M-1 (chunk j*R + r); all segments are patched
-    lbuf = sum(length // rr for length, _ in kv_segments)
-    idx, off = [], 0
-    for length, _ in kv_segments:
-        c = length // n
-        for j in chunks:
-            idx.extend(range(off + j // rr * c, off + (j // rr + 1) * c))
-        off += length // rr
-    kbuf, vbuf = runtime.kv_buffer(site, k, v, lbuf)
-    if len(idx) == lbuf:
-        kbuf.copy_(k)
-        vbuf.copy_(v)
+    q_p, q_w = _split_local(q, q_segments, n, sub)
+    k_p, k_w = _split_local(k, kv_segments, n, sub)
+    v_p, v_w = _split_local(v, kv_segments, n, sub)
+    heads_slice = None
+    held = [_ring_chunks()]
+    if u > 1:  # patched tokens: [B, H, chunks, D] -> [B, H/U, U ranks' chunks, D]; whole ones: this rank's heads
+        group = PATCH.ulysses_group
+        heads_slice = slice(PATCH.urank * heads // u, (PATCH.urank + 1) * heads // u)
+        if q_p.shape == k_p.shape == v_p.shape:
+            q_p, k_p, v_p = all_to_all(torch.stack([q_p, k_p, v_p]), 2, 3, group).unbind(0)
+        else:
+            q_p = all_to_all(q_p, 1, 2, group) if q_p.shape[2] else q_p[:, heads_slice]
+            k_p, v_p = all_to_all(k_p, 1, 2, group), all_to_all(v_p, 1, 2, group)
+        q_w, k_w, v_w = q_w[:, heads_slice], k_w[:, heads_slice], v_w[:, heads_slice]
+        held = [_ring_chunks(uu) for uu in range(u)]
+    qpos = sum((_chunk_positions(q_segments, n, c) for c in held), ()) + _whole_positions(q_segments)
+    kpos = sum((_chunk_positions(kv_segments, n, c) for c in held), ())
+    buffer_pos = _chunk_positions(kv_segments, n, _buffer_chunks(PATCH.rrank))
+    kbuf, vbuf = runtime.kv_buffer(site, k_p, v_p, len(buffer_pos))
+    if kpos == buffer_pos:
+        kbuf.copy_(k_p)
+        vbuf.copy_(v_p)
     else:
-        kidx = torch.tensor(idx, device=k.device)
-        kbuf.index_copy_(2, kidx, k)
-        vbuf.index_copy_(2, kidx, v)
+        idx = torch.tensor(_slots(buffer_pos, kpos), device=k.device)
+        kbuf.index_copy_(2, idx, k_p)
+        vbuf.index_copy_(2, idx, v_p)
+    qq = torch.cat([q_p, q_w], dim=2) if q_w.shape[2] else q_p
     bias = None
     if attn_mask is not None:
-        kpos = sum((_ring_positions(kv_segments, n, list(range(src, n, rr))) for src in range(rr)), ())
-        bias = _mask_bias(attn_mask, qpos, kpos, q.dtype, q.device)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return ring_attention(q, kbuf, vbuf, bias, scale, PATCH.ring_group)
+        ring_pos = sum((_chunk_positions(kv_segments, n, _buffer_chunks(src)) for src in range(rr)), ())
+        bias = _mask_bias(attn_mask, qpos, ring_pos, q.dtype, q.device, heads_slice)
+    out, lse = ring_attention_lse(qq, kbuf, vbuf, bias, scale, PATCH.ring_group)
+    if k_w.shape[2]:  # whole segments' keys, once (they are in no ring buffer)
+        bias = None
+        if attn_mask is not None:
+            bias = _mask_bias(attn_mask, qpos, _whole_positions(kv_segments), q.dtype, q.device, heads_slice)
+        out, lse = merge_partial(out, lse, *_chunk_attention(qq, k_w, v_w, bias, scale))
+    out = out.to(q.dtype)
+    o_p, o_w = out.split([q_p.shape[2], q_w.shape[2]], dim=2)
+    if u > 1:
+        if o_p.shape[2]:
+            o_p = all_to_all(o_p.contiguous(), 2, 1, PATCH.ulysses_group)
+        if o_w.shape[2]:
+            o_w = all_gather(o_w.contiguous(), 1, heads, PATCH.ulysses_group)
+    return _merge_local(o_p, o_w, q_segments, n, sub)
 
 
-def _split_patched(x: torch.Tensor, segments: tuple, n: int):
-    """x's local token dim (2) -> (the patched segments' tokens, the whole segments' tokens or None)."""
-    if all(s for _, s in segments):
-        return x, None
-    pieces = x.split([length // n if s else length for length, s in segments], dim=2)
-    patched = [p for p, (_, s) in zip(pieces, segments) if s]
-    whole = [p for p, (_, s) in zip(pieces, segments) if not s]
-    return torch.cat(patched, dim=2), torch.cat(whole, dim=2)
+def _local_lengths(segments: tuple, n: int, held: int) -> list[int]:
+    """Local tokens of each segment when a rank holds `held` chunks (of n) of every sharded segment."""
+    return [length // n * held if sharded else length for length, sharded in segments]
 
 
-def _merge_patched(patched: torch.Tensor, whole: torch.Tensor, segments: tuple, n: int) -> torch.Tensor:
-    """The inverse of `_split_patched`: the local token order of the segments."""
-    pp = iter(patched.split([length // n for length, s in segments if s], dim=2))
-    ww = iter(whole.split([length for length, s in segments if not s], dim=2))
-    return torch.cat([next(pp) if s else next(ww) for _, s in segments], dim=2)
-
-
-def _patched_positions(segments: tuple, n: int, c: int) -> tuple[int, ...]:
-    """Global positions of chunk c of every patched segment (segments divide by n)."""
+def _local_positions(segments: tuple, n: int, chunks: tuple) -> tuple[int, ...]:
+    """Global positions of a rank's local tokens in local order: its chunks of each sharded segment, whole
+    segments whole."""
     out, off = [], 0
-    for length, s in segments:
-        if s:
-            out.extend(range(off + c * (length // n), off + (c + 1) * (length // n)))
+    for length, sharded in segments:
+        c = length // n
+        spans = [(off + j * c, off + (j + 1) * c) for j in chunks] if sharded else [(off, off + length)]
+        for lo, hi in spans:
+            out.extend(range(lo, hi))
         off += length
     return tuple(out)
+
+
+def _split_local(x: torch.Tensor, segments: tuple, n: int, held: int):
+    """x's local token dim (2) -> (the sharded segments' tokens, the whole segments' tokens); either may
+    have no tokens."""
+    pieces = x.split(_local_lengths(segments, n, held), dim=2)
+    patched = [p for p, (_, s) in zip(pieces, segments) if s]
+    whole = [p for p, (_, s) in zip(pieces, segments) if not s]
+    empty = x.narrow(2, 0, 0)
+    return (torch.cat(patched, dim=2) if patched else empty), (torch.cat(whole, dim=2) if whole else empty)
+
+
+def _merge_local(patched: torch.Tensor, whole: torch.Tensor, segments: tuple, n: int, held: int) -> torch.Tensor:
+    """The inverse of `_split_local`."""
+    if not whole.shape[2]:
+        return patched
+    if not patched.shape[2]:
+        return whole
+    pp = iter(patched.split([length // n * held for length, s in segments if s], dim=2))
+    ww = iter(whole.split([length for length, s in segments if not s], dim=2))
+    return torch.cat([next(pp) if s else next(ww) for _, s in segments], dim=2)
 
 
 def _whole_positions(segments: tuple) -> tuple[int, ...]:
@@ -295,6 +357,8 @@ class PipeFusionRuntime(StepSlots):
         self.ring = plan.ring_degree
         self.ring_group = groups.names["ring"] if self.ring > 1 else ""
         self.rrank = dist.get_rank(_group(self.ring_group)) if self.ring > 1 else 0
+        # with ring, the last stage gathers its exits over ring x ulysses (sp rank = ring rank * U + ulysses rank)
+        self.sp_group = groups.names["sp"] if self.ring > 1 and self.ulysses > 1 else self.ring_group
         self.reset()
 
     # ---- generation / step / call boundaries (StepSlots: steps and slots) -------------------------------
@@ -390,8 +454,8 @@ class PipeFusionRuntime(StepSlots):
             work.wait()
         full = []
         for e, pieces in zip(spec.exits, exits):
-            if me == last and self.ring > 1:  # chunk j*R + r of every patch j from ring rank r
-                n = self.plan.patches * self.ring
+            if me == last and self.ring > 1:  # chunk (j*R + r)*U + u of every patch j from ranks (r, u)
+                n = self.plan.patches * self.ring * self.ulysses
                 t = _assemble(self._gather_ring(pieces, e.dim, e.segments, n), e.dim, e.segments, n)
             elif me == last and self.ulysses > 1:  # chunk p*U + r of every patch p from ulysses rank r
                 t = _assemble(self._gather_ulysses(pieces), e.dim, e.segments, m * self.ulysses)
@@ -419,17 +483,18 @@ class PipeFusionRuntime(StepSlots):
         return [parts[r][p] for p in range(len(pieces)) for r in range(self.ulysses)]
 
     def _gather_ring(self, pieces: list[torch.Tensor], dim: int, segments, n: int) -> list[torch.Tensor]:
-        """The last stage's pieces of an exit from each of its R ring ranks, as one piece per chunk in chunk
-        order (j*R + r); a warm-up piece holds all M patches' chunks and is split first."""
-        pg = _group(self.ring_group)
+        """The last stage's pieces of an exit from each of its R x U ranks, as one piece per chunk in chunk
+        order: chunk (j*R + r)*U + u = j*RU + s comes from sp rank s = r*U + u. A warm-up piece holds all M
+        patches' chunks and is split first."""
+        pg, size = _group(self.sp_group), self.ring * self.ulysses
         mine = torch.stack(pieces).contiguous()
-        parts = [torch.empty_like(mine) for _ in range(self.ring)]
+        parts = [torch.empty_like(mine) for _ in range(size)]
         dist.all_gather(parts, mine, group=pg)
-        COMM.add(self.ring_group, "all_gather", mine.numel() * mine.element_size() * (self.ring - 1))
+        COMM.add(self.sp_group, "all_gather", mine.numel() * mine.element_size() * (size - 1))
         sub = self.plan.patches // len(pieces)
-        per_rank = [[c for p in range(len(pieces)) for c in _split_sub(parts[r][p], dim, segments, n, sub)]
-                    for r in range(self.ring)]
-        return [per_rank[r][j] for j in range(self.plan.patches) for r in range(self.ring)]
+        per_rank = [[c for p in range(len(pieces)) for c in _split_sub(parts[s][p], dim, segments, n, sub)]
+                    for s in range(size)]
+        return [per_rank[s][j] for j in range(self.plan.patches) for s in range(size)]
 
 
 def _split_sub(piece: torch.Tensor, dim: int, segments, n: int, sub: int) -> list[torch.Tensor]:
