@@ -19,8 +19,8 @@ def test_digit_prompts():
 @pytest.mark.parametrize("argv, fragment", [
     (["--model", "/nonexistent/pipe"], "not a diffusers pipeline folder"),
     (["--ulysses_degree", "2", "--nproc", "3"], "ulysses(2) = 2 != world_size(3)"),
-    (["--pipefusion_parallel_degree", "2", "--ulysses_degree", "2", "--ring_degree", "2", "--nproc", "8"],
-     "PipeFusion combined with ring attention is not supported yet together with ulysses"),
+    (["--pipefusion_parallel_degree", "2", "--ulysses_degree", "2", "--ring_degree", "2", "--nproc", "4"],
+     "pipefusion(2) * ring(2) * ulysses(2) = 8 != world_size(4)"),
     (["--pipefusion_parallel_degree", "2", "--warmup_steps", "-1"], "pipefusion_warmup_steps must be an integer >= 0"),
     (["--height", "32"], "16x16"),
 ])
