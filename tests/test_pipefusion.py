@@ -43,7 +43,6 @@ def test_plan_string_round_trip_and_defaults():
 @pytest.mark.parametrize("text, match", [
     ("pipefusion=2,patches=-1", "pipefusion_patches must be an integer >= 0"),
     ("pipefusion=2,warmup=-1", "pipefusion_warmup_steps must be an integer >= 0"),
-    ("pipefusion=2,compile=1", "set compile=0"),
     ("pipefusion=2,cache=fbc:0.1", "PipeFusion without cache"),
 ])
 def test_plan_refusals_say_what_to_change(text, match):
@@ -523,6 +522,56 @@ def test_pipefusion_with_ulysses_masked_attention_equals_the_single_process():
     for outs, warm in spawn_gloo(4, _masked_hybrid):
         assert warm == [True] * CALLS
         for o, r in zip(outs, ref):
+            assert (o - r).abs().max().item() <= EXACT_ATOL
+
+
+# ---- compile=True: Inductor between the per-patch ops ---------------------------------------------------
+
+def _compiled_runs(rank, world):
+    from xdit_fx.runtime.inductor import InductorPiece
+    from xdit_fx.runtime.pipefusion import pf_attention, pf_shard_tokens
+
+    out = {}
+    for compile_ in (0, 1):
+        model, inputs = _masked_model_and_inputs()  # a fresh model: PipeFusion frees other stages' parameters
+        row = {}
+        for label, plan in [("exact", f"pipefusion=2,warmup={CALLS}"), ("stale", "pipefusion=2,warmup=1")]:
+            pm = xdit_fx.parallelize(model, f"{plan},compile={compile_}")
+            with torch.no_grad():
+                outs = [pm(**s) for s in _steps(inputs, CALLS)]
+            kinds = []
+            for region in (m for g in pm.graphs for m in g.modules() if hasattr(m, "spec") and hasattr(m.spec, "crossings")):
+                for r in (region, region.warm_region):
+                    program = r.spec.programs[pm.pipefusion.stage]
+                    for child in (program.compiled.children() if program.compiled is not None else ()):
+                        if isinstance(child, InductorPiece):
+                            kinds.append(("piece", child.compiled is not None, child.eager_reason))
+                        else:  # a kept call: one pf op and nothing else
+                            ops = [n.target for n in child.graph.nodes if n.op == "call_function"]
+                            kinds.append(("opaque", ops == [pf_attention] or ops == [pf_shard_tokens], None))
+            row[label] = outs, [r.warm for r in pm.pipefusion.records], kinds
+        out[compile_] = row
+    return out
+
+
+def test_compile_runs_inductor_between_the_per_patch_ops():
+    """2 processes: Plan(compile=True) splits each stage program at pf_attention/pf_shard_tokens (they read
+    the patch and write the K/V buffers) and compiles the pieces between them; the outputs equal the eager
+    PipeFusion run's, warm-up and stale K/V alike."""
+    model, inputs = _masked_model_and_inputs()
+    with torch.no_grad():
+        ref = [model(**s) for s in _steps(inputs, CALLS)]
+    for res in spawn_gloo(2, _compiled_runs):
+        for label in ("exact", "stale"):
+            eager, warm, kinds = res[0][label]
+            compiled, warm_c, kinds_c = res[1][label]
+            assert kinds == [] and warm == warm_c
+            assert ("piece", True, None) in kinds_c and all(ok for kind, ok, _ in kinds_c if kind == "opaque")
+            assert sum(kind == "opaque" for kind, _, _ in kinds_c) >= 2
+            assert not [k for k in kinds_c if k[2] is not None], kinds_c  # no piece fell back to eager
+            for e, c in zip(eager, compiled):
+                assert (e - c).abs().max().item() <= EXACT_ATOL
+        for o, r in zip(res[1]["exact"][0], ref):
             assert (o - r).abs().max().item() <= EXACT_ATOL
 
 

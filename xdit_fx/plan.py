@@ -93,10 +93,6 @@ class Plan:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise PlanError(f"Plan.{name} must be an integer >= {low}, got {value!r}"
                                 + (" (0 means one patch per pipeline stage)." if name == "pipefusion_patches" else "."))
-        if self.pipefusion_degree > 1 and self.compile:
-            raise PlanError(
-                f"Plan pipefusion={self.pipefusion_degree} with compile=True: refused. The stages run as eager "
-                "GraphModules between point-to-point sends; set compile=0 (or use compile with ulysses/ring/cfg/dp).")
         if self.cfg_degree > 2:
             raise PlanError(
                 f"Plan.cfg_degree={self.cfg_degree}: classifier-free guidance has two branches, so cfg_degree "

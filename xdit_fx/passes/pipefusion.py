@@ -34,6 +34,7 @@ import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import torch
@@ -199,6 +200,7 @@ class StageProgram:
     inputs: list[tuple[str, object]]   # per body placeholder: ("live_in", index) or ("recv", crossing index)
     outputs: list[tuple[str, int]]     # per body output: ("send", crossing index) or ("exit", exit index)
     params: list[str]                  # placeholder names of the parameters it reads
+    compiled: Any = None               # with Plan(compile=True): `body` split at the pf ops, pieces by Inductor
 
 
 @dataclass

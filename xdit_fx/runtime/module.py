@@ -107,6 +107,11 @@ class ParallelModule(nn.Module):
             self.cache.refusals.append(gm.meta[REFUSAL])
         for region in regions:  # the region compiles its body itself; the few nodes around it run as they are
             region.bind(self.cache, compile=plan.compile)
+        if plan.compile and warm_gm is not None:  # Inductor around the PipeFusion region (which sends/receives)
+            from .inductor import compile_between
+            from .pipefusion import PipeFusionRegion
+            return compile_between(gm, lambda n: n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                        PipeFusionRegion), "graph").forward
         if plan.compile and not regions:
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(gm, example_inputs)
@@ -135,6 +140,14 @@ class ParallelModule(nn.Module):
         for (_, region), w in zip(regions, warm):
             region.bind(self.pipefusion, w)
             w.bind(self.pipefusion, w)
+            if self.plan.compile:  # Inductor between the per-patch ops (they read the patch, write the buffers)
+                from .inductor import compile_between
+                from .pipefusion import pf_attention, pf_shard_tokens
+                for r, what in ((region, "patched"), (w, "warm-up")):
+                    program = r.spec.programs[stage]
+                    program.compiled = compile_between(
+                        program.body, lambda n: n.op == "call_function" and n.target in (pf_attention, pf_shard_tokens),
+                        f"stage {stage} {what}")
             keep |= set(region.spec.programs[stage].params) | set(w.spec.programs[stage].params)
         if regions:  # freed after this call (dynamo checks its guards on the parameters right after compiling)
             self._to_free += [t for n, t in zip(placeholders, example_inputs) if n.name not in keep
