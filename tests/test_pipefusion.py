@@ -154,13 +154,28 @@ def test_patches_must_divide_every_token_segment():
         _region("scratch_dit", "pipefusion=2,patches=3")
 
 
-def test_a_per_patch_value_needed_whole_before_the_blocks_is_refused_naming_it():
-    from xdit_fx import UnsupportedGraph
-    # HunyuanVideo's token refiner pools the (patched) text over its tokens and conditions every block with
-    # it: a sum over every token, which one patch at a time cannot compute
-    with pytest.raises(UnsupportedGraph, match=r"(?s)patch_sequence: node 'pooled_projections' \(context_embedder"
-                                               r"\).*sums over every token"):
-        _region("hunyuan_video", "pipefusion=2")
+def test_a_part_before_the_blocks_that_needs_the_whole_sequence_runs_whole():
+    """HunyuanVideo's token refiner pools the text over its tokens (a sum over every token) and conditions
+    every block with it: one patch at a time cannot compute that, so everything up to it runs whole on
+    every rank, the refiner's blocks included, and the patches start after it."""
+    from xdit_fx.capture import capture_graphs
+    from xdit_fx.fx_utils import META_WHOLE
+    from xdit_fx.passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.runtime import collectives
+    from xdit_fx.zoo import get
+
+    zm = get("hunyuan_video")
+    plan = Plan.from_string("pipefusion=2")
+    history = GraphHistory()
+    gm = run_pipeline(capture_graphs(zm.build(), **zm.inputs())[0], build_pipeline(plan),
+                      PassContext(plan=plan, mesh=MeshSpec()), history)
+    summary = next(s.summary for s in history.snapshots if s.name == "patch_sequence")
+    assert "nodes before the patches run whole on every rank, up to %allreduce_" in summary, summary
+    whole = [n for n in gm.graph.nodes if n.meta.get(META_WHOLE)]
+    assert any(n.name == "pooled_projections" for n in whole)
+    assert not any(n.op == "call_function" and n.target is collectives.all_reduce_tokens for n in gm.graph.nodes)
+    region = next(m for m in gm.modules() if hasattr(m, "spec") and hasattr(m.spec, "crossings"))
+    assert region.spec.blocks and not any(b.startswith("context_embedder") for b in region.spec.blocks)
 
 
 @pytest.mark.parametrize("case, match", [("linear_attn", "sums over every token"),

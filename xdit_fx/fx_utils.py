@@ -17,6 +17,7 @@ META_SP_ATTENTION = "xfx.sp_attention"  # SPAttentionSpec on attention nodes tha
 META_CREATED_BY = "xfx.created_by"      # name of the pass that created the node (stamped by the runner)
 META_CACHE = "xfx.cache"          # on the call of a cache region (insert_cache): what is skipped and how
 META_GATHER = "xfx.gather"        # "exit" or "fallback" on inserted gather nodes, with the reason
+META_WHOLE = "xfx.whole"          # set by patch_sequence: shard_sequence leaves the node whole (the reason)
 
 _INDEX = re.compile(r"\[(\d+)\]")
 _QUOTED = re.compile(r"\[['\"]([^'\"]+)['\"]\]")

@@ -42,7 +42,7 @@ import torch.fx as fx
 
 from ..errors import PlanError, UnsupportedGraph, describe_node
 from ..fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
-                        example_value, is_linear, is_param_placeholder, is_sdpa, sdpa_args, shape_of, target_name)
+                        META_WHOLE, example_value, is_linear, is_param_placeholder, is_sdpa, sdpa_args, shape_of, target_name)
 from ..runtime import collectives
 from .base import MeshSpec, PassContext, PassResult, graph_pass
 from .sequence_parallel import SeqLayout, shard_sequence
@@ -137,17 +137,47 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "index keys by global token position, which the per-patch K/V buffers cannot re-index yet.\n"
             "  fix: use the model's SDPA attention backend if it has one, or run it with cfg/dp; to look at the "
             "graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
-    result = shard_sequence(gm, dataclasses.replace(ctx, mesh=MeshSpec(ring=m), groups=None))
+    sctx = dataclasses.replace(ctx, mesh=MeshSpec(ring=m), groups=None)
+    base = _copy_graph_module(gm)
+    result = shard_sequence(gm, sctx)
+    # a part before the block stack that needs the whole sequence (a token refiner's pooled text, a mask built
+    # from the tokens, a sequence re-packed with padding) runs whole on every rank instead: the patches start
+    # after it. Each try moves the start past the latest such node; the start may not cut a block.
+    whole = ""
+    for _ in range(4):
+        found = _needs_whole_before_blocks(gm)
+        if found is None:
+            break
+        end, why = found
+        nodes = list(gm.graph.nodes)
+        cut = nodes.index(end) + 1
+        prefix_nodes = set(nodes[:cut])
+        ops = [n for n in nodes if n.op in ("call_function", "call_method", "call_module") and META_BLOCK in n.meta]
+        before = {n.meta[META_BLOCK] for n in ops if n in prefix_nodes}
+        after = {n.meta[META_BLOCK] for n in ops if n not in prefix_nodes}
+        if not after or before & after:
+            break  # inside the block stack: the pass below (or pipefusion) refuses it by name
+        # the same place in the graph before shard_sequence (which renames the nodes it replaces): up to
+        # the last node there that is still before the cut
+        trial = _copy_graph_module(base)
+        names = {n.name for n in prefix_nodes}
+        originals = list(trial.graph.nodes)
+        last = max((i for i, n in enumerate(originals) if n.name in names), default=-1)
+        marked = 0
+        for n in originals[:last + 1]:
+            if n.op not in ("placeholder", "output"):
+                n.meta[META_WHOLE] = why
+                marked += 1
+        result = shard_sequence(trial, sctx)
+        gm = trial
+        whole = f"; {marked} nodes before the patches run whole on every rank, up to %{end.name} ({why})"
     # collectives that need every rank's tokens of the same call: across patches, those tokens are computed
     # at other times (or on other stages), so the per-patch graph cannot run them
-    needs_all = {collectives.all_reduce_tokens: "sums over every token (e.g. linear attention's K^T V)",
-                 collectives.halo_rows: "convolves across the rows of neighbouring patches",
-                 collectives.zero_token_padding: "sums over every token (e.g. linear attention's K^T V)"}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in needs_all:
+        if node.op == "call_function" and node.target in NEEDS_ALL:
             src = next((u for u in node.users), node)
             raise UnsupportedGraph(
-                f"patch_sequence: {describe_node(src)}\n  {needs_all[node.target]}: under sequence parallel "
+                f"patch_sequence: {describe_node(src)}\n  {NEEDS_ALL[node.target]}: under sequence parallel "
                 f"that is a collective over the ranks of one call ({node.name}), but PipeFusion computes one "
                 "patch at a time, so the other patches' part is not there.\n  fix: use ulysses/ring for this "
                 "model, or cfg/dp; to look at the graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
@@ -158,8 +188,48 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             shards += 1
     what = f"one of {m} patches" if m == ctx.plan.patches else f"one of {m} chunks ({ctx.plan.patches} patches" + \
         "".join(f" x {a} {ctx.plan.degree(a)}" for a in ("ring", "ulysses") if ctx.plan.degree(a) > 1) + ")"
-    summary = result.summary.replace("on local tokens", f"on {what}")
-    return PassResult(gm, changed=result.changed, summary=summary, counts=dict(result.counts))
+    summary = result.summary.replace("on local tokens", f"on {what}") + whole
+    return PassResult(gm, changed=result.changed or bool(whole), summary=summary, counts=dict(result.counts))
+
+
+#: collectives over the ranks of one call that a per-patch graph cannot run (the other patches are elsewhere)
+NEEDS_ALL = {collectives.all_reduce_tokens: "sums over every token (e.g. linear attention's K^T V)",
+             collectives.halo_rows: "convolves across the rows of neighbouring patches",
+             collectives.zero_token_padding: "sums over every token (e.g. linear attention's K^T V)"}
+
+
+def _needs_whole_before_blocks(gm: fx.GraphModule) -> tuple[fx.Node, str] | None:
+    """The latest node that needs the whole token sequence while the block stack is still ahead: a gather
+    that a block depends on, or a collective of NEEDS_ALL outside every block. None if there is none."""
+    from .sequence_parallel import _mutated_arg
+    nodes = list(gm.graph.nodes)
+    # whether a block node depends on it; an in-place write (x[i] = v) counts as a use of x, so v reaches
+    # the blocks when x does (twice: the written tensor comes before the write)
+    reaches: dict[fx.Node, bool] = {}
+    for _ in range(2):
+        for n in reversed(nodes):
+            written = _mutated_arg(n)
+            reaches[n] = META_BLOCK in n.meta or any(reaches.get(u, False) for u in n.users) or (
+                written is not None and reaches.get(written, False))
+    found = None
+    for n in nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is collectives.gather_tokens and any(reaches[u] for u in n.users):
+            user = next(u for u in n.users if reaches[u])
+            found = n, f"%{n.name} gathers the sequence for %{user.name}"
+        elif n.target in NEEDS_ALL and not any(META_BLOCK in x.meta for x in [n, *n.users, *n.all_input_nodes]):
+            found = n, f"%{n.name}: {NEEDS_ALL[n.target].split(' (')[0]}"
+    return found
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of gm's graph (same node names, node facts copied shallowly) on the same module."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    out = fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    return out
 
 
 def pf_shard_tokens_target():

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ..errors import UnsupportedGraph, describe_node
 from ..fx_utils import (META_ATTENTION, META_BLOCK, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
-                        META_TOKEN_DIMS, example_value, is_sdpa, sdpa_args, shape_of, target_name)
+                        META_TOKEN_DIMS, META_WHOLE, example_value, is_sdpa, sdpa_args, shape_of, target_name)
 from ..runtime import attention as sp_attn
 from ..runtime import collectives
 from .base import PassContext, PassResult, graph_pass
@@ -688,7 +688,8 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not has_tokens:
             continue
         rule = rule_for(node) if node.op in ("call_function", "call_method") else None
-        partial = _partial_sum(node) if node.op in ("call_function", "call_method") else None
+        whole = bool(node.meta.get(META_WHOLE))  # patch_sequence computes this node whole (before the patches)
+        partial = _partial_sum(node) if node.op in ("call_function", "call_method") and not whole else None
         if partial is not None:
             rw.partial_sum(node, *partial)
             propagated += 1
@@ -699,6 +700,8 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         else:
             ok = _can_propagate(node, rule, n)
         mutated = _mutated_arg(node)
+        if whole:
+            ok = False
         if ok and not is_sdpa(node) and not tuple_in and not any(
                 a in rw.local or isinstance(layout_of(a), SeqLayout) for a in args
                 if rule is None or (a, None) not in rule.ignore):
