@@ -540,6 +540,104 @@ def test_pipefusion_with_ulysses_masked_attention_equals_the_single_process():
             assert (o - r).abs().max().item() <= EXACT_ATOL
 
 
+# ---- whole prefix and causal attention: 2 ranks ---------------------------------------------------------
+
+class PackedDiT(MaskedDiT):
+    """Refines the image tokens, then packs text and image tokens into one zero buffer by in-place writes
+    before the blocks (as Lumina2 does): the refined tokens, computed per patch, are needed whole by the
+    write, and the blocks read the buffer, so the refiner and the packing run whole on every rank and the
+    patches start at the blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.txt = torch.nn.Linear(32, 32), torch.nn.Linear(8, 32)
+        self.refiner = torch.nn.ModuleList([_MaskedBlock()])  # self-attention over the image tokens alone
+
+    def forward(self, x, txt, mask):
+        x = self.embed(x)
+        for b in self.refiner:
+            x = b(x, None)
+        h = x.new_zeros(x.shape[0], txt.shape[1] + x.shape[1], 32)
+        h[:, :txt.shape[1]] = self.txt(txt)
+        # an index write (no token rule): the refined image tokens are gathered for it
+        h.index_copy_(1, torch.arange(txt.shape[1], h.shape[1], device=h.device), x)
+        for b in self.blocks:
+            h = b(h, mask)
+        return h[:, txt.shape[1]:]
+
+
+class _CausalBlock(_MaskedBlock):
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(a.transpose(1, 2).flatten(2))
+        return x + self.mlp(x)
+
+
+class CausalDiT(torch.nn.Module):
+    """Four blocks of causal self-attention (is_causal=True) over one token sequence."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_CausalBlock() for _ in range(4)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def _packed_and_causal():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(1, 4, 20, 20, dtype=torch.bool)
+    mask[..., 18:] = False
+    return {"packed": (PackedDiT().eval(), dict(x=torch.randn(1, 16, 32, generator=g), txt=torch.randn(1, 4, 8, generator=g),
+                                                mask=mask)),
+            "causal": (CausalDiT().eval(), dict(x=torch.randn(1, 16, 32, generator=g)))}
+
+
+def _packed_and_causal_runs(rank, world):
+    from xdit_fx.fx_utils import META_BLOCK, META_WHOLE
+    out = {}
+    for name, (model, inputs) in _packed_and_causal().items():
+        row = {}
+        for label, plan in [("exact", f"pipefusion=2,warmup={CALLS}"), ("stale", "pipefusion=2,patches=4,warmup=1")]:
+            pm = xdit_fx.parallelize(model, plan)
+            with torch.no_grad():
+                outs = [pm(**s) for s in _steps(inputs, CALLS)]
+            whole = {str(n.meta.get(META_BLOCK)) for g in pm.graphs for n in g.graph.nodes if n.meta.get(META_WHOLE)}
+            row[label] = outs, [r.warm for r in pm.pipefusion.records], whole
+        out[name] = row
+    return out
+
+
+def test_packing_before_the_blocks_runs_whole_and_causal_attention_stays_exact():
+    """2 processes. PackedDiT: the in-place packing before the blocks runs whole on every rank; warm-up is
+    exact and stale K/V stay close. CausalDiT: is_causal becomes a mask over global positions; the patches
+    run in sequence order, so every key a causal query sees is fresh: exact with stale buffers too."""
+    models = _packed_and_causal()
+    refs = {}
+    for name, (model, inputs) in models.items():
+        with torch.no_grad():
+            refs[name] = [model(**s) for s in _steps(inputs, CALLS)]
+    for res in spawn_gloo(2, _packed_and_causal_runs):
+        outs, warm, whole = res["packed"]["exact"]
+        # the refiner block runs whole (its nodes and the ones around it), none of the stack's blocks
+        assert warm == [True] * CALLS and "refiner.0" in whole and not any(b.startswith("blocks") for b in whole), whole
+        for o, r in zip(outs, refs["packed"]):
+            assert (o - r).abs().max().item() <= EXACT_ATOL
+        outs, warm, _ = res["packed"]["stale"]
+        assert warm == [True] + [False] * (CALLS - 1)
+        for o, r in zip(outs[1:], refs["packed"][1:]):
+            assert 0 < (o - r).abs().max().item() < 0.05 * r.abs().max().item()
+        for label in ("exact", "stale"):
+            outs, warm, whole = res["causal"][label]
+            assert whole == set() and warm[1:] == ([True] * (CALLS - 1) if label == "exact" else [False] * (CALLS - 1))
+            for o, r in zip(outs, refs["causal"]):
+                assert (o - r).abs().max().item() <= EXACT_ATOL, label
+
+
 # ---- compile=True: Inductor between the per-patch ops ---------------------------------------------------
 
 def _compiled_runs(rank, world):

@@ -449,9 +449,6 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         site = n.meta[META_ATTENTION]
         a = sdpa_args(n)
-        if a["is_causal"]:
-            raise UnsupportedGraph(f"pipefusion: {describe_node(n)}\n  is causal attention; patches with stale "
-                                   "keys have no causal order. Run it without pipefusion.")
         kv_sharded = spec["kv_segments"] is not None and any(s for _, s in spec["kv_segments"])
         if u > 1 and kv_sharded:
             if site.heads % u:
@@ -468,7 +465,8 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with graph.inserting_before(n):
             new = graph.call_function(pf_attention, (a["query"], a["key"], a["value"], a["attn_mask"]),
                                       dict(site=site.index, q_segments=spec["q_segments"],
-                                           kv_segments=spec["kv_segments"], scale=a["scale"]))
+                                           kv_segments=spec["kv_segments"], scale=a["scale"],
+                                           **({"is_causal": True} if a["is_causal"] else {})))
         new.meta = {k: v for k, v in n.meta.items() if k != META_CREATED_BY}
         n.replace_all_uses_with(new)
         graph.erase_node(n)

@@ -141,9 +141,16 @@ def pf_shard_tokens(x: torch.Tensor, dim: int, segments, group: str, n: int) -> 
 
 
 def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
-                 site: int, q_segments: tuple, kv_segments: tuple | None, scale: float | None) -> torch.Tensor:
+                 site: int, q_segments: tuple, kv_segments: tuple | None, scale: float | None,
+                 is_causal: bool = False) -> torch.Tensor:
     """Attention of the patch's queries over the site's full-sequence K/V buffer, after writing the patch's
-    fresh K/V into it. Cross-attention to whole (unpatched) keys runs as is."""
+    fresh K/V into it. Cross-attention to whole (unpatched) keys runs as is. `is_causal` (SDPA's top-left
+    aligned mask) becomes a mask over global positions. The patches run in sequence order, so over a
+    single patched segment the keys a causal query sees are all fresh: exact even with stale buffers."""
+    if is_causal:
+        lq = sum(length for length, _ in q_segments)
+        lk = sum(length for length, _ in kv_segments) if kv_segments is not None else k.shape[2]
+        attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
     if PATCH.ring > 1:
         return _pf_ring_attention(q, k, v, attn_mask, site, tuple(q_segments),
                                   tuple(kv_segments) if kv_segments is not None else None, scale)
