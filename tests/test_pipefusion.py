@@ -587,6 +587,21 @@ class CausalDiT(torch.nn.Module):
         return x
 
 
+class MemoryTokenDiT(MaskedDiT):
+    """Three learned memory tokens in front of the image tokens: a 3-token segment that 2 patches cannot
+    split, so every patch computes it whole (the 16 image tokens stay patched)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory = torch.nn.Parameter(torch.randn(1, 3, 32))
+
+    def forward(self, x):
+        h = torch.cat([self.memory.expand(x.shape[0], -1, -1), x], dim=1)
+        for b in self.blocks:
+            h = b(h, None)
+        return h[:, 3:]
+
+
 def _packed_and_causal():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -594,7 +609,8 @@ def _packed_and_causal():
     mask[..., 18:] = False
     return {"packed": (PackedDiT().eval(), dict(x=torch.randn(1, 16, 32, generator=g), txt=torch.randn(1, 4, 8, generator=g),
                                                 mask=mask)),
-            "causal": (CausalDiT().eval(), dict(x=torch.randn(1, 16, 32, generator=g)))}
+            "causal": (CausalDiT().eval(), dict(x=torch.randn(1, 16, 32, generator=g))),
+            "memory": (MemoryTokenDiT().eval(), dict(x=torch.randn(1, 16, 32, generator=g)))}
 
 
 def _packed_and_causal_runs(rank, world):
@@ -607,32 +623,41 @@ def _packed_and_causal_runs(rank, world):
             with torch.no_grad():
                 outs = [pm(**s) for s in _steps(inputs, CALLS)]
             whole = {str(n.meta.get(META_BLOCK)) for g in pm.graphs for n in g.graph.nodes if n.meta.get(META_WHOLE)}
-            row[label] = outs, [r.warm for r in pm.pipefusion.records], whole
+            row[label] = outs, [r.warm for r in pm.pipefusion.records], whole, pm.histories[0].snapshots
         out[name] = row
     return out
 
 
-def test_packing_before_the_blocks_runs_whole_and_causal_attention_stays_exact():
+def test_packing_before_the_blocks_runs_whole_odd_segments_run_whole_and_causal_attention_stays_exact():
     """2 processes. PackedDiT: the in-place packing before the blocks runs whole on every rank; warm-up is
-    exact and stale K/V stay close. CausalDiT: is_causal becomes a mask over global positions; the patches
-    run in sequence order, so every key a causal query sees is fresh: exact with stale buffers too."""
+    exact and stale K/V stay close. MemoryTokenDiT: the 3 memory tokens do not split into 2 (or 4) patches,
+    so every patch computes them whole: exact on warm-up, close when stale. CausalDiT: is_causal becomes a
+    mask over global positions; the patches run in sequence order, so every key a causal query sees is
+    fresh: exact with stale buffers too."""
     models = _packed_and_causal()
     refs = {}
     for name, (model, inputs) in models.items():
         with torch.no_grad():
             refs[name] = [model(**s) for s in _steps(inputs, CALLS)]
     for res in spawn_gloo(2, _packed_and_causal_runs):
-        outs, warm, whole = res["packed"]["exact"]
+        outs, warm, whole, _ = res["packed"]["exact"]
         # the refiner block runs whole (its nodes and the ones around it), none of the stack's blocks
         assert warm == [True] * CALLS and "refiner.0" in whole and not any(b.startswith("blocks") for b in whole), whole
         for o, r in zip(outs, refs["packed"]):
             assert (o - r).abs().max().item() <= EXACT_ATOL
-        outs, warm, _ = res["packed"]["stale"]
-        assert warm == [True] + [False] * (CALLS - 1)
-        for o, r in zip(outs[1:], refs["packed"][1:]):
-            assert 0 < (o - r).abs().max().item() < 0.05 * r.abs().max().item()
+        for name in ("packed", "memory"):
+            outs, warm, _, _ = res[name]["stale"]
+            assert warm == [True] + [False] * (CALLS - 1)
+            assert (outs[0] - refs[name][0]).abs().max().item() <= EXACT_ATOL
+            for o, r in zip(outs[1:], refs[name][1:]):
+                assert 0 < (o - r).abs().max().item() < 0.05 * r.abs().max().item(), name
+        outs, warm, _, snapshots = res["memory"]["exact"]
+        summary = next(s.summary for s in snapshots if s.name == "patch_sequence")
+        assert "token segments of 3 tokens do not split into the patches' equal chunks" in summary, summary
+        for o, r in zip(outs, refs["memory"]):
+            assert (o - r).abs().max().item() <= EXACT_ATOL
         for label in ("exact", "stale"):
-            outs, warm, whole = res["causal"][label]
+            outs, warm, whole, _ = res["causal"][label]
             assert whole == set() and warm[1:] == ([True] * (CALLS - 1) if label == "exact" else [False] * (CALLS - 1))
             for o, r in zip(outs, refs["causal"]):
                 assert (o - r).abs().max().item() <= EXACT_ATOL, label

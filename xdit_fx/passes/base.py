@@ -45,6 +45,9 @@ class PassContext:
     plan: Any
     mesh: MeshSpec
     groups: Any = None  # runtime.mesh.ProcessGroups, when running for real; None for dumps/unit tests
+    #: PipeFusion's one-patch warm-up graph: the patched graph's patch count, so that both make the same
+    #: token segments whole (patch_sequence)
+    layout_patches: int = 0
 
 
 @dataclass(frozen=True)

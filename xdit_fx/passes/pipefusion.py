@@ -42,7 +42,7 @@ import torch.fx as fx
 
 from ..errors import PlanError, UnsupportedGraph, describe_node
 from ..fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
-                        META_WHOLE, example_value, is_linear, is_param_placeholder, is_sdpa, sdpa_args, shape_of, target_name)
+                        META_TOKEN_DIMS, META_WHOLE, example_value, is_linear, is_param_placeholder, is_sdpa, sdpa_args, shape_of, target_name)
 from ..runtime import collectives
 from .base import MeshSpec, PassContext, PassResult, graph_pass
 from .sequence_parallel import SeqLayout, shard_sequence
@@ -138,6 +138,8 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "  fix: use the model's SDPA attention backend if it has one, or run it with cfg/dp; to look at the "
             "graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
     sctx = dataclasses.replace(ctx, mesh=MeshSpec(ring=m), groups=None)
+    odd = _whole_odd_segments(gm, (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree
+                              * ctx.plan.ring_degree)
     base = _copy_graph_module(gm)
     result = shard_sequence(gm, sctx)
     # a part before the block stack that needs the whole sequence (a token refiner's pooled text, a mask built
@@ -189,6 +191,9 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     what = f"one of {m} patches" if m == ctx.plan.patches else f"one of {m} chunks ({ctx.plan.patches} patches" + \
         "".join(f" x {a} {ctx.plan.degree(a)}" for a in ("ring", "ulysses") if ctx.plan.degree(a) > 1) + ")"
     summary = result.summary.replace("on local tokens", f"on {what}") + whole
+    if odd:
+        summary += (f"; token segments of {', '.join(map(str, odd))} tokens do not split into the patches' equal "
+                    "chunks: every patch computes them whole")
     return PassResult(gm, changed=result.changed or bool(whole), summary=summary, counts=dict(result.counts))
 
 
@@ -196,6 +201,37 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 NEEDS_ALL = {collectives.all_reduce_tokens: "sums over every token (e.g. linear attention's K^T V)",
              collectives.halo_rows: "convolves across the rows of neighbouring patches",
              collectives.zero_token_padding: "sums over every token (e.g. linear attention's K^T V)"}
+
+
+def _whole_odd_segments(gm: fx.GraphModule, chunks: int) -> list[int]:
+    """Make the sharded token segments whose length does not split into `chunks` equal chunks whole (every
+    patch computes them, like a time token), as long as a segment that does split stays sharded; returns
+    their lengths. Otherwise nothing changes, and the pipefusion pass refuses the plan naming the node."""
+    odd, even = set(), set()
+    for n in gm.graph.nodes:
+        for lay in (n.meta.get(META_TOKEN_DIMS) or {}).values():
+            if isinstance(lay, SeqLayout):
+                for length, sharded in lay.segments:
+                    if sharded:
+                        (even if length % chunks == 0 else odd).add(length)
+    if not odd or not even:
+        return []
+    for n in gm.graph.nodes:
+        layouts = n.meta.get(META_TOKEN_DIMS)
+        if not layouts:
+            continue
+        new = {}
+        for slot, lay in layouts.items():
+            if isinstance(lay, SeqLayout):
+                lay = SeqLayout(lay.dim, tuple((length, sharded and length not in odd) for length, sharded in lay.segments))
+                if not any(sharded for _, sharded in lay.segments):
+                    continue
+            new[slot] = lay
+        if new:
+            n.meta[META_TOKEN_DIMS] = new
+        else:
+            n.meta.pop(META_TOKEN_DIMS)
+    return sorted(odd)
 
 
 def _needs_whole_before_blocks(gm: fx.GraphModule) -> tuple[fx.Node, str] | None:

@@ -125,7 +125,8 @@ class ParallelModule(nn.Module):
 
         from .pipefusion import PipeFusionRegion
         warm_plan = dataclasses.replace(self.plan, pipefusion_patches=1)
-        warm_gm = run_pipeline(warm_gm, build_pipeline(warm_plan), dataclasses.replace(ctx, plan=warm_plan))
+        warm_gm = run_pipeline(warm_gm, build_pipeline(warm_plan),
+                               dataclasses.replace(ctx, plan=warm_plan, layout_patches=self.plan.patches))
         regions = [(n, gm.get_submodule(n.target)) for n in gm.graph.nodes
                    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PipeFusionRegion)]
         warm = [warm_gm.get_submodule(n.target) for n in warm_gm.graph.nodes
