@@ -140,6 +140,7 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     sctx = dataclasses.replace(ctx, mesh=MeshSpec(ring=m), groups=None)
     odd = _whole_odd_segments(gm, (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree
                               * ctx.plan.ring_degree)
+    masks = _whole_masks(gm)
     base = _copy_graph_module(gm)
     result = shard_sequence(gm, sctx)
     # a part before the block stack that needs the whole sequence (a token refiner's pooled text, a mask built
@@ -191,6 +192,8 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     what = f"one of {m} patches" if m == ctx.plan.patches else f"one of {m} chunks ({ctx.plan.patches} patches" + \
         "".join(f" x {a} {ctx.plan.degree(a)}" for a in ("ring", "ulysses") if ctx.plan.degree(a) > 1) + ")"
     summary = result.summary.replace("on local tokens", f"on {what}") + whole
+    if masks:
+        summary += f"; {masks} nodes that only build attention masks run whole (attention reads masks whole)"
     if odd:
         summary += (f"; token segments of {', '.join(map(str, odd))} tokens do not split into the patches' equal "
                     "chunks: every patch computes them whole")
@@ -201,6 +204,28 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 NEEDS_ALL = {collectives.all_reduce_tokens: "sums over every token (e.g. linear attention's K^T V)",
              collectives.halo_rows: "convolves across the rows of neighbouring patches",
              collectives.zero_token_padding: "sums over every token (e.g. linear attention's K^T V)"}
+
+
+def _whole_masks(gm: fx.GraphModule) -> int:
+    """Mark whole (META_WHOLE) the nodes whose every use ends in an attention's mask: pf_attention reads
+    the mask whole (re-indexed to the patch's queries and the buffer's keys), so a mask built per patch
+    would need every patch's part at once. Returns how many."""
+    mask_only: dict[fx.Node, bool] = {}
+    for n in reversed(list(gm.graph.nodes)):
+        ok = bool(n.users) and n.op in ("call_function", "call_method")
+        for u in n.users:
+            if is_sdpa(u):
+                a = sdpa_args(u)
+                ok = ok and a["attn_mask"] is n and n not in (a["query"], a["key"], a["value"])
+            else:
+                ok = ok and mask_only.get(u, False)
+        mask_only[n] = ok
+    marked = 0
+    for n, ok in mask_only.items():
+        if ok and META_TOKEN_DIMS in n.meta:
+            n.meta[META_WHOLE] = "builds an attention mask"
+            marked += 1
+    return marked
 
 
 def _whole_odd_segments(gm: fx.GraphModule, chunks: int) -> list[int]:

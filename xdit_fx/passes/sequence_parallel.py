@@ -552,6 +552,7 @@ class _Rewriter:
         _unique_name(self.gm.graph, s, f"shard_{a.name}")
         s.meta[META_LAYOUT] = lay
         self.local[a] = s
+        self.full.setdefault(a, whole)  # still there whole: a later whole use needs no gather
         self.sources += 1
         return s
 
