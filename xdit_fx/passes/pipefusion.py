@@ -4,7 +4,11 @@
 graph computes one patch (chunk p of every token segment) of the token stream, with sizes baked into the
 graph rewritten to patch sizes, values that enter whole sliced where first needed (``pf_shard_tokens`` reads
 the patch index from the runtime), and ``gather_tokens`` at the exits. Every token-dim fact comes from
-infer_token_dims, the same facts sequence parallelism uses: no per-model code.
+infer_token_dims, the same facts sequence parallelism uses: no per-model code. What one patch at a time
+cannot compute is marked ``xfx.whole`` (shard_sequence leaves it whole): the part before the block stack up
+to its latest node that needs the whole sequence (a gather or a token sum a block depends on; in-place
+writes count as uses), the nodes that only build attention masks, and token segments that do not split
+into the patches' chunks when another segment does.
 
 ``pipefusion`` then, from the graph alone:
 
@@ -143,37 +147,7 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     masks = _whole_masks(gm)
     base = _copy_graph_module(gm)
     result = shard_sequence(gm, sctx)
-    # a part before the block stack that needs the whole sequence (a token refiner's pooled text, a mask built
-    # from the tokens, a sequence re-packed with padding) runs whole on every rank instead: the patches start
-    # after it. Each try moves the start past the latest such node; the start may not cut a block.
-    whole = ""
-    for _ in range(4):
-        found = _needs_whole_before_blocks(gm)
-        if found is None:
-            break
-        end, why = found
-        nodes = list(gm.graph.nodes)
-        cut = nodes.index(end) + 1
-        prefix_nodes = set(nodes[:cut])
-        ops = [n for n in nodes if n.op in ("call_function", "call_method", "call_module") and META_BLOCK in n.meta]
-        before = {n.meta[META_BLOCK] for n in ops if n in prefix_nodes}
-        after = {n.meta[META_BLOCK] for n in ops if n not in prefix_nodes}
-        if not after or before & after:
-            break  # inside the block stack: the pass below (or pipefusion) refuses it by name
-        # the same place in the graph before shard_sequence (which renames the nodes it replaces): up to
-        # the last node there that is still before the cut
-        trial = _copy_graph_module(base)
-        names = {n.name for n in prefix_nodes}
-        originals = list(trial.graph.nodes)
-        last = max((i for i, n in enumerate(originals) if n.name in names), default=-1)
-        marked = 0
-        for n in originals[:last + 1]:
-            if n.op not in ("placeholder", "output"):
-                n.meta[META_WHOLE] = why
-                marked += 1
-        result = shard_sequence(trial, sctx)
-        gm = trial
-        whole = f"; {marked} nodes before the patches run whole on every rank, up to %{end.name} ({why})"
+    gm, result, whole = _whole_prefix(gm, base, result, sctx)
     # collectives that need every rank's tokens of the same call: across patches, those tokens are computed
     # at other times (or on other stages), so the per-patch graph cannot run them
     for node in gm.graph.nodes:
@@ -204,6 +178,41 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 NEEDS_ALL = {collectives.all_reduce_tokens: "sums over every token (e.g. linear attention's K^T V)",
              collectives.halo_rows: "convolves across the rows of neighbouring patches",
              collectives.zero_token_padding: "sums over every token (e.g. linear attention's K^T V)"}
+
+
+def _whole_prefix(gm: fx.GraphModule, base: fx.GraphModule, result: PassResult, sctx: PassContext):
+    """A part before the block stack that needs the whole sequence (a token refiner's pooled text, a mask
+    built from the tokens, a sequence re-packed by in-place writes) runs whole on every rank instead: the
+    patches start after it. Each try redoes shard_sequence on `base` (the graph before it) with the start
+    moved past the latest such node; the start may not cut a block. Returns (gm, result, summary note)."""
+    whole = ""
+    for _ in range(4):
+        found = _needs_whole_before_blocks(gm)
+        if found is None:
+            break
+        end, why = found
+        nodes = list(gm.graph.nodes)
+        prefix_nodes = set(nodes[:nodes.index(end) + 1])
+        ops = [n for n in nodes if n.op in ("call_function", "call_method", "call_module") and META_BLOCK in n.meta]
+        before = {n.meta[META_BLOCK] for n in ops if n in prefix_nodes}
+        after = {n.meta[META_BLOCK] for n in ops if n not in prefix_nodes}
+        if not after or before & after:
+            break  # inside the block stack: patch_sequence (or pipefusion) refuses it by name
+        # the same place in the graph before shard_sequence (which renames the nodes it replaces): up to
+        # the last node there that is still before the cut
+        trial = _copy_graph_module(base)
+        names = {n.name for n in prefix_nodes}
+        originals = list(trial.graph.nodes)
+        last = max((i for i, n in enumerate(originals) if n.name in names), default=-1)
+        marked = 0
+        for n in originals[:last + 1]:
+            if n.op not in ("placeholder", "output"):
+                n.meta[META_WHOLE] = why
+                marked += 1
+        result = shard_sequence(trial, sctx)
+        gm = trial
+        whole = f"; {marked} nodes before the patches run whole on every rank, up to %{end.name} ({why})"
+    return gm, result, whole
 
 
 def _whole_masks(gm: fx.GraphModule) -> int:
