@@ -318,13 +318,14 @@ def _cfg_pipeline(rank, world, plan):
 
 
 @pytest.mark.skipif(os.environ.get("XDIT_FX_SLOW_TESTS") != "1", reason="4 processes: XDIT_FX_SLOW_TESTS=1")
-def test_pipefusion_with_cfg_on_the_digits_pipeline_matches_serial():
+@pytest.mark.parametrize("plan", ["cfg=2,pipefusion=2,warmup=4", "dp=2,pipefusion=2,warmup=4"])
+def test_pipefusion_with_cfg_or_dp_on_the_digits_pipeline_matches_serial(plan):
     from xdit_fx.digits import load_pipeline
     pipe = load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ref = pipe([0, 1, 2, 3], num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images
-    images = spawn_gloo(4, _cfg_pipeline, "cfg=2,pipefusion=2,warmup=4")[0]
+    images = spawn_gloo(4, _cfg_pipeline, plan)[0]
     assert (images - ref).abs().max().item() <= 1e-4
 
 
