@@ -382,11 +382,13 @@ def test_dump_shows_the_stage_of_each_node_and_the_cut():
 
 
 # ---- pipefusion x ulysses: 4 ranks (2 stages x 2 ulysses ranks) -------------------------------------------
-# the 4-process fixture takes 60-90 s on 2 shared CPU cores (both models, exact and stale plans)
+# each 4-process fixture takes 60-90 s on 2 shared CPU cores (three models, exact and stale plans)
 slow_4 = pytest.mark.skipif(os.environ.get("XDIT_FX_SLOW_TESTS") != "1", reason="4 processes: XDIT_FX_SLOW_TESTS=1")
 
 
-def _hybrid_runs(rank, world, names):
+def _hybrid_runs(rank, world, names, sp):
+    """pipefusion=2 with `sp` ("ulysses=2" or "ring=2") on 4 processes: every model exact (warm-up on every
+    call) and stale, with bytes and the queries of this rank's stage; and the same input twice."""
     from xdit_fx.passes.pipefusion import _global_value
     from xdit_fx.runtime.pipefusion import pf_attention
     from xdit_fx.zoo import get
@@ -396,8 +398,8 @@ def _hybrid_runs(rank, world, names):
         zm = get(name)
         steps = _steps(zm.inputs(), CALLS)
         row = {}
-        for label, plan in [("exact", f"pipefusion=2,ulysses=2,warmup={CALLS}"),
-                            ("stale", "pipefusion=2,ulysses=2,patches=2,warmup=1")]:
+        for label, plan in [("exact", f"pipefusion=2,{sp},warmup={CALLS}"),
+                            ("stale", f"pipefusion=2,{sp},patches=2,warmup=1")]:
             pm = xdit_fx.parallelize(zm.build(), plan)
             with torch.no_grad():
                 outs = [_first(pm(**s)) for s in steps]
@@ -408,6 +410,9 @@ def _hybrid_runs(rank, world, names):
                        if n.op == "call_function" and n.target is pf_attention]
             row[label] = dict(outs=outs, warm=[r.warm for r in pm.pipefusion.records], comm=pm.last_comm,
                               queries=queries, spec=dataclasses.replace(region.spec, programs=[]))
+        pm = xdit_fx.parallelize(zm.build(), f"pipefusion=2,{sp},patches=2,warmup=1")
+        with torch.no_grad():  # the same input twice: stale K/V equal fresh ones, the patched call is exact
+            row["same"] = [_first(pm(**steps[0])) for _ in range(2)]
         results[name] = row
     return results
 
@@ -419,7 +424,7 @@ HYBRID_MODELS = ["flux", "scratch_dit", "scratch_mmdit"]
 @pytest.fixture(scope="module")
 def four_rank():
     names = HYBRID_MODELS
-    return names, spawn_gloo(4, _hybrid_runs, names)
+    return names, spawn_gloo(4, _hybrid_runs, names, "ulysses=2")
 
 
 @slow_4
@@ -447,6 +452,8 @@ def test_pipefusion_with_ulysses_stale_kv_stays_close(four_rank, name):
         assert 1e-6 < err < STALE_MAX_REL, err
     for rank in range(1, 4):  # every rank returns the same output
         assert torch.equal(res[rank][name]["stale"]["outs"][-1], run["outs"][-1])
+    for o in res[0][name]["same"]:  # stale K/V equal to the fresh ones: the patched call is exact
+        assert (o - ref[0]).abs().max().item() <= EXACT_ATOL
 
 
 def _stream_lengths(name: str) -> list[int]:
@@ -828,37 +835,13 @@ def test_pipefusion_with_ring_and_ulysses_equals_the_single_process_and_moves_th
     _check_ring_runs(spawn_gloo(8, _ring_small, "ring=2,ulysses=2"), 8, 2)
 
 
-def _ring_runs(rank, world, names):
-    from xdit_fx.zoo import get
-
-    results = {}
-    for name in names:
-        zm = get(name)
-        steps = _steps(zm.inputs(), CALLS)
-        row = {}
-        for label, plan in [("exact", f"pipefusion=2,ring=2,warmup={CALLS}"),
-                            ("stale", "pipefusion=2,ring=2,patches=2,warmup=1")]:
-            pm = xdit_fx.parallelize(zm.build(), plan)
-            with torch.no_grad():
-                outs = [_first(pm(**s)) for s in steps]
-            row[label] = dict(outs=outs, warm=[r.warm for r in pm.pipefusion.records])
-        pm = xdit_fx.parallelize(zm.build(), "pipefusion=2,ring=2,patches=2,warmup=1")
-        with torch.no_grad():  # the same input twice: stale K/V equal fresh ones, the patched call is exact
-            row["same"] = [_first(pm(**steps[0])) for _ in range(2)]
-        results[name] = row
-    return results
-
-
-RING_MODELS = ["flux", "scratch_dit", "scratch_mmdit"]
-
-
 @pytest.fixture(scope="module")
 def four_rank_ring():
-    return spawn_gloo(4, _ring_runs, RING_MODELS)
+    return spawn_gloo(4, _hybrid_runs, HYBRID_MODELS, "ring=2")
 
 
 @slow_4
-@pytest.mark.parametrize("name", RING_MODELS)
+@pytest.mark.parametrize("name", HYBRID_MODELS)
 def test_pipefusion_with_ring_warmup_equals_and_stale_stays_close(four_rank_ring, name):
     from xdit_fx.zoo import get
     zm = get(name)
