@@ -2,6 +2,10 @@
 
     xdit-fx run --nproc 2 examples/flux_sequence_parallel.py --plan ulysses=2
     xdit-fx run --nproc 4 examples/flux_sequence_parallel.py --plan ulysses=2,ring=2
+    xdit-fx run --nproc 8 examples/flux_sequence_parallel.py --plan pipefusion=2,ring=2,ulysses=2 --grid 16
+
+The last one is PipeFusion with USP inside each stage (the first call of a generation is a warm-up call,
+so it matches the single process exactly; 45 s on 2 CPU cores).
 
 With a real checkpoint: FluxTransformer2DModel.from_pretrained("/path/to/FLUX.1-dev", subfolder="transformer").
 """
