@@ -110,6 +110,12 @@ def _chunk_positions(segments: tuple, n: int, chunks: tuple) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=1024)
+def _index(positions: tuple, device: torch.device) -> torch.Tensor:
+    """The positions as an index tensor on `device`, made once (no host-to-device copy per patch)."""
+    return torch.tensor(positions, device=device)
+
+
+@lru_cache(maxsize=1024)
 def _slots(buffer_positions: tuple, positions: tuple) -> tuple[int, ...]:
     """Where each position sits in a buffer that holds `buffer_positions`."""
     where = {pos: i for i, pos in enumerate(buffer_positions)}
@@ -200,7 +206,7 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
             v = torch.cat([v, v_rep[:, heads_slice]], dim=2)
     else:
         kpos = _positions(tuple(kv_segments), n, p, False)
-    kidx = torch.tensor(kpos, device=k.device)
+    kidx = _index(tuple(kpos), k.device)
     kbuf, vbuf = runtime.kv_buffer(site, k, v, total)
     kbuf.index_copy_(2, kidx, k)
     vbuf.index_copy_(2, kidx, v)
@@ -270,7 +276,7 @@ def _pf_ring_attention(q, k, v, attn_mask, site, q_segments, kv_segments, scale)
         kbuf.copy_(k_p)
         vbuf.copy_(v_p)
     else:
-        idx = torch.tensor(_slots(buffer_pos, kpos), device=k.device)
+        idx = _index(_slots(buffer_pos, kpos), k.device)
         kbuf.index_copy_(2, idx, k_p)
         vbuf.index_copy_(2, idx, v_p)
     qq = torch.cat([q_p, q_w], dim=2) if q_w.shape[2] else q_p
