@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import UnsupportedGraph, XditFxError
 from .collectives import COMM, _group
+from .inductor import InductorPiece
 from .steps import StepSlots
 
 log = logging.getLogger(__name__)
@@ -233,20 +234,15 @@ class CachedRegion(nn.Module):
         self.body = body
         self.spec = spec
         self.runtime: CacheRuntime | None = None
-        self._compile = False
-        self._compiled: Callable | None = None
+        self.compiled: InductorPiece | None = None
 
     def bind(self, runtime: CacheRuntime, compile: bool = False) -> None:
         self.runtime = runtime
-        self._compile = compile
+        # Inductor on the region alone, with its first real inputs
+        self.compiled = InductorPiece(self.body, "cache region") if compile else None
 
     def call_body(self, live_ins: tuple[Any, ...]) -> Any:
-        if self._compile:
-            if self._compiled is None:  # Inductor on the region alone, with the first real inputs
-                from torch._inductor.compile_fx import compile_fx
-                self._compiled = compile_fx(self.body, list(live_ins))
-            return self._compiled(*live_ins)
-        return self.body(*live_ins)
+        return (self.compiled if self.compiled is not None else self.body)(*live_ins)
 
     def forward(self, *args: Any) -> tuple:
         if self.runtime is None:

@@ -48,7 +48,7 @@ class InductorPiece(nn.Module):
 
 def _computes(gm: fx.GraphModule) -> bool:
     """Whether a piece does any work (a piece of only getitems/views is not worth a compile)."""
-    return any(n.op in ("call_function", "call_method", "call_module") and n.target is not getattr
+    return any(n.op in ("call_function", "call_method", "call_module")
                and getattr(n.target, "__name__", "") != "getitem" for n in gm.graph.nodes)
 
 

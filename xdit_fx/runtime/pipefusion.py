@@ -450,7 +450,7 @@ class PipeFusionRuntime(StepSlots):
                     received[i] = buf
                 args = [live_ins[i] if kind == "live_in" else received[i] for kind, i in program.inputs]
                 t0 = time.perf_counter()
-                outs = (program.compiled or program.body)(*args)
+                outs = (program.compiled if program.compiled is not None else program.body)(*args)
                 busy += time.perf_counter() - t0
                 for (kind, i), o in zip(program.outputs, outs):
                     if kind == "send":
