@@ -17,12 +17,18 @@ from xdit_fx.passes.pipefusion import META_PIPEFUSION, cut_stages
 from dist_utils import spawn_gloo
 
 #: warm-up on every call runs the whole sequence through the stages: the same ops on the same values as the
-#: single process, only split between two processes (1-thread vs multi-thread kernels may round differently)
-EXACT_ATOL = 1e-5
-#: stale K/V: inputs change by STEP_NOISE per call (like diffusion steps); the output may move, but little
+#: single process, only split between two processes (measured 0 on flux and scratch_dit; the bound is the
+#: sequence-parallel one, for kernels that block a shorter sequence differently)
+EXACT_ATOL = 2e-6
+#: stale K/V: inputs change by STEP_NOISE per call (like diffusion steps). Against the independent stale-K/V
+#: reference (tests/references.py) the run is exact up to rounding (measured 2.4e-7 worst, flux, 4 patches);
+#: against the whole-sequence output it moves 0.07-0.9% (relative L2, measured): bound 5x that
 STEP_NOISE = 0.05
-STALE_MAX_REL = 0.2
+STALE_REF_ATOL = 2e-6
+STALE_MAX_REL = 0.05
 CALLS = 3
+#: attention sequence segments the stale-K/V reference patches (flux: 8 text then 16 image tokens)
+SEGMENTS = {"flux": (8, 16), "scratch_dit": (16,)}
 
 
 # ---- plan ------------------------------------------------------------------------------------------------
@@ -249,6 +255,17 @@ def _serial(name):
         return model, [_first(model(**s)) for s in _steps(zm.inputs(), CALLS)]
 
 
+def _stale_reference(name: str, patches: int = 2):
+    """The independent stale-K/V reference's outputs for `name` (None for a model with a segment every patch
+    computes whole, which the reference does not model)."""
+    from references import pipefusion_reference
+    from xdit_fx.zoo import get
+    if name not in SEGMENTS:
+        return None
+    zm = get(name)
+    return [_first(o) for o in pipefusion_reference(zm.build(), _steps(zm.inputs(), CALLS), SEGMENTS[name], patches)]
+
+
 @pytest.mark.parametrize("name", ["flux", "scratch_dit"])
 def test_warmup_on_every_call_equals_the_single_process(two_rank, name):
     _, res = two_rank
@@ -261,15 +278,21 @@ def test_warmup_on_every_call_equals_the_single_process(two_rank, name):
 
 
 @pytest.mark.parametrize("name", ["flux", "scratch_dit"])
-def test_stale_kv_differs_but_stays_close(two_rank, name):
+def test_stale_kv_equals_the_reference_and_stays_close(two_rank, name):
+    """Stale K/V by definition (tests/references.py, hooks on the plain model): the same ops on the same
+    values, so within STALE_REF_ATOL; and stale keys do move the output, a little, from the whole-sequence
+    one (STALE_MAX_REL)."""
     _, res = two_rank
     _, ref = _serial(name)
+    stale_ref = _stale_reference(name)
     run = res[0][name]["stale"]
     assert run["warm"] == [True] + [False] * (CALLS - 1)
     assert (run["outs"][0] - ref[0]).abs().max().item() <= EXACT_ATOL  # the warm-up call is exact
-    for o, r in zip(run["outs"][1:], ref[1:]):
-        err = (o - r).norm().item() / r.norm().item()
-        assert 1e-6 < err < STALE_MAX_REL, err  # stale keys change the result, a little
+    for t, (o, r, sr) in enumerate(zip(run["outs"], ref, stale_ref)):
+        assert (o - sr).abs().max().item() <= STALE_REF_ATOL, (t, (o - sr).abs().max().item())
+        if t:
+            err = (o - r).norm().item() / r.norm().item()
+            assert 1e-6 < err < STALE_MAX_REL, err  # stale keys change the result, a little
     assert torch.equal(res[0][name]["stale"]["outs"][-1], res[1][name]["stale"]["outs"][-1])  # every rank returns it
 
 
@@ -450,6 +473,9 @@ def test_pipefusion_with_ulysses_stale_kv_stays_close(four_rank, name):
     for o, r in zip(run["outs"][1:], ref[1:]):
         err = (o - r).norm().item() / r.norm().item()
         assert 1e-6 < err < STALE_MAX_REL, err
+    stale_ref = _stale_reference(name)
+    for o, sr in zip(run["outs"], stale_ref or []):  # the same stale semantics as pipefusion alone
+        assert (o - sr).abs().max().item() <= STALE_REF_ATOL, name
     for rank in range(1, 4):  # every rank returns the same output
         assert torch.equal(res[rank][name]["stale"]["outs"][-1], run["outs"][-1])
     for o in res[0][name]["same"]:  # stale K/V equal to the fresh ones: the patched call is exact
@@ -848,6 +874,7 @@ def test_pipefusion_with_ring_warmup_equals_and_stale_stays_close(four_rank_ring
     model = zm.build()
     with torch.no_grad():
         ref = [_first(model(**s)) for s in _steps(zm.inputs(), CALLS)]
+    stale_ref = _stale_reference(name)
     for res in four_rank_ring:
         row = res[name]
         assert row["exact"]["warm"] == [True] * CALLS
@@ -856,7 +883,9 @@ def test_pipefusion_with_ring_warmup_equals_and_stale_stays_close(four_rank_ring
         assert row["stale"]["warm"] == [True] + [False] * (CALLS - 1)
         assert (row["stale"]["outs"][0] - ref[0]).abs().max().item() <= EXACT_ATOL
         for o, r in zip(row["stale"]["outs"][1:], ref[1:]):
-            assert 0 < (o - r).abs().max().item() < 0.05 * r.abs().max().item(), name
+            assert 1e-6 < (o - r).norm().item() / r.norm().item() < STALE_MAX_REL, name
+        for o, sr in zip(row["stale"]["outs"], stale_ref or []):  # the same stale semantics as pipefusion alone
+            assert (o - sr).abs().max().item() <= STALE_REF_ATOL, name
         for o in row["same"]:
             assert (o - ref[0]).abs().max().item() <= EXACT_ATOL, name
 

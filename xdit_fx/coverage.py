@@ -30,8 +30,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 DEFAULT_PLANS = ("ulysses=2", "ring=2", "ulysses=2,ring=2")
-PARITY_ATOL = 2e-5  # fp32, tiny random models with outputs of magnitude ~1-10; see tests/tolerances.py
-PARITY_RTOL = 1e-5
+# fp32 parity of every (model, plan) pair: the worst passing entry of the matrix is 7.2e-7 max abs (lumina_next,
+# cosmos, ltx2_video under ring=2; cache reuse 3.6e-7), so 5e-6 is 7x it (see tests/tolerances.py)
+PARITY_ATOL = 5e-6
+PARITY_RTOL = 0.0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedGraph, XditFxError
-from .collectives import COMM, _group
+from .collectives import COMM, _group, all_reduce_received
 from .inductor import InductorPiece
 from .steps import StepSlots
 
@@ -158,8 +158,9 @@ class CacheRuntime(StepSlots):
     def _rel_l1(self, new: torch.Tensor, old: torch.Tensor) -> float:
         sums = torch.stack([(new - old).abs().sum(dtype=torch.float64), old.abs().sum(dtype=torch.float64)])
         for name in self._groups:
-            dist.all_reduce(sums, group=_group(name))
-            COMM.add(name, "all_reduce", sums.numel() * sums.element_size())
+            pg = _group(name)
+            dist.all_reduce(sums, group=pg)
+            COMM.add(name, "all_reduce", all_reduce_received(sums.numel() * sums.element_size(), dist.get_world_size(pg)))
         num, den = float(sums[0]), float(sums[1])
         if den > 0:
             return num / den

@@ -6,7 +6,9 @@ Groups are passed by their c10d group name (a string), as torch's functional col
 
 Byte accounting: each op adds the bytes *this rank receives from other ranks*.
   all_to_all over N ranks: (N-1)/N of the local tensor; all_gather: (N-1) local tensors;
-  ring attention: the K and V chunks received at each of the N-1 steps.
+  all_reduce: 2 (N-1)/N of the tensor (`all_reduce_received`: a ring all-reduce's reduce-scatter and
+  all-gather); ring attention: the K and V chunks received at each of the N-1 steps.
+The tests count the same at the torch.distributed primitives and check that both agree.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ def _group(name: str):
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def all_reduce_received(nbytes: int, n: int) -> int:
+    """Bytes a rank receives in an all-reduce of `nbytes` over n ranks: 2 (n-1)/n of it (ring algorithm)."""
+    return nbytes * 2 * (n - 1) // n
 
 
 # ---- all_to_all --------------------------------------------------------------------------------------
@@ -180,7 +187,7 @@ def all_reduce_sum(x: torch.Tensor, group: str) -> torch.Tensor:
     out = x.contiguous().clone()
     if n > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=pg)
-        COMM.add(group, "all_reduce", _nbytes(out) * (n - 1))
+        COMM.add(group, "all_reduce", all_reduce_received(_nbytes(out), n))
     return out
 
 

@@ -43,8 +43,9 @@ copy of the input inside group_norm, and (at attention) the full K/V of that one
 memory ~ 1/N of single-process decode.
 
 Bytes moved (this rank's receives, counted in `COMM` under ops "vae_halo", "vae_norm_stats",
-"vae_kv_gather", "vae_output"): per 3x3 conv, one row of its input from each neighbour; per group norm,
-2 x [B, groups] float64 sums; per attention, the other ranks' K and V; at the end, the other ranks' rows.
+"vae_kv_gather", "vae_sizes", "vae_output"): per 3x3 conv, one row of its input from each neighbour; per group
+norm, 2 x [B, groups] float64 sums; per attention, the other ranks' K and V and their two token counts; at the
+end, the other ranks' rows.
 
 Example:
     pipe.vae.decode = ParallelVAE(pipe.vae).decode     # every rank runs the pipeline; same images
@@ -64,7 +65,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PlanError, XditFxError
-from .collectives import COMM
+from .collectives import COMM, all_reduce_received
 
 RETURN_ON = ("all", "rank0")
 
@@ -148,7 +149,7 @@ def all_reduce_sum(x: torch.Tensor, shard: RowShard) -> torch.Tensor:
     """Sum of `x` over the ranks, in place (counted as a ring all-reduce receives: 2 (N-1)/N of it)."""
     x = x.contiguous()
     dist.all_reduce(x, group=shard.group)
-    COMM.add(shard.name, "vae_norm_stats", _nbytes(x) * 2 * (shard.size - 1) // shard.size)
+    COMM.add(shard.name, "vae_norm_stats", all_reduce_received(_nbytes(x), shard.size))
     return x
 
 
@@ -320,6 +321,7 @@ def _attention(mode, func, args, kwargs):
     sizes = torch.tensor([k.shape[-2], mode.last_pixels], dtype=torch.int64, device=k.device)
     parts = [torch.empty_like(sizes) for _ in range(shard.size)]
     dist.all_gather(parts, sizes, group=shard.group)
+    COMM.add(shard.name, "vae_sizes", _nbytes(sizes) * (shard.size - 1))
     if any(int(tokens) != int(pixels) for tokens, pixels in parts):
         raise UnsupportedVAEOp(
             f"parallel VAE decode: scaled_dot_product_attention over {k.shape[-2]} tokens, but the last "

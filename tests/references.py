@@ -1,0 +1,153 @@
+"""Single-process references written independently of the code under test.
+
+They use only the plain model and PyTorch's hooks, so a test that compares a parallel run with them checks
+the semantics, not the implementation against itself:
+
+* `pipefusion_reference`: what PipeFusion with stale K/V computes, by definition. At every self-attention
+  site a full-sequence K/V buffer is kept; a warm-up call runs whole and fills it; a later call runs patch
+  by patch in order, each patch writing its own fresh K/V into the buffer and attending over all of it
+  (earlier patches of this call fresh, later ones from the previous call).
+* `fbc_reference`: First-Block-Cache by definition, from forward hooks on the model's block list: the first
+  block's residual is compared (relative L1) with the one of the last call that ran the stack; below the
+  threshold, the other blocks are replaced by their cached residual (stack output minus stack input).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+#: F.scaled_dot_product_attention's parameters in order (a builtin: inspect cannot read them)
+_SDPA_ARGS = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+
+
+def _sdpa_args(args, kwargs) -> dict:
+    bound = dict(zip(_SDPA_ARGS, args))
+    bound.update(kwargs or {})
+    return bound
+
+
+def patch_positions(segments: tuple[int, ...], patches: int, p: int) -> torch.Tensor:
+    """Token positions of patch p: chunk p of every segment of the attention sequence."""
+    out, off = [], 0
+    for length in segments:
+        if length % patches:
+            raise ValueError(f"reference: a segment of {length} tokens does not split into {patches} patches")
+        c = length // patches
+        out.extend(range(off + p * c, off + (p + 1) * c))
+        off += length
+    return torch.tensor(out)
+
+
+class _StaleAttention(TorchFunctionMode):
+    """Replaces every self-attention SDPA call by attention over a per-site K/V buffer (see the module doc)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.mode = "fill"
+        self.rows: torch.Tensor | None = None
+        self.assembled: dict[int, torch.Tensor] = {}
+        self.site = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        a = _sdpa_args(args, kwargs)
+        q, k, v = a.pop("query"), a.pop("key"), a.pop("value")
+        site, self.site = self.site, self.site + 1
+        if k.shape[-2] != q.shape[-2]:  # cross-attention to keys every patch holds whole
+            return func(q, k, v, **a)
+        if self.mode == "fill":
+            self.k[site], self.v[site] = k.clone(), v.clone()
+            return func(q, k, v, **a)
+        if self.mode == "assemble":
+            return self.assembled[site]
+        self.k[site][..., self.rows, :] = k[..., self.rows, :]
+        self.v[site][..., self.rows, :] = v[..., self.rows, :]
+        out = func(q, self.k[site], self.v[site], **a)
+        acc = self.assembled.setdefault(site, torch.zeros_like(out))
+        acc[..., self.rows, :] = out[..., self.rows, :]
+        return out
+
+
+def pipefusion_reference(model, calls: list[dict], segments: tuple[int, ...], patches: int,
+                         warmup: int = 1) -> list:
+    """The outputs PipeFusion with `patches` patches and `warmup` warm-up calls gives for `calls`.
+
+    A patch's rows of every attention output depend only on that patch's tokens and on the buffer, when
+    everything outside attention is token-wise (the block stack of a DiT): so patch p is computed by a
+    whole forward whose attention uses the buffer, and only its rows are kept; a last forward whose
+    attention returns the assembled rows gives every token its value."""
+    mode = _StaleAttention()
+    outs = []
+    with torch.no_grad(), mode:
+        for t, inputs in enumerate(calls):
+            if t < warmup:
+                mode.mode, mode.site = "fill", 0
+                outs.append(model(**inputs))
+                continue
+            mode.assembled = {}
+            for p in range(patches):
+                mode.mode, mode.site, mode.rows = "patch", 0, patch_positions(segments, patches, p)
+                model(**inputs)
+            mode.mode, mode.site = "assemble", 0
+            outs.append(model(**inputs))
+    return outs
+
+
+def _rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+    return ((new - old).abs().sum(dtype=torch.float64) / old.abs().sum(dtype=torch.float64)).item()
+
+
+def fbc_reference(model, blocks, calls: list[dict], threshold: float, warmup: int = 1) -> tuple[list, list[bool], list]:
+    """First-Block-Cache over `calls` of `model`, whose block stack is the module list `blocks` (each block
+    takes the token stream as its first argument and returns it). Returns (outputs, ran the full stack per
+    call, metric per call or None)."""
+    first, second, last = blocks[0], blocks[1], blocks[-1]
+    state: dict = {"prev": None, "residual": None}
+    seen: dict = {}
+    full, metrics, outs = [], [], []
+
+    def first_in(_, args):
+        seen["x0"] = args[0]
+
+    def first_out(_, args, out):
+        seen["r0"] = out - seen["x0"]
+
+    def stack_in(_, args):  # when skipping, the blocks after the first still run: their result is replaced
+        seen["x1"] = args[0]
+
+    def stack_out(_, args, out):
+        if seen["skip"]:
+            return seen["x1"] + state["residual"]
+        state["residual"] = out - seen["x1"]
+        return None
+
+    hooks = [first.register_forward_pre_hook(first_in), first.register_forward_hook(first_out),
+             second.register_forward_pre_hook(stack_in), last.register_forward_hook(stack_out)]
+
+    try:
+        with torch.no_grad():
+            for t, inputs in enumerate(calls):
+                # the decision needs the first block's residual of this call before the stack runs: run the
+                # model once to see it (the stack's result is thrown away), then again with the decision
+                seen["skip"] = False
+                saved = state["residual"]
+                model(**inputs)
+                state["residual"] = saved
+                r0 = seen["r0"]
+                metric = None if t < warmup or state["prev"] is None else _rel_l1(r0, state["prev"])
+                skip = metric is not None and threshold > 0 and metric < threshold
+                seen["skip"] = skip
+                outs.append(model(**inputs))
+                if not skip:
+                    state["prev"] = r0
+                full.append(not skip)
+                metrics.append(metric)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outs, full, metrics
