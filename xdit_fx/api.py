@@ -46,16 +46,7 @@ def parallelize(model: nn.Module | Any, plan: Plan | str | None = None) -> Paral
     if plan.world_size > 1:
         init_distributed()
         groups = build_groups(plan)
-    _raise_recompile_limit()
     if pipeline:
         return ParallelPipeline(model, plan, groups)
     return ParallelModule(model, plan, groups)
 
-
-def _raise_recompile_limit(limit: int = 64) -> None:
-    """Several parallelized instances of one class share a forward code object in dynamo's cache."""
-    cfg = torch._dynamo.config
-    if getattr(cfg, "recompile_limit", limit) < limit:
-        cfg.recompile_limit = limit
-    if getattr(cfg, "accumulated_recompile_limit", 256) < 4 * limit:
-        cfg.accumulated_recompile_limit = 4 * limit
