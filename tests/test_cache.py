@@ -20,6 +20,7 @@ from xdit_fx.runtime.cache import CachedRegion
 from xdit_fx.coverage import _compare, _flat
 
 from dist_utils import spawn_gloo
+import parallel_checks
 
 #: a skipped call returns live_in + (out - live_in) of the cached call: one rounding of an add and a subtract
 REUSE_ATOL = 1e-6
@@ -273,9 +274,10 @@ def _parallel_worker(rank: int, world: int) -> list[dict]:
     for plan_text, mode, labels, config in CASES:
         torch._dynamo.reset()
         ppipe = xdit_fx.parallelize(pipe, dataclasses.replace(Plan.from_string(plan_text), cache=config))
+        work = parallel_checks.instrument(ppipe.denoisers["transformer"])
         out = _generate(ppipe, labels, mode)
         results.append({"images": out, "records": [(r.step, r.slot, r.full) for r in ppipe.cache_stats.records],
-                        "paired": ppipe.pair_state.paired})
+                        "paired": ppipe.pair_state.paired, "work": parallel_checks.finish(work)})
         ppipe.unwrap()
     return results
 
@@ -290,6 +292,8 @@ def test_parallel_ranks_take_the_single_process_decisions():
     per_rank = spawn_gloo(2, _parallel_worker)
     for i, (plan_text, mode, labels, config) in enumerate(CASES):
         r0, r1 = per_rank[0][i], per_rank[1][i]
+        for r in (r0, r1):  # the plan ran in parallel (sharded attention / half the rows per rank)
+            parallel_checks.check(r["work"], plan_text)
         ref_images, ref = serial[i]
         assert r1["images"] is None
         err = (r0["images"] - ref_images).abs().max().item()

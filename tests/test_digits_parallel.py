@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from dist_utils import spawn_gloo
+import parallel_checks
 
 #: batch split / pairing: the same arithmetic on smaller batches (CPU kernels may block differently)
 CFG_ATOL = 5e-6
@@ -32,7 +33,9 @@ def _worker(rank: int, world: int) -> dict:
         for plan, mode in [("cfg=2", "batched"), ("cfg=2", "two_call"), ("ulysses=2", "batched")]:
             torch._dynamo.reset()
             ppipe = xdit_fx.parallelize(pipe, plan)
+            work = parallel_checks.instrument(ppipe.denoisers["transformer"])
             out = generate(ppipe, mode)
+            results[f"{plan}/{mode}/work"] = parallel_checks.finish(work)
             paired = ppipe.pair_state.paired
             one = generate(ppipe, "two_call", [7]) if mode == "two_call" else None  # batch 1: calls are paired
             if rank == 0:
@@ -48,8 +51,12 @@ def _worker(rank: int, world: int) -> dict:
 
 
 def test_digits_model_in_parallel_matches_serial_and_keeps_accuracy():
-    results = spawn_gloo(2, _worker)[0]
+    per_rank = spawn_gloo(2, _worker)
+    results = per_rank[0]
     print(results)
+    for rank in per_rank:  # each rank ran its share (cfg: half the rows; ulysses: sharded attention)
+        for key in ("cfg=2/batched", "cfg=2/two_call", "ulysses=2/batched"):
+            parallel_checks.check(rank[f"{key}/work"], key.split("/")[0])
     assert results["serial_accuracy"] >= 0.9
     for key, tol in [("cfg=2/batched", CFG_ATOL), ("cfg=2/two_call", CFG_ATOL), ("ulysses=2/batched", ULYSSES_ATOL)]:
         r = results[key]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dist_utils import spawn_gloo
+import parallel_checks
 import tiny_pipelines as tp
 
 #: cfg/dp only: whole images move between ranks, but a call on half the batch may take a different CPU
@@ -41,10 +42,12 @@ def _worker(rank: int, world: int, plans: dict[str, list[tuple[str, int]]]) -> d
                     refs[name, batch] = tp.run(pipe, kwargs)
                 full_plan = plan + ("" if PARALLEL_VAE[plan] else ",parallel_vae=0")
                 ppipe = xdit_fx.parallelize(pipe, xdit_fx.Plan.from_string(full_plan))
+                work = parallel_checks.instrument(ppipe.denoisers["transformer"])
                 out = tp.run(ppipe, kwargs)
             state = ppipe.pair_state
             results[plan].append({"name": name, "batch": batch, "ref": refs[name, batch], "out": out,
-                                  "paired": state.paired, "steps": state.step})
+                                  "paired": state.paired, "steps": state.step,
+                                  "work": parallel_checks.finish(work)})
             ppipe.unwrap()
     return results
 
@@ -63,6 +66,8 @@ def _check(per_rank: list[list[dict]], plan: str) -> None:
         if "cfg=2" in plan and batch == 1:  # two-call pipelines pair their calls; batched ones split
             assert r0["paired"] == (name in ("flux", "wan")), name
         assert r0["steps"] == 3
+        for rank in per_rank:  # every rank ran its share in parallel, not the whole model
+            parallel_checks.check(rank[i]["work"], plan)
     assert not failures, failures
 
 
