@@ -125,3 +125,63 @@ def test_demo_runs_a_plan_and_reports_parity_accuracy_and_bytes(tmp_path, capsys
     from PIL import Image
     grid = Image.open(out)
     assert grid.size == ((10 * 17 + 1) * 4, (17 + 1) * 4)  # the ten digits, one row, upscaled 4x
+
+
+# ---- a user's own model: the coverage tool, low precision, what parallelize leaves of the module -------------
+
+class UserBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, c):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x) + c[:, None]).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class UserDiT(nn.Module):
+    """A DiT written from scratch (not in the zoo): token embedding, a timestep MLP, a stack of blocks."""
+
+    def __init__(self, in_dim: int = 8, dim: int = 32, heads: int = 4, depth: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_dim, dim)
+        self.time = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList([UserBlock(dim, heads) for _ in range(depth)])
+        self.out = nn.Linear(dim, in_dim)
+
+    def forward(self, x, t):
+        c = self.time(t[:, None])
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(h)
+
+
+def user_inputs(dtype: torch.dtype = torch.float32) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(1, 16, 8, generator=g).to(dtype), "t": torch.tensor([0.5], dtype=dtype)}
+
+
+def _user_model(dtype=torch.float32, depth=2) -> UserDiT:
+    torch.manual_seed(0)
+    return UserDiT(depth=depth).to(dtype).eval()
+
+
+def test_coverage_tool_runs_a_users_model_given_by_class_config_and_inputs(tmp_path, capsys):
+    out = tmp_path / "cov.md"
+    assert main(["coverage", "--model-class", "test_features:UserDiT", "--config", json.dumps({"depth": 2}),
+                 "--inputs", "test_features:user_inputs", "--heads", "4", "--plan", "ulysses=2", "--plan", "ring=2",
+                 "--out", str(out), "--timeout", "240"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "cov.jsonl").read_text().splitlines()]
+    results = {r["plan"]: r for r in records if r.get("event") == "result"}
+    assert set(results) == {"ulysses=2", "ring=2"}
+    for plan, r in results.items():
+        assert r["ok"] and r["model"] == "UserDiT", r
+        assert r["sp_attention"] == 2 and r["fallback_gathers"] == 0, r  # both blocks' attention sharded
+    assert "From-scratch DiTs: UserDiT: parity." in out.read_text()
+    assert json.loads(re.search(r"(?s)^\{.*^\}", capsys.readouterr().out, re.M).group(0))["scratch"] == {"UserDiT": "parity"}
