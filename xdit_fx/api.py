@@ -16,9 +16,9 @@ from .runtime.module import ParallelModule
 
 def parallelize(model: nn.Module | Any, plan: Plan | str | None = None) -> ParallelModule | ParallelPipeline:
     """Return a parallel version of a DiT (a diffusers transformer or any nn.Module), or of a whole diffusers
-    pipeline. A module itself is not modified (except
-    under PipeFusion, where each rank frees the parameters only other stages read); a pipeline's denoisers, ``scheduler.step`` and ``vae.decode``
-    are replaced in place (``ParallelPipeline.unwrap()`` puts them back).
+    pipeline. A module itself is not modified (except under PipeFusion, where each rank frees the parameters
+    only other stages read); a pipeline's denoisers, ``scheduler.step`` and ``vae.decode`` are replaced in
+    place (``ParallelPipeline.unwrap()`` puts them back).
 
     Call it on every rank (under `torchrun` or `xdit-fx run`), with the same plan. The plan is checked
     against the world size before any process group is created.
