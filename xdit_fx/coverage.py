@@ -228,9 +228,10 @@ def _worker(rank: int, world: int, init_file: str, specs: list[ModelSpec], plans
     import warnings
 
     warnings.filterwarnings("ignore")
-    # a FileStore (no TCP port to pick beforehand and lose to another process)
+    # a FileStore (no TCP port to pick beforehand and lose to another process); the collective timeout grows
+    # with the processes per core (a rank waits for peers still capturing their graph on a shared CPU)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=90))
+                            timeout=datetime.timedelta(seconds=120 * max(1.0, world / 2)))
     try:
         for spec in specs:
             if rank == 0:
