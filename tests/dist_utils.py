@@ -1,11 +1,14 @@
-"""spawn_gloo: run a function on N CPU processes joined by a gloo process group; return rank 0's result."""
+"""spawn_gloo: run a function on N CPU processes joined by a gloo process group; return every rank's result.
+
+The processes meet through a FileStore in a fresh temporary directory (``init_method="file://..."``), so no
+TCP port is picked in advance (a port found free and released can be taken by another job before the
+store binds it)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
-import socket
 import tempfile
 import traceback
 
@@ -16,17 +19,20 @@ import torch.multiprocessing as mp
 from dist_bytes import DistBytes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def collective_timeout_s(world_size: int) -> float:
+    """How long a collective may wait for its peers before gloo gives up.
+
+    The suite runs up to 8 single-threaded processes on 2 shared CPU cores: a rank can wait for a peer that
+    is compiling or simply not scheduled for a long while, so the bound grows with the processes per core.
+    It only has to end a real hang; a rank that raises stops its peers at once (mp.spawn terminates them)."""
+    return 120.0 * max(1.0, world_size / 2)
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, out_dir: str, count_bytes: bool) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+def _worker(rank: int, world_size: int, init_file: str, fn, args, out_dir: str, count_bytes: bool) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=collective_timeout_s(world_size)))
     try:
         if count_bytes:
             with DistBytes() as counted, reported_bytes() as reported:
@@ -81,5 +87,7 @@ def spawn_gloo(world_size: int, fn, *args, count_bytes: bool = True):
     must equal what xdit_fx reported; a test whose own code calls torch.distributed turns it off.
     If a rank raises, mp.spawn terminates the others and re-raises here (no hang)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir, count_bytes), nprocs=world_size, join=True)
+        init_file = os.path.join(out_dir, "store")  # must not exist yet; the FileStore creates it
+        mp.spawn(_worker, args=(world_size, init_file, fn, args, out_dir, count_bytes), nprocs=world_size,
+                 join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

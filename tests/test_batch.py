@@ -69,3 +69,31 @@ def test_nan_reaching_the_scheduler_in_paired_mode_is_an_error():
     _first_step(state, [(1, torch.zeros(1, 4)), (1, torch.zeros(1, 4))])
     with pytest.raises(XditFxError, match="used the first transformer output of a step before"):
         state.end_step(torch.full((1, 4), math.nan), cfg_degree=2, batch_degree=2)
+
+
+@pytest.mark.parametrize("batch, dp_rank, rows, sizes, index", [(3, 1, [2], [2, 1], 1), (3, 0, [0, 1], [2, 1], 0),
+                                                                (1, 1, [0], [1], 0)])
+def test_a_batch_rank_runs_only_its_chunk(monkeypatch, batch, dp_rank, rows, sizes, index):
+    """Each batch rank runs the model on its chunk alone (the rows of tensor_split), then the chunks are
+    gathered; a batch smaller than the ranks leaves a rank duplicating chunk 0 (rank % k)."""
+    from xdit_fx import Plan
+    from xdit_fx.runtime import batch as batch_mod
+    from xdit_fx.runtime.mesh import ProcessGroups
+
+    plan = Plan(dp_degree=2)
+    groups = ProcessGroups(plan=plan, rank=dp_rank, coords={"dp": dp_rank, "cfg": 0}, names={"batch": "pg-batch"})
+    splitter = batch_mod.BatchSplitter(plan, groups)
+    gathered, ran = [], []
+    monkeypatch.setattr(batch_mod, "gather_chunks",
+                        lambda out, group, sizes, index: gathered.append((group, sizes, index)) or out)
+    x = torch.arange(batch * 2, dtype=torch.float32).reshape(batch, 2)
+    t = torch.tensor([7.0, 8.0])  # not batched (its first dimension is not the batch): passed whole
+
+    def model(hidden_states, timestep):
+        ran.append((hidden_states.clone(), timestep))
+        return hidden_states * 2
+
+    out = splitter(model, (), {"hidden_states": x, "timestep": t})
+    assert len(ran) == 1 and torch.equal(ran[0][0], x[rows]) and ran[0][1] is t
+    assert torch.equal(out, x[rows] * 2)
+    assert gathered == [("pg-batch", sizes, index)]

@@ -66,7 +66,7 @@ def test_dump_matches_golden(dumps, accept_golden, model, plan):
         gold_dir.mkdir(parents=True)
         for f, text in got.items():
             (gold_dir / f).write_text(text)
-        return
+        pytest.skip(f"golden files rewritten in {gold_dir}; review the diff (git diff tests/golden) and commit it")
     assert gold_dir.is_dir(), f"no golden dump {gold_dir}; create it with pytest --accept-golden"
     want = _golden_files(gold_dir)
     assert sorted(got) == sorted(want), "different files; regenerate with pytest --accept-golden if intended"
@@ -122,8 +122,54 @@ def test_html_view_is_self_contained_and_marks_what_changed(dumps, tmp_path):
         pytest.skip("no chromium: the page is not rendered in a browser here")
     png = screenshot(str(dumps[case_dir("scratch_dit", "ulysses=2")] / "index.html"), str(tmp_path / "dump.png"),
                      height=1200)
-    data = Path(png).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
+    _check_rendered_page(png)
+
+
+#: the page's colours (dump_html.py's style sheet): the dark header bar and the light page background
+HEADER_RGB, PAGE_RGB = (0x1D, 0x23, 0x2A), (0xFA, 0xFA, 0xFA)
+
+
+def _near(p, rgb, tol: int = 6) -> bool:
+    return all(abs(a - b) <= tol for a, b in zip(p, rgb))
+
+
+def _check_rendered_page(png: str) -> None:
+    """The screenshot shows the page: the dark header bar across the top, light panels below it, and text
+    (anti-aliased glyphs give many distinct colours); a blank or flat image fails."""
+    from PIL import Image
+
+    image = Image.open(png).convert("RGB")
+    width, height = image.size
+    assert width >= 400 and height >= 400, image.size
+    pixels = image.load()
+    top = [pixels[x, 5] for x in range(0, width, 7)]
+    assert sum(_near(p, HEADER_RGB) for p in top) > len(top) // 2, "no dark header bar across the top"
+    colours = image.getcolors(maxcolors=1 << 24)
+    light = sum(n for n, rgb in colours if min(rgb) >= 0xF0)  # the #fafafa page, #fff panels
+    assert light > width * height // 5, "no light page below the header"
+    assert len(colours) >= 50, f"{len(colours)} colours: no text rendered"
+
+
+def test_the_screenshot_check_fails_on_a_blank_or_flat_image(tmp_path):
+    """_check_rendered_page can fail: a white page, a flat header colour, a page without text."""
+    from PIL import Image, ImageDraw
+
+    for name, make in [("white", lambda: Image.new("RGB", (800, 1200), (255, 255, 255))),
+                       ("flat", lambda: Image.new("RGB", (800, 1200), HEADER_RGB))]:
+        make().save(tmp_path / f"{name}.png")
+        with pytest.raises(AssertionError):
+            _check_rendered_page(str(tmp_path / f"{name}.png"))
+    no_text = Image.new("RGB", (800, 1200), PAGE_RGB)
+    ImageDraw.Draw(no_text).rectangle([0, 0, 799, 40], fill=HEADER_RGB)
+    no_text.save(tmp_path / "no_text.png")
+    with pytest.raises(AssertionError, match="no text"):
+        _check_rendered_page(str(tmp_path / "no_text.png"))
+    page = no_text.copy()
+    draw = ImageDraw.Draw(page)
+    for i in range(40):  # anti-aliased text lines
+        draw.text((20, 60 + 25 * i), f"%{i} = linear(x, blocks.{i}.weight)  [1, 64, 32] float32", fill=(29, 35, 42))
+    page.save(tmp_path / "page.png")
+    _check_rendered_page(str(tmp_path / "page.png"))
 
 
 def test_diff_same_and_different(dumps, tmp_path, capsys):
@@ -233,19 +279,28 @@ def test_unexpected_pass_exception_points_at_the_node():
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                 axes_dims_rope=[16, 56, 56], patch_size=1)
-FLUX_DEV_BOUND_S = 900  # measured ~65 s on an idle 2-core CPU; generous for a loaded CI machine
+#: what building and dumping the flux-dev-sized config may add to this process's peak memory. The model is
+#: built on the meta device (no storage): measured +0.36 GiB (0.24 -> 0.60 GiB run alone; 2026-12-06, 2-core
+#: CPU, 25 s); materialising its ~12e9 bf16 parameters would need ~22 GiB. Memory, unlike the time the dump takes
+#: (~65 s idle, printed), does not depend on how loaded the machine is.
+FLUX_DEV_PEAK_GIB = 4
 
 
-def test_flux_dev_sized_config_dumps_on_meta_in_bounded_time(tmp_path, capsys):
+def test_flux_dev_sized_config_dumps_on_meta_without_materialising_weights(tmp_path, capsys):
+    import resource
+
     folder = _flux_folder(tmp_path, **FLUX_DEV)
     out = tmp_path / "dump"
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     t0 = time.perf_counter()
     assert main(["dump", str(folder), "--plan", "ulysses=4,ring=2", "--out", str(out)]) == 0
     seconds = time.perf_counter() - t0
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     printed = capsys.readouterr().out
     with capsys.disabled():
-        print(f"\n[flux-dev-sized dump on meta: {seconds:.1f}s] {printed.strip().splitlines()[-1].strip()}")
-    assert seconds < FLUX_DEV_BOUND_S
+        print(f"\n[flux-dev-sized dump on meta: {seconds:.1f}s, peak memory {peak_before:.2f} -> {peak_after:.2f} GiB] "
+              f"{printed.strip().splitlines()[-1].strip()}")
+    assert peak_after - peak_before < FLUX_DEV_PEAK_GIB, (peak_before, peak_after)
     index = (out / "index.md").read_text()
     assert "`hidden_states` [1, 4096, 64] bfloat16" in index and "`encoder_hidden_states` [1, 512, 4096]" in index
     assert "57 attention sites" in index and "transformer_blocks x19, single_transformer_blocks x38" in index

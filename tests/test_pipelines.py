@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dist_utils import spawn_gloo
+import parallel_checks
 import tiny_pipelines as tp
 
 #: cfg/dp only: whole images move between ranks, but a call on half the batch may take a different CPU
@@ -27,25 +28,38 @@ def _worker(rank: int, world: int, plans: dict[str, list[tuple[str, int]]]) -> d
     """Every plan of `plans` on the same ranks (one spawn); the serial reference is computed once per case."""
     import xdit_fx
 
-    refs: dict[tuple[str, int], torch.Tensor] = {}
+    refs: dict[tuple[str, int, int], torch.Tensor] = {}
     results: dict[str, list[dict]] = {}
     for plan, cases in plans.items():
         results[plan] = []
-        for name, batch in cases:
+        for name, batch, per_prompt in ((*case, 1)[:3] for case in cases):
             torch._dynamo.reset()
             torch.manual_seed(0)
             pipe, kwargs = tp.PIPELINES[name](batch)
+            if per_prompt > 1:
+                kwargs = dict(kwargs, num_images_per_prompt=per_prompt)
             pipe.set_progress_bar_config(disable=True)
+            originals = (pipe.transformer, type(pipe.scheduler).step, type(pipe.vae).decode)
             with torch.no_grad():
-                if (name, batch) not in refs:
-                    refs[name, batch] = tp.run(pipe, kwargs)
+                if (name, batch, per_prompt) not in refs:
+                    refs[name, batch, per_prompt] = tp.run(pipe, kwargs)
                 full_plan = plan + ("" if PARALLEL_VAE[plan] else ",parallel_vae=0")
                 ppipe = xdit_fx.parallelize(pipe, xdit_fx.Plan.from_string(full_plan))
+                work = parallel_checks.instrument(ppipe.denoisers["transformer"])
                 out = tp.run(ppipe, kwargs)
             state = ppipe.pair_state
-            results[plan].append({"name": name, "batch": batch, "ref": refs[name, batch], "out": out,
-                                  "paired": state.paired, "steps": state.step})
-            ppipe.unwrap()
+            # what parallelize replaced in place, and that unwrap() puts back the very objects it found
+            hooked = (pipe.transformer is ppipe.denoisers["transformer"] and "step" in vars(pipe.scheduler)
+                      and ("decode" in vars(pipe.vae)) == PARALLEL_VAE[plan])
+            restored = ppipe.unwrap() is pipe and pipe.transformer is originals[0] \
+                and "step" not in vars(pipe.scheduler) and pipe.scheduler.step.__func__ is originals[1] \
+                and "decode" not in vars(pipe.vae) and pipe.vae.decode.__func__ is originals[2]
+            results[plan].append({"name": name, "batch": batch * per_prompt, "ref": refs[name, batch, per_prompt],
+                                  "out": out, "paired": state.paired, "steps": state.step,
+                                  "work": parallel_checks.finish(work), "hooked": hooked, "restored": restored})
+            if plan == "ulysses=2" and name == "pixart":  # the unwrapped pipeline generates serially again
+                with torch.no_grad():
+                    results[plan][-1]["again_equal"] = torch.equal(tp.run(pipe, kwargs), refs[name, batch, per_prompt])
     return results
 
 
@@ -60,16 +74,24 @@ def _check(per_rank: list[list[dict]], plan: str) -> None:
         print(f"{name} {plan} batch={batch}: max abs err {err:.2e} (paired={r0['paired']})")
         if not err <= tol:
             failures.append(f"{name}: {err:.2e} > {tol:.0e}")
-        if "cfg=2" in plan and batch == 1:  # two-call pipelines pair their calls; batched ones split
-            assert r0["paired"] == (name in ("flux", "wan")), name
+        if "cfg=2" in plan:  # two-call pipelines pair their calls of one image; batched ones split
+            assert r0["paired"] == (batch == 1 and name in ("flux", "wan")), name
         assert r0["steps"] == 3
+        for rank in per_rank:  # every rank ran its share in parallel, not the whole model
+            parallel_checks.check(rank[i]["work"], plan)
+            assert rank[i]["hooked"] and rank[i]["restored"], (name, plan)
+        if plan == "ulysses=2" and name == "pixart":
+            assert r0["again_equal"] is True, "after unwrap() the pipeline gives the serial images again"
     assert not failures, failures
 
 
 ALL = ["flux", "sd3", "pixart", "wan"]
 PLANS_2 = {
-    "cfg=2": [(n, 1) for n in ALL],  # flux and wan: two calls per step, paired; sd3 and pixart: batched
-    "dp=2": [("flux", 2), ("sd3", 2), ("pixart", 1), ("wan", 2)],  # pixart b1: batched CFG gives 2 to split
+    # flux and wan: two calls per step, paired; sd3 and pixart: batched. flux with num_images_per_prompt=2:
+    # two calls of batch 2 per step, split instead of paired
+    "cfg=2": [(n, 1) for n in ALL] + [("flux", 1, 2)],
+    # pixart b1: batched CFG gives 2 to split; pixart with num_images_per_prompt=2: 4 rows per call
+    "dp=2": [("flux", 2), ("sd3", 2), ("pixart", 1), ("wan", 2), ("pixart", 1, 2)],
     "ulysses=2": [(n, 1) for n in ALL],
 }
 #: plans that keep the VAE whole check the batch axes alone; the others decode with the parallel VAE

@@ -65,7 +65,9 @@ def test_plan_error_is_a_value_error_and_an_xdit_fx_error():
 
 
 def test_plan_is_frozen():
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         Plan().ulysses_degree = 2  # type: ignore[misc]
 
 

@@ -16,8 +16,9 @@ from .runtime.module import ParallelModule
 
 def parallelize(model: nn.Module | Any, plan: Plan | str | None = None) -> ParallelModule | ParallelPipeline:
     """Return a parallel version of a DiT (a diffusers transformer or any nn.Module), or of a whole diffusers
-    pipeline. A module itself is not modified; a pipeline's denoisers, ``scheduler.step`` and ``vae.decode``
-    are replaced in place (``ParallelPipeline.unwrap()`` puts them back).
+    pipeline. A module itself is not modified (except under PipeFusion, where each rank frees the parameters
+    only other stages read); a pipeline's denoisers, ``scheduler.step`` and ``vae.decode`` are replaced in
+    place (``ParallelPipeline.unwrap()`` puts them back).
 
     Call it on every rank (under `torchrun` or `xdit-fx run`), with the same plan. The plan is checked
     against the world size before any process group is created.
@@ -46,16 +47,7 @@ def parallelize(model: nn.Module | Any, plan: Plan | str | None = None) -> Paral
     if plan.world_size > 1:
         init_distributed()
         groups = build_groups(plan)
-    _raise_recompile_limit()
     if pipeline:
         return ParallelPipeline(model, plan, groups)
     return ParallelModule(model, plan, groups)
 
-
-def _raise_recompile_limit(limit: int = 64) -> None:
-    """Several parallelized instances of one class share a forward code object in dynamo's cache."""
-    cfg = torch._dynamo.config
-    if getattr(cfg, "recompile_limit", limit) < limit:
-        cfg.recompile_limit = limit
-    if getattr(cfg, "accumulated_recompile_limit", 256) < 4 * limit:
-        cfg.accumulated_recompile_limit = 4 * limit

@@ -19,7 +19,7 @@ import datetime
 import importlib
 import json
 import os
-import socket
+import shutil
 import sys
 import tempfile
 import time
@@ -219,11 +219,10 @@ def _error_text(e: BaseException) -> str:
     return text if len(text) < 1500 else text[:1500] + " ..."
 
 
-def _worker(rank: int, world: int, port: int, specs: list[ModelSpec], plans: list[str], out_path: str) -> None:
+def _worker(rank: int, world: int, init_file: str, specs: list[ModelSpec], plans: list[str], out_path: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import logging
 
@@ -231,7 +230,10 @@ def _worker(rank: int, world: int, port: int, specs: list[ModelSpec], plans: lis
     import warnings
 
     warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
+    # a FileStore (no TCP port to pick beforehand and lose to another process); the collective timeout grows
+    # with the processes per core (a rank waits for peers still capturing their graph on a shared CPU)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120 * max(1.0, world / 2)))
     try:
         for spec in specs:
             if rank == 0:
@@ -287,12 +289,6 @@ def _append(path: str, rec: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _read(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -312,8 +308,9 @@ def _spawn_until_done(world: int, specs: list[ModelSpec], plans: list[str], out_
 
     remaining = list(specs)
     while remaining:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), remaining, plans, out_path), nprocs=world,
-                                 join=False, start_method="spawn")
+        store_dir = tempfile.mkdtemp(prefix="xdit-fx-coverage-")  # a fresh FileStore per spawn
+        ctx = mp.start_processes(_worker, args=(world, os.path.join(store_dir, "store"), remaining, plans, out_path),
+                                 nprocs=world, join=False, start_method="spawn")
         last_progress, n_lines = time.time(), len(_read(out_path))
         failure = None
         while True:
@@ -333,6 +330,7 @@ def _spawn_until_done(world: int, specs: list[ModelSpec], plans: list[str], out_
                     if p.is_alive():
                         p.kill()
                 break
+        shutil.rmtree(store_dir, ignore_errors=True)
         done = {r["model"] for r in _read(out_path) if r.get("event") == "done" and r.get("world") == world}
         started = [r["model"] for r in _read(out_path) if r.get("event") == "start" and r.get("world") == world]
         if failure is None:

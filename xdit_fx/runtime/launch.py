@@ -7,16 +7,9 @@ here with the failing rank, so a crashed rank never leaves its peers waiting in 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import uuid
 from typing import Any, Callable, Sequence
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(entrypoint: Callable[..., Any] | str, nproc: int, args: Sequence[Any] = (),
@@ -27,9 +20,12 @@ def launch(entrypoint: Callable[..., Any] | str, nproc: int, args: Sequence[Any]
 
     if env:
         os.environ.update(env)
+    # port 0, as `torchrun --standalone` does: the c10d rendezvous binds its TCPStore to a port the OS picks
+    # and the workers join through that same store (TORCHELASTIC_USE_AGENT_STORE), so no port is chosen
+    # beforehand and then lost to another process
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"xdit-fx-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+        rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
         monitor_interval=0.1, start_method="spawn",
     )
     return elastic_launch(config, entrypoint)(*args)

@@ -169,6 +169,10 @@ class ParallelModule(nn.Module):
         return out
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
+        with _recompile_limits():
+            return self._run_compiled(*args, **kwargs)
+
+    def _run_compiled(self, *args: Any, **kwargs: Any) -> Any:
         try:
             if self.cache is None:
                 return self._compiled(*args, **kwargs)
@@ -187,6 +191,15 @@ class ParallelModule(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("model"), name)
+
+
+def _recompile_limits(limit: int = 64):
+    """Dynamo's recompile limits, raised for the duration of one call (the process-wide settings are left as
+    they are): several parallelized instances of one class share a forward code object in dynamo's cache,
+    and past the limit dynamo would silently run the forward eagerly, unparallelized."""
+    cfg = torch._dynamo.config
+    return cfg.patch(recompile_limit=max(cfg.recompile_limit, limit),
+                     accumulated_recompile_limit=max(cfg.accumulated_recompile_limit, 4 * limit))
 
 
 def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
