@@ -73,29 +73,40 @@ class _StaleAttention(TorchFunctionMode):
         return out
 
 
-def pipefusion_reference(model, calls: list[dict], segments: tuple[int, ...], patches: int,
-                         warmup: int = 1) -> list:
-    """The outputs PipeFusion with `patches` patches and `warmup` warm-up calls gives for `calls`.
+class StaleKVReference:
+    """Call it like the model: one call of one slot of PipeFusion with `patches` patches and `warmup` warm-up
+    calls (a two-call CFG pipeline has one instance per branch, as PipeFusion keeps buffers per slot).
 
     A patch's rows of every attention output depend only on that patch's tokens and on the buffer, when
     everything outside attention is token-wise (the block stack of a DiT): so patch p is computed by a
     whole forward whose attention uses the buffer, and only its rows are kept; a last forward whose
     attention returns the assembled rows gives every token its value."""
-    mode = _StaleAttention()
-    outs = []
-    with torch.no_grad(), mode:
-        for t, inputs in enumerate(calls):
-            if t < warmup:
+
+    def __init__(self, forward, segments: tuple[int, ...], patches: int, warmup: int = 1) -> None:
+        self.forward, self.segments, self.patches, self.warmup = forward, segments, patches, warmup
+        self.mode = _StaleAttention()
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        mode = self.mode
+        with torch.no_grad(), mode:
+            self.calls += 1
+            if self.calls <= self.warmup:
                 mode.mode, mode.site = "fill", 0
-                outs.append(model(**inputs))
-                continue
+                return self.forward(*args, **kwargs)
             mode.assembled = {}
-            for p in range(patches):
-                mode.mode, mode.site, mode.rows = "patch", 0, patch_positions(segments, patches, p)
-                model(**inputs)
+            for p in range(self.patches):
+                mode.mode, mode.site, mode.rows = "patch", 0, patch_positions(self.segments, self.patches, p)
+                self.forward(*args, **kwargs)
             mode.mode, mode.site = "assemble", 0
-            outs.append(model(**inputs))
-    return outs
+            return self.forward(*args, **kwargs)
+
+
+def pipefusion_reference(model, calls: list[dict], segments: tuple[int, ...], patches: int,
+                         warmup: int = 1) -> list:
+    """The outputs PipeFusion with `patches` patches and `warmup` warm-up calls gives for `calls` (one slot)."""
+    ref = StaleKVReference(model, segments, patches, warmup)
+    return [ref(**inputs) for inputs in calls]
 
 
 def _rel_l1(new: torch.Tensor, old: torch.Tensor) -> float:

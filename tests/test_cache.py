@@ -25,7 +25,7 @@ import parallel_checks
 #: a skipped call returns live_in + (out - live_in) of the cached call: one rounding of an add and a subtract
 REUSE_ATOL = 1e-6
 #: ulysses / batch split change summation orders; decisions must still be the serial ones
-PARALLEL_ATOL = 2e-5
+PARALLEL_ATOL = 5e-6  # measured on the digits CASES: 0 under ulysses/cfg/dp, 6e-7 under ring=2
 STEPS = 8
 
 
@@ -137,8 +137,9 @@ def test_two_call_cfg_keeps_one_cache_state_per_branch():
     two.unwrap()
     assert {r.slot for r in stats.records} == {0, 1} and len(stats.records) == 2 * STEPS
     assert 0 < len(decisions) < STEPS  # a threshold that skips some steps
-    # each branch decides on its own residual history; the images stay close to the batched ones
-    assert (a - b).abs().max() < 0.05
+    # each branch decides on its own residual history; here both take the batched decisions, so the images
+    # differ only by the batched-vs-two-call rounding (measured 0 with this cache, 3e-7 without)
+    assert (a - b).abs().max() < 3e-6
 
 
 # ---- residual reuse on models of other shapes (MMDiT, U-ViT skips, nn.MultiheadAttention) --------------

@@ -56,11 +56,11 @@ def test_default_settings_draw_the_requested_digits(pipe):
 
 def test_batched_and_two_call_cfg_agree(pipe):
     """Same math; only the GEMM batch differs (2N rows vs N), which may reorder float32 sums. Rounding
-    differences of ~1e-7 per op, carried through 20 Euler steps, stay far below 1e-5 on [0, 1] pixels."""
+    differences of ~1e-7 per op, carried through 20 Euler steps: measured 3e-7 on [0, 1] pixels, bound 10x."""
     labels = list(range(10))
     batched = _sample(pipe, labels, cfg_mode="batched")
     two_call = _sample(pipe, labels, cfg_mode="two_call")
-    torch.testing.assert_close(batched, two_call, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched, two_call, rtol=0, atol=3e-6)
 
 
 def _count_calls(pipe, **kwargs) -> list[int]:

@@ -386,8 +386,28 @@ def test_two_call_cfg_branches_keep_their_own_buffers_and_warm_up_each():
     # the conditional (slot 0) and unconditional (slot 1) calls of each step: each branch's first call is warm
     assert records == [(0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False), (2, 0, False), (2, 1, False)]
     assert {k[0] for k in kv_keys} == {0, 1}
+    # each branch against the independent stale-K/V reference with a buffer per branch (measured 0)
+    stale_ref = _two_call_stale_reference(pipe)
+    assert (images - stale_ref).abs().max().item() <= STALE_REF_ATOL
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (images - ref).pow(2).sum()).item()
     assert 20 < sqnr < 200, sqnr  # stale K/V on 2 of 3 steps: close, not equal
+
+
+def _two_call_stale_reference(pipe):
+    """The digits pipeline's images when its transformer computes PipeFusion's stale K/V by definition: calls
+    alternate between the conditional and the unconditional branch, each with its own buffers."""
+    from references import StaleKVReference
+    model = pipe.transformer
+    tokens = (model.config.sample_size // model.config.patch_size) ** 2
+    branches = [StaleKVReference(model.forward, (tokens,), patches=2) for _ in range(2)]
+    calls = iter(range(1 << 30))
+    model.forward = lambda *a, **k: branches[next(calls) % 2](*a, **k)
+    try:
+        with torch.no_grad():
+            return pipe([3, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                        cfg_mode="two_call").images
+    finally:
+        del model.forward
 
 
 def test_dump_shows_the_stage_of_each_node_and_the_cut():
