@@ -14,10 +14,12 @@ import torch
 from dist_utils import spawn_gloo
 import parallel_checks
 
-#: batch split / pairing: the same arithmetic on smaller batches (CPU kernels may block differently)
-CFG_ATOL = 5e-6
-#: ulysses: summation order inside attention changes, carried through 20 sampler steps
-ULYSSES_ATOL = 2e-5
+#: batch split / pairing: the same arithmetic on smaller batches (CPU kernels may block differently); measured 0
+#: here, and 3e-7 between a batched and a two-call generation of this model (tests/test_digits.py)
+CFG_ATOL = 3e-6
+#: ulysses: summation order inside attention changes, carried through 20 sampler steps; measured 0 (2026-12-06),
+#: the ring bound below for the same model
+ULYSSES_ATOL = 3e-6
 #: ring: the log-sum-exp merge of key chunks rounds differently from one softmax, carried through 20 steps;
 #: measured 3.3e-7 (2026-12-06)
 RING_ATOL = 3e-6

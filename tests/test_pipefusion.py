@@ -705,8 +705,8 @@ def test_packing_before_the_blocks_runs_whole_odd_segments_run_whole_and_causal_
             outs, warm, _, _ = res[name]["stale"]
             assert warm == [True] + [False] * (CALLS - 1)
             assert (outs[0] - refs[name][0]).abs().max().item() <= EXACT_ATOL
-            for o, r in zip(outs[1:], refs[name][1:]):
-                assert 0 < (o - r).abs().max().item() < 0.05 * r.abs().max().item(), name
+            for o, r in zip(outs[1:], refs[name][1:]):  # measured 0.6-1.7% of max|ref| (2026-12-06)
+                assert 0 < (o - r).abs().max().item() < STALE_MAX_REL * r.abs().max().item(), name
         outs, warm, _, snapshots = res["memory"]["exact"]
         summary = next(s.summary for s in snapshots if s.name == "patch_sequence")
         assert "token segments of 3 tokens do not split into the patches' equal chunks" in summary, summary
