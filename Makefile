@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench coverage clean
+.PHONY: install test demo bench coverage mutants clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ coverage: $(STAMP)
 	$(BIN)/xdit-fx coverage --plan cache=fbc:1e9 --plan cache=teacache:1e9 --jsonl COVERAGE-cache.jsonl --out .scratch/coverage-cache.md
 	$(BIN)/xdit-fx coverage --plan pipefusion=2 --jsonl COVERAGE-pipefusion.jsonl --out .scratch/coverage-pipefusion.md
 	$(BIN)/xdit-fx coverage --report-only COVERAGE.jsonl COVERAGE-usp.jsonl COVERAGE-cache.jsonl COVERAGE-pipefusion.jsonl --out COVERAGE.md
+
+# plant each known bug of scripts/mutants.py in a copy of the tree and run the tests that must catch it
+# (~30 min on 2 cores); writes .scratch/mutants.md, exit 1 if any survived
+mutants: $(STAMP)
+	mkdir -p .scratch
+	$(BIN)/python scripts/mutants.py --out .scratch/mutants.md
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sequence_parallel_cpu.py
