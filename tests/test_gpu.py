@@ -17,7 +17,10 @@ from xdit_fx.runtime.collectives import attention_with_lse, attention_with_lse_r
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-# fp32 runs through TF32-free kernels: 1e-5; bf16/fp16 inputs: the kernel rounds its output per chunk
+# fp32 runs through TF32-free kernels; bf16/fp16 inputs: the kernel rounds its output per chunk. Measured on an
+# H200 (benchmarks/results/ring_chunk_gpu.md, larger shapes, bf16): out 7.8e-3, lse 2.7e-3 worst, so bf16's
+# bound is 2x / 6x those. The fp32 and fp16 rows and these exact shapes have not been measured yet (no GPU was
+# lent since they were written): the next GPU run should record them here.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -60,7 +63,7 @@ def test_chunked_fused_attention_merges_to_the_exact_result(dtype, masked):
     # the log-sum-exp itself, against float64
     scores = q.double() @ k.double().transpose(-1, -2) * scale + (bias.double() if masked else 0)
     lse_err = (lse.double() - torch.logsumexp(scores, -1)).abs().max().item()
-    assert lse_err <= 50 * TOL[dtype], f"lse error {lse_err:.2e}"
+    assert lse_err <= TOL[dtype], f"lse error {lse_err:.2e}"
 
 
 def test_fully_masked_rows_of_a_chunk_get_minus_infinity_and_zero_output():
