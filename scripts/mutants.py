@@ -99,7 +99,7 @@ MUTANTS = [
            "PipeFusion's K/V buffers keep the warm-up's keys: later calls never write theirs"),
     Mutant("cfg_branches_not_swapped", "xdit_fx/runtime/batch.py",
            (("        b.copy_(parts[1 - cfg_rank])", "        b.copy_(parts[cfg_rank])"),),
-           ("tests/test_batch.py",),
+           ("tests/test_digits_parallel.py",),
            "two-call CFG: each rank keeps its own branch instead of the peer's"),
     Mutant("pipeline_denoiser_whole", "xdit_fx/pipeline.py",
            (("            setattr(pipe, name, pm)\n", "            setattr(pipe, name, original)\n"),),
