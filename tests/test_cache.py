@@ -291,7 +291,7 @@ def test_parallel_ranks_take_the_single_process_decisions():
     for i, (plan_text, mode, labels, config) in enumerate(CASES):
         r0, r1 = per_rank[0][i], per_rank[1][i]
         ref_images, ref = serial[i]
-        assert r1["images"] is None
+        assert torch.equal(r1["images"], r0["images"])  # every rank returns the same images
         err = (r0["images"] - ref_images).abs().max().item()
         assert err <= PARALLEL_ATOL, (CASES[i], err)
         assert 0 < sum(full for _, _, full in ref) < len(ref), ref  # the threshold skips some steps, not all

@@ -2,6 +2,9 @@
 
 torchrun's agent watches the workers: when one fails, the others are stopped and the error is raised
 here with the failing rank, so a crashed rank never leaves its peers waiting in a collective.
+
+Like torchrun, each rank gets OMP_NUM_THREADS=1 unless the caller's environment sets it: N ranks with every
+core's threads each would oversubscribe the cores N times.
 """
 
 from __future__ import annotations
@@ -25,14 +28,22 @@ def launch(entrypoint: Callable[..., Any] | str, nproc: int, args: Sequence[Any]
     local processes with RANK/WORLD_SIZE/MASTER_* set; return {rank: return value}."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if env:
-        os.environ.update(env)
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the workers inherit this process's environment
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"xdit-fx-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
         monitor_interval=0.1, start_method="spawn",
     )
-    return elastic_launch(config, entrypoint)(*args)
+    try:
+        return elastic_launch(config, entrypoint)(*args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def run_script(script: str, nproc: int, script_args: Sequence[str]) -> None:
