@@ -256,7 +256,10 @@ def pipeline_class(opts: dict[str, Any]):
         return DigitsPipeline
     import diffusers
 
-    return getattr(diffusers, str(pipeline_index(opts["model"]).get("_class_name")), None)
+    from .loading import quiet_libraries
+
+    with quiet_libraries():  # importing the class imports its libraries; rank 0 prints their messages later
+        return getattr(diffusers, str(pipeline_index(opts["model"]).get("_class_name")), None)
 
 
 def check_call_signature(cls, kwargs: dict[str, Any]) -> None:
@@ -382,9 +385,11 @@ def _launch(options: dict[str, Any], nproc: int) -> dict[str, Any]:
     from .runtime.launch import launch
 
     with tempfile.TemporaryDirectory(prefix="xdit-fx-errors-") as error_dir:
-        elastic = logging.getLogger("torch.distributed.elastic")
-        level = elastic.level
-        elastic.setLevel(logging.CRITICAL)  # the agent's own report of a failed rank repeats the error
+        # the agent's own report of a failed rank (and of the ranks it stops) would repeat the error
+        loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
         try:
             return launch(_guarded_worker, nproc, (options, error_dir))[0]
         except Exception as e:
@@ -396,7 +401,8 @@ def _launch(options: dict[str, Any], nproc: int) -> dict[str, Any]:
             first = min(errors, key=lambda r: r["time"])
             raise WorkerError(f"rank {first['rank']}: {first['message']}") from None
         finally:
-            elastic.setLevel(level)
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def _guarded_worker(options: dict[str, Any], error_dir: str) -> dict[str, Any]:
@@ -436,8 +442,10 @@ def load_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
 
 def generate_worker(opts: dict[str, Any]) -> dict[str, Any]:
     """Runs on every rank: load, parallelize, generate (timed); rank 0 saves the output."""
+    from .loading import load_pipeline, quiet_other_ranks
+
+    quiet_other_ranks()  # before diffusers and transformers are imported here: their messages once, on rank 0
     import xdit_fx
-    from .loading import load_pipeline
 
     plan = plan_from_args(argparse.Namespace(**opts))
     world = plan.world_size
@@ -459,12 +467,16 @@ def generate_worker(opts: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - t0
 
+    from .runtime.collectives import COMM
+
     first_s = None
     if opts["warmup"]:
         _, first_s = generate()
+    before = COMM.snapshot()
     out, seconds = generate()
+    comm = {axis: sum(ops.values()) for axis, ops in COMM.since(before).items() if sum(ops.values())}
     report = {"plan": plan.to_string(), "world_size": world, "seconds": seconds, "first_run_s": first_s,
-              "model": opts["model"], "device": str(device), "dtype": str(getattr(pipe, "dtype", ""))}
+              "model": opts["model"], "device": str(device), "dtype": str(getattr(pipe, "dtype", "")), "comm": comm}
     if rank == 0:
         report["outputs"] = save_output(out, opts["output"], opts["output_type"], opts["model"] == DIGITS)
         if plan.cache is not None:
@@ -517,6 +529,9 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("first_run_s") is not None:
         lines.append(f"  first run (graph capture included): {report['first_run_s']:.2f} s")
     lines.append(f"  generation: {report['seconds']:.2f} s")
+    if report.get("comm"):
+        received = ", ".join(f"{axis} {n / 1024:.1f} KiB" for axis, n in sorted(report["comm"].items()))
+        lines.append(f"  received by rank 0 in the generation: {received}")
     if report.get("cache"):
         lines.append(f"  {report['cache']}")
     lines.append(f"  saved: {', '.join(report.get('outputs', []))}")

@@ -12,10 +12,12 @@ first: a pipeline moved with ``.to(device)`` after ``parallelize`` keeps its cap
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -71,14 +73,31 @@ def quiet_other_ranks(rank: int | None = None) -> None:
     if rank == 0:
         return
     for name in ("diffusers", "transformers"):
-        if importlib.util.find_spec(name) is None:
-            continue
-        module = importlib.import_module(f"{name}.utils.logging")
-        module.set_verbosity_error()
-        module.disable_progress_bar()
+        os.environ[f"{name.upper()}_VERBOSITY"] = "error"  # read when the library is first imported
+        if name in sys.modules or importlib.util.find_spec(name) is not None:
+            module = importlib.import_module(f"{name}.utils.logging")
+            module.set_verbosity_error()
+            module.disable_progress_bar()
     logging.getLogger("xdit_fx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"xdit_fx(\.|$)")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """diffusers' and transformers' messages off inside the block (the launcher's own look at a pipeline
+    class, so that rank 0 is the only one to print them)."""
+    modules = []
+    for name in ("diffusers", "transformers"):
+        if importlib.util.find_spec(name) is not None:
+            module = importlib.import_module(f"{name}.utils.logging")
+            modules.append((module, module.get_verbosity()))
+            module.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for module, level in modules:
+            module.set_verbosity(level)
 
 
 def pipeline_index(model: str | os.PathLike) -> dict[str, Any]:

@@ -87,6 +87,10 @@ class ParallelPipeline:
             from .runtime.vae import ParallelVAE
             self._vae_hooked = True
             pipe.vae.decode = ParallelVAE(pipe.vae, group=None).decode
+            import torch.distributed as dist
+
+            from .runtime.collectives import COMM
+            COMM.axis_of_group.setdefault(dist.group.WORLD.group_name, "vae")  # its bytes, named in reports
         if self.rank != 0:
             from .loading import quiet_other_ranks
 
