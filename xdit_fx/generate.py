@@ -263,12 +263,11 @@ def pipeline_class(opts: dict[str, Any]):
 
 
 def check_call_signature(cls, kwargs: dict[str, Any]) -> None:
-    """Every call argument a flag sets is a parameter of the pipeline class's __call__."""
+    """Every call argument a flag sets is a named parameter of the pipeline class's __call__ (a pipeline's
+    ``**kwargs`` takes deprecated names and would ignore the flag)."""
     if cls is None:
         return  # a custom pipeline (trust_remote_code): its signature is only known after loading
     params = inspect.signature(cls.__call__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
     for name in kwargs:
         if name not in params:
             flag = _FLAG_OF.get(name, name)
@@ -342,6 +341,9 @@ def preflight(args: argparse.Namespace) -> tuple[Plan, int, dict[str, Any]]:
     cls = pipeline_class(options)
     check_call_signature(cls, kwargs)
     if options["model"] != DIGITS:
+        from .loading import check_packages
+
+        check_packages(options["model"], pipeline_index(options["model"]), load_kwargs(options))
         has_frames = cls is None or "num_frames" in inspect.signature(cls.__call__).parameters
         check_config(options["model"], plan, kwargs, has_frames)
     return plan, nproc, options

@@ -73,10 +73,11 @@ def quiet_other_ranks(rank: int | None = None) -> None:
     if rank == 0:
         return
     for name in ("diffusers", "transformers"):
-        os.environ[f"{name.upper()}_VERBOSITY"] = "error"  # read when the library is first imported
+        # rank 0 prints the library's messages, errors included; the rank's own exception still surfaces
+        os.environ[f"{name.upper()}_VERBOSITY"] = "critical"  # read when the library is first imported
         if name in sys.modules or importlib.util.find_spec(name) is not None:
             module = importlib.import_module(f"{name}.utils.logging")
-            module.set_verbosity_error()
+            module.set_verbosity(logging.CRITICAL)
             module.disable_progress_bar()
     logging.getLogger("xdit_fx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"xdit_fx(\.|$)")
