@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -384,27 +383,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(options: dict[str, Any], nproc: int) -> dict[str, Any]:
     """N local processes; a rank's error comes back as WorkerError (the first one raised, printed once)."""
-    from .runtime.launch import launch
+    from .runtime.launch import launch, quiet_launcher
 
-    with tempfile.TemporaryDirectory(prefix="xdit-fx-errors-") as error_dir:
-        # the agent's own report of a failed rank (and of the ranks it stops) would repeat the error
-        loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
-        levels = [logger.level for logger in loggers]
-        for logger in loggers:
-            logger.setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="xdit-fx-errors-") as error_dir, quiet_launcher():
         try:
             return launch(_guarded_worker, nproc, (options, error_dir))[0]
-        except Exception as e:
-            errors = []
-            for path in Path(error_dir).glob("rank*.json"):
-                errors.append(json.loads(path.read_text()))
+        except Exception:
+            errors = [json.loads(path.read_text()) for path in Path(error_dir).glob("rank*.json")]
             if not errors:
                 raise
-            first = min(errors, key=lambda r: r["time"])
+            first = min(errors, key=lambda r: r["time"])  # the others are usually its consequence
             raise WorkerError(f"rank {first['rank']}: {first['message']}") from None
-        finally:
-            for logger, level in zip(loggers, levels):
-                logger.setLevel(level)
 
 
 def _guarded_worker(options: dict[str, Any], error_dir: str) -> dict[str, Any]:

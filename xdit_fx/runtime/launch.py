@@ -9,6 +9,8 @@ core's threads each would oversubscribe the cores N times.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import sys
@@ -46,6 +48,32 @@ def launch(entrypoint: Callable[..., Any] | str, nproc: int, args: Sequence[Any]
                 os.environ[key] = value
 
 
-def run_script(script: str, nproc: int, script_args: Sequence[str]) -> None:
-    """`xdit-fx run --nproc N script.py args...`: run a Python script on N local processes."""
-    launch(sys.executable, nproc, ["-u", script, *script_args])
+@contextlib.contextmanager
+def quiet_launcher():
+    """The agent's own report of a failed rank, and of the ranks it then stops, off inside the block: the
+    caller says what failed, once."""
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def run_script(script: str, nproc: int, script_args: Sequence[str]) -> int:
+    """`xdit-fx run --nproc N script.py args...`: run a Python script on N local processes. A rank that fails
+    stops the others; its traceback is what it printed, and one line says which rank and exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    with quiet_launcher():
+        try:
+            launch(sys.executable, nproc, ["-u", script, *script_args])
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            print(f"xdit-fx run: error: rank {rank} of {nproc} exited with code {failure.exitcode} "
+                  f"(its output is above); the other ranks were stopped.", file=sys.stderr)
+            return 1
+    return 0
