@@ -393,6 +393,7 @@ def _launch(options: dict[str, Any], nproc: int) -> dict[str, Any]:
             if not errors:
                 raise
             first = min(errors, key=lambda r: r["time"])  # the others are usually its consequence
+            print(file=sys.stderr)  # a rank stopped mid progress bar leaves the cursor inside its line
             raise WorkerError(f"rank {first['rank']}: {first['message']}") from None
 
 

@@ -32,9 +32,10 @@ DIGITS = "digits"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-#: optional packages a pipeline folder may need, and the extra that installs them
+#: optional packages a pipeline folder may need; the first three come with the extra
 _EXTRA = "pip install 'xdit_fx[pipelines]'"
-_OPTIONAL = ("transformers", "accelerate", "tokenizers", "sentencepiece", "ftfy", "protobuf")
+_IN_EXTRA = ("transformers", "accelerate", "tokenizers")
+_OPTIONAL = _IN_EXTRA + ("sentencepiece", "ftfy", "protobuf")
 
 
 class LoadError(XditFxError):
@@ -132,8 +133,9 @@ def check_packages(model: str | os.PathLike, index: dict[str, Any], from_pretrai
     for name, (library, cls_name) in components(index).items():
         top = library.split(".")[0]
         if top in _OPTIONAL and importlib.util.find_spec(top) is None:
+            how = _EXTRA if top in _IN_EXTRA else f"pip install {top}"
             raise MissingBackend(f"{model}: component '{name}' ({library}.{cls_name}) needs the '{top}' package: "
-                                 f"{_EXTRA}.")
+                                 f"{how}.")
     if "low_cpu_mem_usage" in from_pretrained_kwargs or importlib.util.find_spec("accelerate") is not None:
         return
     import diffusers
