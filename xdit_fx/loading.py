@@ -7,7 +7,7 @@ Used by ``xdit-fx generate``, ``xdit-fx serve`` and scripts::
     pipe = xdit_fx.parallelize(pipe, "cfg=2,ulysses=2")
 
 Every rank loads the whole pipeline; ``parallelize`` then decides what each rank computes. Placement comes
-first: a pipeline moved with ``.to(device)`` after ``parallelize`` keeps its captured graphs on the old device.
+first: under NCCL each rank must hold its pipeline on its own GPU before ``parallelize`` wraps its modules.
 """
 
 from __future__ import annotations
