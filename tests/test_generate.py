@@ -25,6 +25,8 @@ def test_digit_prompts():
      "pipefusion(2) * ring(2) * ulysses(2) = 8 != world_size(4)"),
     (["--pipefusion_parallel_degree", "2", "--warmup_steps", "-1"], "pipefusion_warmup_steps must be an integer >= 0"),
     (["--height", "32"], "16x16"),
+    (["--negative_prompt", "7"], "--negative_prompt: the digits model has no such input"),
+    (["--true_cfg_scale", "2"], "--true_cfg_scale: DigitsPipeline takes no 'true_cfg_scale' argument (use --guidance_scale)"),
 ])
 def test_generate_errors_are_one_line(argv, fragment, capsys, tmp_path):
     assert main(["generate", *argv, "--num_inference_steps", "1", "--output", str(tmp_path / "x.png")]) == 2

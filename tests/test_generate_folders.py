@@ -23,15 +23,18 @@ pytest.importorskip("accelerate")  # the Wan folder's transformer keeps fp32 mod
 SLOW = os.environ.get("XDIT_FX_SLOW_TESTS") == "1"
 STEPS = "3"
 
-#: cfg / dp: whole images change rank, nothing else (measured 0 / 0)
-BATCH_ATOL = 1e-6
-#: ring attention's log-sum-exp merge and the parallel VAE's summed norm statistics through 3 steps
-#: (measured 6.0e-8 with First-Block-Cache taking the same skips)
-RING_ATOL = 1e-6
-#: PipeFusion with warm-up on every step computes what one process computes (measured 0)
-PIPEFUSION_ATOL = 1e-6
-#: 4 processes: cfg x ulysses, ring (measured up to 1.2e-7)
-HYBRID_ATOL = 2e-6
+# The single process runs the stock transformer eagerly (or, with a cache, the captured graph); the ranks run
+# the captured, rewritten graph, so float rounding differs even where no arithmetic is split. Measured worst
+# cases on this CPU (3 steps, images in [0, 1]); each bound is at most 10x its measured error.
+#: cfg / dp: whole images change rank (measured 6.6e-7 flux true CFG, 8.3e-7 sd3 dp=2)
+BATCH_ATOL = 5e-6
+#: ring attention's log-sum-exp merge and the parallel VAE's summed norm statistics, with First-Block-Cache
+#: taking the same skips as the single process (measured 4.2e-7)
+RING_ATOL = 2e-6
+#: PipeFusion with warm-up on every step computes what one process computes (measured 7.2e-7)
+PIPEFUSION_ATOL = 5e-6
+#: 4 processes: cfg x ulysses, ring x ulysses, dp x cfg, pipefusion x ulysses (measured 4.8e-7 to 6.6e-7)
+HYBRID_ATOL = 5e-6
 
 
 @pytest.fixture(scope="module")

@@ -231,6 +231,10 @@ def call_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
         if opts["height"] is not None or opts["width"] is not None:
             raise PlanError("the digits model makes 16x16 images; drop --height/--width")
         kwargs.pop("height", None), kwargs.pop("width", None)
+        for flag in ("negative_prompt", "no_use_resolution_binning"):
+            if opts.get(flag):
+                raise PlanError(f"--{flag}: the digits model has no such input (its prompts are class labels); "
+                                "drop the flag")
         kwargs["class_labels"] = digit_labels(opts["prompt"]) * kwargs.pop("num_images_per_prompt", 1)
     else:
         prompts = opts["prompt"] or ["a photo of a cat"]
@@ -445,7 +449,7 @@ def generate_worker(opts: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
     pipe = load_pipeline(opts["model"], dtype=opts.get("dtype") or "auto", **load_kwargs(opts))
     kwargs = call_kwargs(opts)
-    parallel = world > 1 or plan.cache is not None
+    parallel = world > 1 or plan.cache is not None or plan.compile
     if parallel:
         pipe = xdit_fx.parallelize(pipe, plan)
     rank = pipe.rank if parallel else 0
