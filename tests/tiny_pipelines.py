@@ -1,8 +1,10 @@
 """Tiny randomly initialised stock diffusers pipelines, and the call arguments that exercise their CFG.
 
-Text encoders need tokenizer files that cannot be downloaded here, so the pipelines are built without them
-and called with ``prompt_embeds`` (and negative ones), which every one of them accepts; ``batch`` is the
-number of prompts (precomputed embeddings are not repeated by ``num_images_per_prompt`` in every pipeline).
+Two forms: in memory without text encoders (``PIPELINES``: called with ``prompt_embeds`` and negative ones,
+which every one of them accepts; ``batch`` is the number of prompts, since precomputed embeddings are not
+repeated by ``num_images_per_prompt`` in every pipeline), and as folders on disk with one-layer text encoders
+and tokenizers built from a small vocabulary (``save_folder``; ``FOLDER_FLAGS`` are the generate flags that
+fit them), which is what ``xdit-fx generate --model DIR`` and ``xdit_fx.load_pipeline`` read.
 
 How each one does classifier-free guidance (what cfg=2 has to cope with):
   flux    two transformer calls per step (true CFG: a negative prompt and true_cfg_scale > 1)
@@ -92,7 +94,7 @@ PIPELINES = {"flux": flux, "sd3": sd3, "pixart": pixart, "wan": wan}
 
 
 def run(pipe, kwargs: dict, steps: int = 3, seed: int = 0):
-    """Generate with a fixed seed; returns the images as a float tensor (or None on ranks other than 0)."""
+    """Generate with a fixed seed; returns the images as a float tensor (every rank gets them)."""
     out = pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
     if out is None:
         return None
