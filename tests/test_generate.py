@@ -125,3 +125,16 @@ def test_error_inside_the_ranks_is_printed_once(folders, capfd, tmp_path):
     assert len(errors) == 1 and re.match(r"xdit-fx generate: error: rank [01]: loading '.*broken' failed: OSError: ",
                                          errors[0]), err
     assert err.count("An error occurred while trying to fetch") <= 1, err  # diffusers' own message: rank 0 only
+
+
+def test_a_rank_error_is_one_line_and_keeps_the_dump_hint():
+    from xdit_fx.errors import UnsupportedGraph, dump_hint
+    from xdit_fx.generate import one_line
+    from xdit_fx.plan import Plan
+
+    exc = UnsupportedGraph("pipefusion: node 'x' (blocks.0)\n  has no token rule.\n  fix: use ulysses\n"
+                           + dump_hint(Plan(pipefusion_degree=2)))
+    first, hint = one_line(exc).split("\n")
+    assert first == "pipefusion: node 'x' (blocks.0) has no token rule. fix: use ulysses"
+    assert hint.strip().startswith("to see every pass's graph: xdit-fx dump MODEL --plan pipefusion=2")
+    assert one_line(ValueError("height must be\ndivisible by 16")) == "ValueError: height must be divisible by 16"

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import DUMP_HINT_MARK, PlanError, XditFxError
-from .loading import DIGITS, first_line, pipeline_index
+from .loading import DIGITS, first_line, pipeline_index, resolve_model
 from .plan import AXES, Plan
 
 #: xDiT flags whose feature is not built: dest -> (is it set?, the one-line reason)
@@ -203,23 +203,6 @@ def check_process_count(plan: Plan, nproc: int) -> None:
                     f"processes; pass --nproc {plan.world_size} (or leave --nproc out), or change the degrees.")
 
 
-def resolve_model(args: argparse.Namespace) -> str:
-    """A local folder as it is; a hub id resolved once, here, to its snapshot in --download-dir's cache."""
-    model = args.model
-    if model == DIGITS or Path(model).exists():
-        return model
-    parts = model.split("/")
-    if len(parts) != 2 or not all(parts) or model.startswith((".", "~")):
-        pipeline_index(model)  # raises: not a pipeline folder
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(model, cache_dir=args.download_dir)
-    except Exception as e:  # offline, unknown id, gated repo, ...
-        raise PlanError(f"--model {model!r}: not a local folder, and fetching it from the hub failed "
-                        f"({type(e).__name__}: {first_line(e)[:200]}). Pass a local pipeline folder.") from None
-
-
 def call_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
     """The pipeline call's arguments from the flags (only flags that were given, so defaults stay the
     pipeline's)."""
@@ -339,7 +322,7 @@ def preflight(args: argparse.Namespace) -> tuple[Plan, int, dict[str, Any]]:
         check_process_count(plan, nproc)
     options = vars(args).copy()
     options.pop("fn", None)
-    options["model"] = resolve_model(args)
+    options["model"] = resolve_model(args.model, args.download_dir)  # a hub id: fetched once, here
     kwargs = call_kwargs(options)  # bad prompts or sizes fail here, before any process starts
     cls = pipeline_class(options)
     check_call_signature(cls, kwargs)

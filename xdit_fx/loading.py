@@ -102,6 +102,25 @@ def quiet_libraries():
             module.set_verbosity(level)
 
 
+def resolve_model(model: str | os.PathLike, cache_dir: str | None = None) -> str:
+    """A local folder (or ``"digits"``) as it is; a hub id (``org/name``) resolved to its snapshot folder, from
+    ``cache_dir``'s hub cache or fetched into it. Call it once, before launching ranks, so that they do not all
+    fetch. PlanError (one line) when it is neither."""
+    model = str(model)
+    if model == DIGITS or Path(model).exists():
+        return model
+    parts = model.split("/")
+    if len(parts) != 2 or not all(parts) or model.startswith((".", "~")):
+        pipeline_index(model)  # raises: not a pipeline folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, cache_dir=cache_dir)
+    except Exception as e:  # offline, unknown id, gated repo, ...
+        raise PlanError(f"--model {model!r}: not a local folder, and fetching it from the hub failed "
+                        f"({type(e).__name__}: {first_line(e)[:200]}). Pass a local pipeline folder.") from None
+
+
 def pipeline_index(model: str | os.PathLike) -> dict[str, Any]:
     """model_index.json of a local pipeline folder; PlanError (one line, what to pass) if there is none."""
     path = Path(model)
@@ -152,7 +171,8 @@ def load_pipeline(model: str | os.PathLike, *, dtype: str | torch.dtype | None =
     """Load a pipeline onto this rank's device.
 
     Args:
-        model: a local diffusers pipeline folder (``model_index.json`` inside), or ``"digits"``.
+        model: a local diffusers pipeline folder (``model_index.json`` inside), a hub id (see
+            `resolve_model`), or ``"digits"``.
         dtype: ``"fp32"``, ``"fp16"``, ``"bf16"``, ``"auto"`` (bf16 on CUDA, fp32 on CPU), a torch.dtype, or
             None (``from_pretrained``'s default, fp32). Modules a model keeps in float32 stay there.
         device: default ``local_device()``: ``cuda:LOCAL_RANK`` under a launcher on a CUDA machine, else cpu.
@@ -172,6 +192,7 @@ def load_pipeline(model: str | os.PathLike, *, dtype: str | torch.dtype | None =
 
         pipe = load_digits(torch_dtype=torch_dtype or torch.float32)
     else:
+        model = resolve_model(model, from_pretrained_kwargs.get("cache_dir"))
         index = pipeline_index(model)
         check_packages(model, index, from_pretrained_kwargs)
         from diffusers import DiffusionPipeline
