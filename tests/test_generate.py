@@ -138,3 +138,19 @@ def test_a_rank_error_is_one_line_and_keeps_the_dump_hint():
     assert first == "pipefusion: node 'x' (blocks.0) has no token rule. fix: use ulysses"
     assert hint.strip().startswith("to see every pass's graph: xdit-fx dump MODEL --plan pipefusion=2")
     assert one_line(ValueError("height must be\ndivisible by 16")) == "ValueError: height must be divisible by 16"
+
+
+def test_help_lists_every_flag_of_the_readme_table(capsys):
+    """The README's table maps xDiT's flags to plan fields; every flag in it is one generate accepts."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("| xDiT flag |"):]
+    table = table[:table.index("\n\n")]
+    flags = set(re.findall(r"`(--[a-z][a-z0-9_-]*)`", table))
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = capsys.readouterr().out
+    assert len(flags) >= 35, sorted(flags)
+    missing = sorted(f for f in flags if not re.search(rf"{re.escape(f)}\b", help_text))
+    assert not missing, missing
