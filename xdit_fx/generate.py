@@ -476,15 +476,17 @@ def _images_of(out):
 
 
 def save_output(out, output: str, output_type: str, grid: bool) -> list[str]:
-    images = _images_of(out)
+    """pil: image files (a video: its first video's frames); other output types: the whole tensor, .pt."""
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     if output_type != "pil":
-        images = getattr(out, "frames", None) if getattr(out, "images", None) is None else out.images
-        tensor = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
+        images = out.images if getattr(out, "images", None) is not None else getattr(out, "frames", None)
+        if images is None:
+            raise XditFxError(f"the pipeline returned {type(out).__name__} with neither .images nor .frames")
         path = path.with_suffix(".pt")
-        torch.save(tensor.detach().cpu(), path)
+        torch.save(torch.as_tensor(images).detach().cpu(), path)
         return [str(path)]
+    images = _images_of(out)
     if len(images) == 1:
         images[0].save(path)
         return [str(path)]
