@@ -40,7 +40,7 @@ def _generate(pipe, labels=(0, 1, 2, 3), mode="batched"):
     with torch.no_grad():
         out = pipe(list(labels), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                    cfg_mode=mode)
-    return out.images if out is not None else None  # ranks other than 0 get None from a parallel pipeline
+    return out.images
 
 
 # ---- plan ------------------------------------------------------------------------------------------------

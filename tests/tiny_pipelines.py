@@ -96,8 +96,6 @@ PIPELINES = {"flux": flux, "sd3": sd3, "pixart": pixart, "wan": wan}
 def run(pipe, kwargs: dict, steps: int = 3, seed: int = 0):
     """Generate with a fixed seed; returns the images as a float tensor (every rank gets them)."""
     out = pipe(**kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
-    if out is None:
-        return None
     images = out.frames if hasattr(out, "frames") else out.images
     return torch.as_tensor(images).float()
 
