@@ -19,3 +19,20 @@ def test_bad_plan_is_a_one_line_error_not_a_traceback(capsys):
     assert err.startswith("xdit-fx passes: error:") and "PipeFusion without cache" in err and "Traceback" not in err
     assert main(["passes", "--plan", "ulysses=x"]) == 2
     assert "a degree must be an integer" in capsys.readouterr().err
+
+
+def test_run_gives_each_rank_one_thread_and_a_failed_rank_one_line(tmp_path, capfd):
+    """`xdit-fx run` like torchrun: OMP_NUM_THREADS=1 per rank unless set; a rank that raises stops the job,
+    its own traceback shows once, and one line names it (exit code 1)."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "rank = int(os.environ['RANK'])\n"
+        "open(os.path.join(sys.argv[1], f'threads{rank}'), 'w').write(str(torch.get_num_threads()))\n"
+        "if rank == 1:\n"
+        "    raise ValueError('a mistake on rank 1')\n")
+    assert main(["run", "--nproc", "2", str(script), str(tmp_path)]) == 1
+    err = capfd.readouterr().err
+    assert [(tmp_path / f"threads{r}").read_text() for r in range(2)] == ["1", "1"]
+    assert err.count("ValueError: a mistake on rank 1") == 1, err
+    assert "xdit-fx run: error: rank 1 of 2 exited with code 1" in err and "ChildFailedError" not in err, err

@@ -50,14 +50,13 @@ def _worker(rank: int, world: int, cases=tuple(CASES_2)) -> dict:
             results[f"{plan}/{mode}/work"] = parallel_checks.finish(work)
             paired = ppipe.pair_state.paired
             one = generate(ppipe, "two_call", [7]) if mode == "two_call" else None  # batch 1: calls are paired
+            results[f"{plan}/{mode}/images"] = out.images  # every rank returns the images
             if rank == 0:
                 results[f"{plan}/{mode}"] = {"err": (out.images - ref).abs().max().item(),
                                              "accuracy": digit_accuracy(out.images, LABELS), "paired": paired}
                 if one is not None:
                     results["cfg=2/two_call/one"] = {"err": (one.images - ref_one).abs().max().item(),
                                                      "paired": ppipe.pair_state.paired}
-            else:
-                assert out is None
             ppipe.unwrap()
     return results
 
@@ -65,10 +64,11 @@ def _worker(rank: int, world: int, cases=tuple(CASES_2)) -> dict:
 def test_digits_model_in_parallel_matches_serial_and_keeps_accuracy():
     per_rank = spawn_gloo(2, _worker)
     results = per_rank[0]
-    print(results)
     for rank in per_rank:  # each rank ran its share (cfg: half the rows; ulysses/ring: sharded attention)
         for plan, mode in CASES_2:
             parallel_checks.check(rank[f"{plan}/{mode}/work"], plan)
+    for key in [k for k in results if k.endswith("/images")]:
+        assert torch.equal(per_rank[1][key], results[key]), f"{key}: rank 1's images differ from rank 0's"
     assert results["serial_accuracy"] >= 0.9
     for key, tol in [("cfg=2/batched", CFG_ATOL), ("cfg=2/two_call", CFG_ATOL), ("ulysses=2/batched", ULYSSES_ATOL),
                      ("ring=2/batched", RING_ATOL)]:

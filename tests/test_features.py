@@ -31,7 +31,7 @@ def _digits():
 def _generate(pipe, labels=(0, 1, 2, 3), steps=8, seed=0):
     with torch.no_grad():
         out = pipe(list(labels), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
-    return out.images if out is not None else None
+    return out.images
 
 
 # ---- calibrate-cache -> TeaCache(coefficients=...) ----------------------------------------------------------

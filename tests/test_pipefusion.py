@@ -338,7 +338,7 @@ def _cfg_pipeline(rank, world, plan):
     pipe = xdit_fx.parallelize(pipe, plan)
     with torch.no_grad():
         out = pipe([0, 1, 2, 3], num_inference_steps=4, generator=torch.Generator().manual_seed(0))
-    return out.images if out is not None else None
+    return out.images
 
 
 @pytest.mark.skipif(os.environ.get("XDIT_FX_SLOW_TESTS") != "1", reason="4 processes: XDIT_FX_SLOW_TESTS=1")
@@ -373,7 +373,7 @@ def _two_call_pipeline(rank, world):
     with torch.no_grad():
         out = pipe([3, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), cfg_mode="two_call")
     pf = pipe.denoisers["transformer"].pipefusion
-    return out.images if out is not None else None, [(r.step, r.slot, r.warm) for r in pf.records], sorted(pf.kv)
+    return out.images, [(r.step, r.slot, r.warm) for r in pf.records], sorted(pf.kv)
 
 
 def test_two_call_cfg_branches_keep_their_own_buffers_and_warm_up_each():

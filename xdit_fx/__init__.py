@@ -2,11 +2,13 @@
 
     import xdit_fx
     pipe.transformer = xdit_fx.parallelize(pipe.transformer, xdit_fx.Plan(ulysses_degree=2, ring_degree=2))
+    pipe = xdit_fx.load_pipeline("/models/FLUX.1-dev", dtype="bf16")   # on this rank's device
     pipe = xdit_fx.parallelize(pipe, "cfg=2,ulysses=2")  # a whole pipeline: CFG, data parallel, VAE
 """
 
 from .api import parallelize
 from .cache import FirstBlockCache, TeaCache
+from .loading import load_pipeline, local_device
 from .errors import MissingBackend, PassError, PlanError, UnsupportedGraph, XditFxError
 from .pipeline import ParallelPipeline
 from .plan import Plan
@@ -14,5 +16,6 @@ from .runtime.collectives import COMM
 from .runtime.mesh import init_distributed
 
 __all__ = ["COMM", "FirstBlockCache", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "TeaCache", "UnsupportedGraph",
-           "XditFxError", "init_distributed", "parallelize"]
+           "XditFxError", "init_distributed", "load_pipeline",
+           "local_device", "parallelize"]
 __version__ = "0.1.0"

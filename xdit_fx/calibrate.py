@@ -61,12 +61,13 @@ def calibrate(pipe: Any, call_kwargs: list[dict[str, Any]], degree: int = 4) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from .generate import DIGITS, _check_model, _load
+    from .loading import DIGITS, load_pipeline, pipeline_index
 
-    _check_model(args.model)
+    if args.model != DIGITS:
+        pipeline_index(args.model)  # not a pipeline folder: one line before loading
     if args.generations < 1:
         raise PlanError("--generations must be >= 1")
-    pipe = _load(args.model)
+    pipe = load_pipeline(args.model)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     calls = []

@@ -39,8 +39,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .runtime.launch import run_script
 
-    run_script(args.script, args.nproc, args.script_args)
-    return 0
+    return run_script(args.script, args.nproc, args.script_args)
 
 
 def _cmd_coverage(args: argparse.Namespace) -> int:

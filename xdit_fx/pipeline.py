@@ -7,7 +7,11 @@ Every rank runs the pipeline's own ``__call__`` with the same arguments. What is
   the call (ring x ulysses), and its batch shared by the dp x cfg ranks (runtime/batch.py);
 * ``scheduler.step`` is hooked to mark denoising steps, which is how two-call CFG pipelines get paired;
 * ``vae.decode`` splits the latent by rows over all ranks (runtime/vae.py), if ``plan.parallel_vae``;
-* progress bars show on rank 0 only, and only rank 0 returns the pipeline's output (the others get None).
+* progress bars, loading messages and xdit_fx's warnings show on rank 0 only.
+
+Every rank returns the pipeline's own output object, and the images in it are the same on every rank: the
+cfg/dp ranks exchange their shares of each transformer call, the sequence-parallel exits are gathered, and
+the parallel VAE gathers the decoded rows. Save them on one rank (``if pipe.rank == 0``).
 
 Everything else (text encoders, the scheduler, latents preparation) runs replicated: it is cheap next to the
 denoiser and keeping it replicated is what lets any pipeline work without a copied loop. The random latents
@@ -83,8 +87,16 @@ class ParallelPipeline:
             from .runtime.vae import ParallelVAE
             self._vae_hooked = True
             pipe.vae.decode = ParallelVAE(pipe.vae, group=None).decode
-        if self.rank != 0 and hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
+            import torch.distributed as dist
+
+            from .runtime.collectives import COMM
+            COMM.axis_of_group.setdefault(dist.group.WORLD.group_name, "vae")  # its bytes, named in reports
+        if self.rank != 0:
+            from .loading import quiet_other_ranks
+
+            quiet_other_ranks(self.rank)
+            if hasattr(pipe, "set_progress_bar_config"):
+                pipe.set_progress_bar_config(disable=True)
 
     def _hook_scheduler(self) -> None:
         scheduler = self.pipe.scheduler
@@ -109,8 +121,7 @@ class ParallelPipeline:
         self.pair_state.reset()
         for pm in self.denoisers.values():
             pm.reset_cache()
-        out = self.pipe(*args, **kwargs)
-        return out if self.rank == 0 else None
+        return self.pipe(*args, **kwargs)
 
     @property
     def cache_stats(self):

@@ -145,10 +145,15 @@ class Plan:
         """Raise PlanError, showing the arithmetic, if the plan does not fill exactly `world_size` ranks."""
         if self.world_size != world_size:
             product = " * ".join(f"{axis}({self.degree(axis)})" for axis in AXES)
+            if self.world_size == 1:
+                raise PlanError(
+                    f"{product} = 1 != world_size({world_size}): every degree is 1, so the plan fills one "
+                    f"process. Set degrees whose product is {world_size} (e.g. 'ulysses={world_size}'), or run "
+                    f"one process.")
             raise PlanError(
-                f"{product} = {self.world_size} != world_size({world_size}). "
-                f"Launch {self.world_size} processes (e.g. `xdit-fx run --nproc {self.world_size} ...` or "
-                f"`torchrun --nproc_per_node {self.world_size}`), or change the degrees."
+                f"{product} = {self.world_size} != world_size({world_size}). The plan needs "
+                f"{self.world_size} processes: launch with `xdit-fx run --nproc {self.world_size} SCRIPT` or "
+                f"`torchrun --nproc_per_node {self.world_size} SCRIPT`, or change the degrees."
             )
 
     # ---- serialisation ------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ class PairState:
             if not self.paired and calls and calls[0][0] < batch_degree:
                 log.warning("cfg_degree=2 but the pipeline made %d transformer call(s) of batch %d in its first "
                             "step: nothing to split or pair, so the cfg ranks duplicate the work. Is guidance "
-                            "enabled (guidance_scale / true_cfg_scale > 1 with a negative prompt)?",
+                            "enabled (guidance_scale, or true_cfg_scale with a negative prompt, above 1; in "
+                            "xdit-fx generate: --guidance_scale, or --true_cfg_scale with --negative_prompt)?",
                             len(calls), calls[0][0])
         self.first_step_calls = []
         self.step += 1

@@ -2,10 +2,15 @@
 
 torchrun's agent watches the workers: when one fails, the others are stopped and the error is raised
 here with the failing rank, so a crashed rank never leaves its peers waiting in a collective.
+
+Like torchrun, each rank gets OMP_NUM_THREADS=1 unless the caller's environment sets it: N ranks with every
+core's threads each would oversubscribe the cores N times.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import uuid
@@ -18,8 +23,9 @@ def launch(entrypoint: Callable[..., Any] | str, nproc: int, args: Sequence[Any]
     local processes with RANK/WORLD_SIZE/MASTER_* set; return {rank: return value}."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if env:
-        os.environ.update(env)
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the workers inherit this process's environment
     # port 0, as `torchrun --standalone` does: the c10d rendezvous binds its TCPStore to a port the OS picks
     # and the workers join through that same store (TORCHELASTIC_USE_AGENT_STORE), so no port is chosen
     # beforehand and then lost to another process
@@ -28,9 +34,42 @@ def launch(entrypoint: Callable[..., Any] | str, nproc: int, args: Sequence[Any]
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
         monitor_interval=0.1, start_method="spawn",
     )
-    return elastic_launch(config, entrypoint)(*args)
+    try:
+        return elastic_launch(config, entrypoint)(*args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def run_script(script: str, nproc: int, script_args: Sequence[str]) -> None:
-    """`xdit-fx run --nproc N script.py args...`: run a Python script on N local processes."""
-    launch(sys.executable, nproc, ["-u", script, *script_args])
+@contextlib.contextmanager
+def quiet_launcher():
+    """The agent's own report of a failed rank, and of the ranks it then stops, off inside the block: the
+    caller says what failed, once."""
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def run_script(script: str, nproc: int, script_args: Sequence[str]) -> int:
+    """`xdit-fx run --nproc N script.py args...`: run a Python script on N local processes. A rank that fails
+    stops the others; its traceback is what it printed, and one line says which rank and exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    with quiet_launcher():
+        try:
+            launch(sys.executable, nproc, ["-u", script, *script_args])
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            print(f"xdit-fx run: error: rank {rank} of {nproc} exited with code {failure.exitcode} "
+                  f"(its output is above); the other ranks were stopped.", file=sys.stderr)
+            return 1
+    return 0
