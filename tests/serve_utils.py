@@ -86,3 +86,77 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
         if line.startswith(wanted + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def save_tiny_sd3_folder(path: Path) -> Path:
+    """A Stable Diffusion 3 pipeline folder with random weights, built offline: two tiny CLIP text encoders
+    and a tiny T5 encoder sharing one character-level CLIP tokenizer (nothing to download), the zoo's tiny
+    SD3 transformer and a small VAE. Text prompts go through the real tokenize -> encode path."""
+    import json
+    import string
+
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    from xdit_fx.zoo import get
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tok_dir = path.parent / (path.name + "-tokenizer-src")
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+
+    def encoder():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            projection_dim=16, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=1.5, shift_factor=0.06)
+    pipe = StableDiffusion3Pipeline(
+        transformer=get("sd3").build(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=encoder(), tokenizer=tokenizer, text_encoder_2=encoder(), tokenizer_2=tokenizer,
+        text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, pad_token_id=1, eos_token_id=1)),
+        tokenizer_3=tokenizer)
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_wan_folder(path: Path) -> Path:
+    """A Wan text-to-video pipeline folder with random weights, built offline: a tiny UMT5 encoder with the
+    character-level CLIP tokenizer, the zoo's tiny Wan transformer and a small Wan VAE."""
+    import json
+    import string
+
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import CLIPTokenizer, UMT5Config, UMT5EncoderModel
+
+    from xdit_fx.zoo import get
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tok_dir = path.parent / (path.name + "-tokenizer-src")
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                                          num_heads=2, pad_token_id=1, eos_token_id=1))
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
+                       scheduler=UniPCMultistepScheduler(flow_shift=3.0), transformer=get("wan").build())
+    pipe.save_pretrained(path)
+    return path

@@ -44,6 +44,7 @@ class Limits:
     max_pixels_side: int = 2048
     max_body_bytes: int = 64 * 1024
     max_prompt_chars: int = 4000
+    max_frames: int = 256
     request_timeout_s: float = 300.0
 
 
@@ -76,6 +77,41 @@ class ImageRequest(BaseModel):
     guidance_scale: confloat(strict=False, allow_inf_nan=False) | None = None  # type: ignore[valid-type]
     negative_prompt: StrictStr | None = None
     user: StrictStr | None = None
+
+
+class VideoRequest(BaseModel):
+    """`POST /v1/videos`: a text-to-video job."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: StrictStr
+    model: StrictStr | None = None
+    size: StrictStr | None = None
+    num_frames: StrictInt | None = None
+    seed: StrictInt | None = None
+    num_inference_steps: StrictInt | None = None
+    guidance_scale: confloat(strict=False, allow_inf_nan=False) | None = None  # type: ignore[valid-type]
+    negative_prompt: StrictStr | None = None
+    user: StrictStr | None = None
+
+
+@dataclass
+class VideoJob:
+    """A video job as the job API reports it; the work itself is a `Job` in the batcher."""
+
+    job: Job
+    created_at: int
+    model: str
+    size: str
+    content: bytes | None = None
+    deleted: bool = False
+
+    def status(self) -> str:
+        return {"queued": "queued", "running": "in_progress", "done": "completed", "failed": "failed",
+                "cancelled": "cancelled"}[self.job.status]
+
+
+MAX_VIDEO_JOBS = 256  # finished jobs kept for GET; the oldest finished ones are forgotten first
 
 
 class Metrics:
@@ -139,6 +175,14 @@ def _pydantic_error(e: ValidationError) -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
+def encode_gif(frames, fps: int = 8) -> bytes:
+    """A video's PIL frames as an animated GIF (Pillow only; no video codec needed)."""
+    buf = io.BytesIO()
+    frames = [f.convert("RGB") for f in frames]
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    return buf.getvalue()
+
+
 def encode_png(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -157,6 +201,8 @@ class Service:
         self.draining = False
         self.running: list[Job] = []
         self.busy_since: Callable[[], float | None] = lambda: None
+        self.progress: Callable[[], Any] = lambda: None   # the engine's Progress of the running batch
+        self.videos: dict[int, VideoJob] = {}
         self.metrics = Metrics(batcher, lambda: len(self.running))
         self.created = int(time.time())
 
@@ -212,22 +258,44 @@ class Service:
             raise ApiError(400, f"the body is not valid JSON ({e})", code="invalid_json") from None
 
     def image_spec(self, data: Any) -> tuple[ImageRequest, BatchSpec]:
-        if not isinstance(data, dict):
-            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
-        try:
-            req = ImageRequest.model_validate(data)
-        except ValidationError as e:
-            raise _pydantic_error(e) from None
-        caps, limits = self.caps, self.limits
-        if req.model is not None and req.model != caps.model_id:
-            raise ApiError(404, f"model {req.model!r} is not served here; this server serves {caps.model_id!r}",
-                           param="model", code="model_not_found", type="not_found_error")
-        if caps.video:
-            raise ApiError(400, f"{caps.model_id!r} makes videos: use POST /v1/videos", param="model",
+        req = self._validate(ImageRequest, data)
+        if self.caps.video:
+            raise ApiError(400, f"{self.caps.model_id!r} makes videos: use POST /v1/videos", param="model",
                            code="unsupported_model")
         if req.response_format == "url":
             raise ApiError(400, "response_format 'url' is not supported: this server keeps no files; use 'b64_json'",
                            param="response_format", code="unsupported_response_format")
+        return req, self._spec(req, req.n)
+
+    def video_spec(self, data: Any) -> tuple[VideoRequest, BatchSpec]:
+        req = self._validate(VideoRequest, data)
+        if not self.caps.video:
+            raise ApiError(400, f"{self.caps.model_id!r} makes images: use POST /v1/images/generations",
+                           param="model", code="unsupported_model")
+        spec = self._spec(req, 1)
+        if req.num_frames is not None:
+            if not self.caps.accepts_num_frames:
+                raise ApiError(400, "this model takes no num_frames", param="num_frames", code="unsupported_parameter")
+            if not 1 <= req.num_frames <= self.limits.max_frames:
+                raise ApiError(400, f"num_frames must be in [1, {self.limits.max_frames}], got {req.num_frames}",
+                               param="num_frames", code="invalid_value")
+            spec.extra["num_frames"] = req.num_frames
+        return req, spec
+
+    def _validate(self, model: type, data: Any):
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+        try:
+            req = model.model_validate(data)
+        except ValidationError as e:
+            raise _pydantic_error(e) from None
+        if req.model is not None and req.model != self.caps.model_id:
+            raise ApiError(404, f"model {req.model!r} is not served here; this server serves {self.caps.model_id!r}",
+                           param="model", code="model_not_found", type="not_found_error")
+        return req
+
+    def _spec(self, req, n: int) -> BatchSpec:
+        caps, limits = self.caps, self.limits
         prompt = req.prompt
         if not prompt.strip():
             raise ApiError(400, "prompt must not be empty", param="prompt", code="invalid_value")
@@ -238,10 +306,10 @@ class Service:
             shown = ", ".join(repr(x) for x in caps.labels[:20])
             raise ApiError(400, f"prompt {prompt!r} is not a label of this model; use one of {shown}",
                            param="prompt", code="invalid_value")
-        if req.n < 1:
-            raise ApiError(400, f"n must be at least 1, got {req.n}", param="n", code="invalid_value")
-        if req.n > limits.max_n:
-            raise ApiError(400, f"n={req.n} is over this server's limit of {limits.max_n}", param="n",
+        if n < 1:
+            raise ApiError(400, f"n must be at least 1, got {n}", param="n", code="invalid_value")
+        if n > limits.max_n:
+            raise ApiError(400, f"n={n} is over this server's limit of {limits.max_n}", param="n",
                            code="limit_exceeded")
         steps = caps.default_steps if req.num_inference_steps is None else req.num_inference_steps
         if steps < 1:
@@ -265,22 +333,46 @@ class Service:
         if not 0 <= seed <= MAX_SEED - limits.max_n:
             raise ApiError(400, f"seed must be in [0, {MAX_SEED - limits.max_n}], got {seed}", param="seed",
                            code="invalid_value")
-        spec = BatchSpec(texts=[prompt] * req.n, seeds=[seed + i for i in range(req.n)], steps=steps,
+        return BatchSpec(texts=[prompt] * n, seeds=[seed + i for i in range(n)], steps=steps,
                          guidance=guidance if caps.default_guidance is not None else None,
                          size=size if caps.sizes is None else None, negative_prompt=req.negative_prompt)
-        return req, spec
+
+    @staticmethod
+    def batch_key(spec: BatchSpec) -> tuple:
+        return (spec.steps, spec.guidance, spec.size, spec.negative_prompt, tuple(sorted(spec.extra.items())))
+
+    # ---- video jobs -----------------------------------------------------------------------------------
+    def video_object(self, video: VideoJob) -> dict[str, Any]:
+        job = video.job
+        progress = 100 if job.status == "done" else 0
+        current = self.progress()
+        if job.status == "running" and current is not None and job.id in current.jobs and current.total:
+            progress = int(100 * current.step / current.total)
+        body = {"id": f"video_{job.id}", "object": "video", "status": video.status(), "progress": progress,
+                "created_at": video.created_at, "model": video.model, "size": video.size}
+        if job.status == "failed":
+            err = self.job_error(job)
+            body["error"] = {"message": err.message, "code": err.code}
+        return body
+
+    def add_video(self, video: VideoJob) -> None:
+        self.videos[video.job.id] = video
+        finished = [k for k, v in self.videos.items() if v.job.finished]
+        for key in finished[:max(0, len(self.videos) - MAX_VIDEO_JOBS)]:
+            del self.videos[key]
+
+    def get_video(self, video_id: str) -> VideoJob:
+        number = video_id.removeprefix("video_")
+        video = self.videos.get(int(number)) if number.isdigit() else None
+        if video is None or video.deleted:
+            raise ApiError(404, f"no video job {video_id!r}", param="video_id", code="not_found",
+                           type="not_found_error")
+        return video
 
     # ---- waiting for a job ----------------------------------------------------------------------------
-    async def submit_and_wait(self, request: Request, key: Any, n: int, payload: Any) -> Job:
+    def submit(self, job: Job) -> None:
         if self.dead:
             raise ApiError(503, f"the engine is down: {self.dead}", type="server_error", code="engine_unavailable")
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def on_done(job: Job) -> None:
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(job))
-
-        job = Job(key=key, n=n, payload=payload, on_done=on_done)
         try:
             self.batcher.submit(job)
         except QueueFull as e:
@@ -291,6 +383,15 @@ class Service:
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down",
                            headers={"Retry-After": "5"}) from None
 
+    async def submit_and_wait(self, request: Request, key: Any, n: int, payload: Any) -> Job:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def on_done(job: Job) -> None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(job))
+
+        job = Job(key=key, n=n, payload=payload, on_done=on_done)
+        self.submit(job)
         disconnect = asyncio.ensure_future(_wait_disconnect(request))
         try:
             finished, _ = await asyncio.wait({done, disconnect}, timeout=self.remaining(job),
@@ -387,7 +488,7 @@ def build_app(service: Service) -> FastAPI:
             service.check_auth(request)
             data = await service.read_json(request)
             req, spec = service.image_spec(data)
-            key = ("image", spec.steps, spec.guidance, spec.size, spec.negative_prompt)
+            key = ("image", *service.batch_key(spec))
             job = await service.submit_and_wait(request, key, req.n, spec)
             if job.status != "done":
                 raise service.job_error(job)
@@ -400,5 +501,51 @@ def build_app(service: Service) -> FastAPI:
         metrics.images.inc(len(data_out))
         return JSONResponse({"created": int(time.time()), "data": data_out},
                             headers={"X-Batch-Images": str(job.batch_images)})
+
+    @app.post("/v1/videos")
+    async def create_video(request: Request):
+        try:
+            service.check_auth(request)
+            req, spec = service.video_spec(await service.read_json(request))
+            job = Job(key=("video", *service.batch_key(spec)), n=1, payload=spec)
+            size = f"{spec.size[0]}x{spec.size[1]}" if spec.size else \
+                f"{service.caps.default_size[0]}x{service.caps.default_size[1]}"
+            video = VideoJob(job=job, created_at=int(time.time()), model=service.caps.model_id, size=size)
+            service.submit(job)
+        except ApiError as e:
+            metrics.requests.labels(status=str(e.status)).inc()
+            raise
+        service.add_video(video)
+        metrics.requests.labels(status="200").inc()
+        return service.video_object(video)
+
+    @app.get("/v1/videos/{video_id}")
+    async def get_video(video_id: str, request: Request):
+        service.check_auth(request)
+        return service.video_object(service.get_video(video_id))
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def video_content(video_id: str, request: Request):
+        service.check_auth(request)
+        video = service.get_video(video_id)
+        if video.job.status != "done":
+            raise ApiError(404 if video.job.finished else 409,
+                           f"video {video_id!r} is {video.status()}; its content exists once it is completed",
+                           param="video_id", code="video_not_ready")
+        if video.content is None:
+            frames = video.job.result[0]
+            video.content = await asyncio.to_thread(encode_gif, frames)
+            metrics.images.inc()
+        return Response(video.content, media_type="image/gif")
+
+    @app.delete("/v1/videos/{video_id}")
+    async def delete_video(video_id: str, request: Request):
+        service.check_auth(request)
+        video = service.get_video(video_id)
+        # a queued job is dropped; a running one finishes, unseen (a generation cannot be interrupted)
+        service.batcher.cancel(video.job)
+        video.deleted = True
+        service.videos.pop(video.job.id, None)
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
 
     return app

@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=65536, help="largest request body (413 above)")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="on SIGTERM, seconds to finish queued requests before answering the rest 503")
+    p.add_argument("--size", default=None, help="default WIDTHxHEIGHT of a request without `size`, and of the "
+                                               "warm-up generation (default: the pipeline's own)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="video pipelines: default frames of a job without num_frames (default: the pipeline's)")
     p.add_argument("--warmup-batch", type=int, default=1,
                    help="before serving, also run batches of 2..B outputs (graphs are captured per batch size)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
@@ -79,6 +83,14 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         raise PlanError(f"--port must be in [0, 65535], got {args.port}")
     if args.port:
         _check_port(args.host, args.port)
+    size = None
+    if args.size is not None:
+        parts = args.size.lower().split("x")
+        if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            raise PlanError(f"--size must be WIDTHxHEIGHT such as 1024x1024, got {args.size!r}")
+        size = [int(parts[0]), int(parts[1])]
+    if args.num_frames is not None and args.num_frames < 1:
+        raise PlanError(f"--num-frames must be >= 1, got {args.num_frames}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
     return {
@@ -87,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_queue": args.max_queue, "request_timeout": args.request_timeout, "api_key": api_key,
         "max_n": args.max_n, "max_steps": args.max_steps, "max_size": args.max_size,
         "max_body_bytes": args.max_body_bytes, "drain_timeout": args.drain_timeout,
-        "warmup_batch": args.warmup_batch, "threads": threads,
+        "warmup_batch": args.warmup_batch, "threads": threads, "size": size, "num_frames": args.num_frames,
         "wedged_after": max(600.0, 2 * args.request_timeout),
         "nnodes": args.nnodes, "rdzv_endpoint": args.rdzv_endpoint, "rdzv_id": args.rdzv_id,
     }

@@ -57,6 +57,7 @@ class Capabilities:
     default_steps: int
     default_guidance: float | None      # None: the pipeline takes no guidance_scale
     video: bool                         # returns .frames (text-to-video) rather than .images
+    accepts_num_frames: bool = False
     labels: tuple[str, ...] = ()        # for class-label pipelines: the accepted prompts, for messages
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,13 +81,15 @@ def text_argument(pipe: Any) -> str:
                       "(with get_label_ids): the service cannot turn a text prompt into its input.")
 
 
-def read_capabilities(pipe: Any, model_id: str, probe_output: Any) -> Capabilities:
+def read_capabilities(pipe: Any, model_id: str, probe_output: Any,
+                      default_size: tuple[int, int] | None = None) -> Capabilities:
     params = call_parameters(pipe)
     text_arg = text_argument(pipe)
     video = getattr(probe_output, "frames", None) is not None and getattr(probe_output, "images", None) is None
     first = first_image(probe_output)
-    default_size = (first.width, first.height)
-    sizes = None if ("height" in params and "width" in params) else default_size
+    made = (first.width, first.height)
+    sizes = None if ("height" in params and "width" in params) else made
+    default_size = default_size if default_size is not None and sizes is None else made
     steps = params.get("num_inference_steps")
     guidance = params.get("guidance_scale")
     labels: tuple[str, ...] = ()
@@ -99,7 +102,7 @@ def read_capabilities(pipe: Any, model_id: str, probe_output: Any) -> Capabiliti
         accepts_negative_prompt="negative_prompt" in params,
         default_steps=int(steps.default) if steps is not None and isinstance(steps.default, int) else 20,
         default_guidance=float(guidance.default) if guidance is not None and guidance.default is not None else None,
-        video=video, labels=labels)
+        video=video, labels=labels, accepts_num_frames="num_frames" in params)
 
 
 def output_items(out: Any) -> list[Any]:
@@ -149,6 +152,7 @@ class Engine:
         self.pipe, self.world_size, self.rank = pipe, world_size, rank
         self.caps: Capabilities | None = None
         self.text_arg = text_argument(pipe)
+        self.default_extra: dict[str, Any] = {}   # served defaults for pipeline-specific arguments
         self.progress = Progress()
         self.busy_since: float | None = None    # monotonic start of the running call (rank 0)
         self._batches = 0
@@ -168,6 +172,7 @@ class Engine:
         if spec.negative_prompt is not None:
             kwargs["negative_prompt"] = [spec.negative_prompt] * len(spec.texts)
         kwargs["generator"] = [torch.Generator().manual_seed(s) for s in spec.seeds]
+        kwargs.update(self.default_extra)
         kwargs.update(spec.extra)
         return kwargs
 
@@ -270,8 +275,8 @@ class Engine:
                 dist.all_gather_object(gathered, None if err is None else (err, bad))
 
 
-def warmup_spec(pipe: Any) -> BatchSpec:
-    """The start-up generation: one output, few steps, default settings (captures graphs, reads the size)."""
+def warmup_spec(pipe: Any, size: tuple[int, int] | None = None, num_frames: int | None = None) -> BatchSpec:
+    """The start-up generation: one output, few steps, the served defaults (captures graphs, reads the size)."""
     params = call_parameters(pipe)
     text = "0"
     labels = getattr(pipe, "labels", None)
@@ -281,4 +286,7 @@ def warmup_spec(pipe: Any) -> BatchSpec:
         text = "a photo"
     steps = params.get("num_inference_steps")
     default = steps.default if steps is not None and isinstance(steps.default, int) else 2
-    return BatchSpec(texts=[text], seeds=[0], steps=min(2, default), guidance=None, size=None, negative_prompt=None)
+    takes_size = "height" in params and "width" in params
+    extra = {"num_frames": num_frames} if num_frames is not None and "num_frames" in params else {}
+    return BatchSpec(texts=[text], seeds=[0], steps=min(2, default), guidance=None,
+                     size=size if takes_size else None, negative_prompt=None, extra=extra)

@@ -15,6 +15,7 @@ its main thread (the thread that receives signals):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -49,7 +50,6 @@ def load_served_pipeline(model: str | None):
 
 def merge(jobs: list) -> Any:
     """One BatchSpec for jobs of the same key: their texts and seeds concatenated in arrival order."""
-    import dataclasses
     first = jobs[0].payload
     texts = [t for j in jobs for t in j.payload.texts]
     seeds = [s for j in jobs for s in j.payload.seeds]
@@ -142,20 +142,24 @@ def serve_worker(cfg: dict[str, Any]) -> int:
         pipe.set_progress_bar_config(disable=True)  # progress goes to the log (engine.Progress)
     engine = Engine(pipe, world, rank)
     t0 = time.perf_counter()
-    out = engine.generate(warmup_spec(pipe))
+    size = tuple(cfg["size"]) if cfg.get("size") else None
+    warm = warmup_spec(pipe, size, cfg.get("num_frames"))
+    out = engine.generate(warm)
     for extra in range(2, cfg["warmup_batch"] + 1):  # capture the graphs of larger batches before serving
-        spec = warmup_spec(pipe)
-        engine.generate(type(spec)(**{**spec.__dict__, "texts": spec.texts * extra, "seeds": list(range(extra))}))
+        engine.generate(dataclasses.replace(warm, texts=warm.texts * extra, seeds=list(range(extra))))
     log.info("warm-up done in %.1f s", time.perf_counter() - t0)
+    engine.default_extra = dict(warm.extra)  # e.g. the served num_frames: every rank must call alike
     if rank != 0:
         try:
             engine.follow()
         except Exception as e:  # noqa: BLE001 - rank 0 (or another rank) is gone
             log.error("lost rank 0: %s: %s", type(e).__name__, e)
             os._exit(DEAD_EXIT_CODE)
+        if cfg.get("status_file"):  # this node's launcher reads it (another node may host rank 0)
+            Path(cfg["status_file"]).write_text("drained")
         return 0
     from .engine import read_capabilities
-    engine.caps = read_capabilities(pipe, model_id, out)
+    engine.caps = read_capabilities(pipe, model_id, out, size)
     return _serve_rank0(cfg, engine, plan, world, stop)
 
 
@@ -171,6 +175,7 @@ def _serve_rank0(cfg: dict[str, Any], engine, plan, world: int, stop: dict) -> i
     service = Service(engine.caps, batcher, limits, world, plan.to_string(), api_key=cfg["api_key"],
                       wedged_after_s=cfg["wedged_after"])
     service.busy_since = lambda: engine.busy_since
+    service.progress = lambda: engine.progress
     app = build_app(service)
 
     sock = socket.socket(socket.AF_INET6 if ":" in cfg["host"] else socket.AF_INET, socket.SOCK_STREAM)
