@@ -132,7 +132,7 @@ def main() -> int:
 
 
 def to_markdown(results: dict) -> str:
-    lines = [f"# xdit-fx serve under open-loop load (digits model, n=1, 20 steps, CFG 2)", "",
+    lines = ["# xdit-fx serve under open-loop load (digits model, n=1, 20 steps, CFG 2)", "",
              f"{results['machine']}; {results['seconds']:g} s of Poisson arrivals per rate; rate multiples of "
              f"1 / (one rank's single-request latency) = {results['base_rate']:.1f} req/s.", "",
              "| config | single-request latency | rate (req/s) | images/s | p50 latency | p99 latency |",

@@ -236,8 +236,8 @@ def test_dead_engine_answers_503_and_health_503(app_server):
 
 def test_batched_seed_matches_alone_in_float():
     """The service gives every image its own generator, so batching changes only the float summation order
-    of the batched GEMMs. Measured here (fp32, CPU, 8 images, 10 steps): worst |batched - alone| = 5.1e-7 on [0, 1] images;
-    the bound is 4x that."""
+    of the batched GEMMs. Measured here (fp32, CPU, 8 images, 10 steps): worst |batched - alone| = 5.1e-7
+    on [0, 1] images; the bound is 4x that."""
     import torch
 
     from xdit_fx.digits import load_pipeline
@@ -260,3 +260,32 @@ def test_batched_seed_matches_alone_in_float():
     worst = (batched - alone).abs().max().item()
     print(f"worst |batched - alone| = {worst:.2e}")
     assert worst <= 2e-6, worst
+
+
+# ---- the command's checks, before any process starts ------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--plan", "cfg=2", "--nproc", "3"], "world_size(3)"),
+    (["--plan", "ulysses=two"], "ulysses"),
+    (["--model", "/nonexistent/folder"], "not a diffusers pipeline folder"),
+    (["--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--size", "big"], "--size must be WIDTHxHEIGHT"),
+    (["--nnodes", "2", "--nproc", "1", "--plan", "cfg=2"], "--rdzv-endpoint"),
+    (["--request-timeout", "0"], "--request-timeout"),
+])
+def test_serve_refuses_bad_flags_before_starting(args, message, capsys):
+    from xdit_fx.cli import main
+
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert "xdit-fx serve: error:" in err and message in err, err
+
+
+def test_serve_refuses_a_port_in_use(capsys):
+    from xdit_fx.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", "--port", str(s.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err

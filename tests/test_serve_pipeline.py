@@ -58,7 +58,7 @@ def test_pipeline_folder_served_under_cfg2_matches_one_process(server, folder):
 @pytest.mark.parametrize("size, code", [("30x30", "invalid_size"), ("128x128", "limit_exceeded"),
                                         ("0x16", "invalid_size")])
 def test_pipeline_folder_refuses_sizes_it_cannot_make(server, size, code):
-    r = httpx.post(server.url + "/v1/images/generations", json={"prompt": "a cat", "size": size, "num_inference_steps": 2},
-                   timeout=60)
+    body = {"prompt": "a cat", "size": size, "num_inference_steps": 2}
+    r = httpx.post(server.url + "/v1/images/generations", json=body, timeout=60)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "size" and r.json()["error"]["code"] == code

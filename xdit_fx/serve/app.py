@@ -129,7 +129,8 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.batch_seconds = Histogram("xdit_fx_batch_seconds", "Seconds per pipeline call",
                                        buckets=(.05, .1, .25, .5, 1, 2, 5, 10, 30, 60, 120), registry=r)
-        self.images = Counter("xdit_fx_images_generated", "Images generated and returned", registry=r)
+        self.images = Counter("xdit_fx_images_generated", "Images (or videos) the pipeline generated",
+                              registry=r)
         self.retries = Counter("xdit_fx_batch_retries", "Merged batches that failed and were retried "
                                "request by request", registry=r)
         g = Gauge("xdit_fx_queue_depth", "Requests waiting in the queue", registry=r)
@@ -210,6 +211,7 @@ class Service:
     def on_batch(self, jobs: list[Job], seconds: float) -> None:
         images = sum(j.n for j in jobs)
         self.metrics.batch_size.observe(images)
+        self.metrics.images.inc(images)
         self.metrics.batch_seconds.observe(seconds)
         prev = self.batcher.seconds_per_image
         per_image = seconds / max(images, 1)
@@ -321,7 +323,8 @@ class Service:
         guidance = caps.default_guidance if req.guidance_scale is None else float(req.guidance_scale)
         if req.guidance_scale is not None:
             if caps.default_guidance is None:
-                raise ApiError(400, "this model takes no guidance_scale", param="guidance_scale", code="unsupported_parameter")
+                raise ApiError(400, "this model takes no guidance_scale", param="guidance_scale",
+                               code="unsupported_parameter")
             if not 0.0 <= guidance <= 100.0:
                 raise ApiError(400, f"guidance_scale must be in [0, 100], got {guidance}", param="guidance_scale",
                                code="invalid_value")
@@ -498,7 +501,6 @@ def build_app(service: Service) -> FastAPI:
             raise
         metrics.requests.labels(status="200").inc()
         metrics.latency.observe(time.monotonic() - t0)
-        metrics.images.inc(len(data_out))
         return JSONResponse({"created": int(time.time()), "data": data_out},
                             headers={"X-Batch-Images": str(job.batch_images)})
 
@@ -535,7 +537,6 @@ def build_app(service: Service) -> FastAPI:
         if video.content is None:
             frames = video.job.result[0]
             video.content = await asyncio.to_thread(encode_gif, frames)
-            metrics.images.inc()
         return Response(video.content, media_type="image/gif")
 
     @app.delete("/v1/videos/{video_id}")
