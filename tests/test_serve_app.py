@@ -232,6 +232,21 @@ def test_dead_engine_answers_503_and_health_503(app_server):
     assert srv.exit_code == 3
 
 
+def test_health_reports_a_wedged_engine_and_draining():
+    from xdit_fx.serve.app import Limits, Service
+
+    service = Service(CAPS, Batcher(1, 0.0, 4), Limits(), 2, "cfg=2", wedged_after_s=5.0)
+    assert service.health()[0] == 200
+    service.busy_since = lambda: time.monotonic() - 1.0   # a call running for 1 s: fine
+    assert service.health()[0] == 200
+    service.busy_since = lambda: time.monotonic() - 6.0   # past wedged_after_s
+    status, body = service.health()
+    assert status == 503 and body["status"] == "wedged"
+    service.busy_since = lambda: None
+    service.draining = True
+    assert service.health() == (503, {"status": "draining"})
+
+
 # ---- the real pipeline: batched vs alone -----------------------------------------------------------------
 
 def test_batched_seed_matches_alone_in_float():
