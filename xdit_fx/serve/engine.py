@@ -46,7 +46,7 @@ class GenerationError(XditFxError):
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What the served pipeline accepts and returns (read once at start-up, identical on every rank)."""
+    """What the served pipeline accepts and returns (read by rank 0 at start-up, for validating requests)."""
 
     model_id: str
     text_arg: str                       # "prompt", or "class_labels" (prompts mapped by get_label_ids)
@@ -59,9 +59,6 @@ class Capabilities:
     video: bool                         # returns .frames (text-to-video) rather than .images
     accepts_num_frames: bool = False
     labels: tuple[str, ...] = ()        # for class-label pipelines: the accepted prompts, for messages
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def call_parameters(pipe: Any) -> dict[str, inspect.Parameter]:

@@ -136,10 +136,8 @@ def serve_worker(cfg: dict[str, Any]) -> int:
     pipe, model_id = load_served_pipeline(cfg["model"])
     if world > 1 or plan.cache is not None:
         pipe = xdit_fx.parallelize(pipe, plan)
-    if rank != 0 and hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    elif hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)  # progress goes to the log (engine.Progress)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # rank 0 logs progress instead (engine.Progress)
     engine = Engine(pipe, world, rank)
     t0 = time.perf_counter()
     size = tuple(cfg["size"]) if cfg.get("size") else None
