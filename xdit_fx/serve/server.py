@@ -78,6 +78,8 @@ def engine_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) ->
     drain_started = None
     try:
         while True:
+            if stop.get("parent") and os.getppid() != stop["parent"] and stop["signal"] is None:
+                stop["signal"] = "the launcher is gone"  # killed outright: drain rather than serve orphaned
             if stop["signal"] is not None and drain_started is None:
                 log.info("signal %s: draining %d queued request(s)", stop["signal"], batcher.depth())
                 drain_started = time.monotonic()
@@ -121,7 +123,7 @@ def serve_worker(cfg: dict[str, Any]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     _setup_logging(rank)
-    stop = {"signal": None}
+    stop: dict[str, Any] = {"signal": None, "parent": os.getppid()}
     if rank == 0:
         def on_signal(signum, frame):  # the engine loop notices at its next turn (at most ~1 s)
             stop["signal"] = signum
