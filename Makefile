@@ -1,10 +1,10 @@
-# The set-up commands: `make demo`, `make test` and `make coverage` (the full matrix, ~1 h on 2 cores). Each installs what it needs into .venv.
+# The set-up commands: `make demo`, `make serve`, `make test` and `make coverage` (the full matrix, ~1 h on 2 cores). Each installs what it needs into .venv.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench coverage mutants clean
+.PHONY: install test demo serve bench coverage mutants clean
 
 install: $(STAMP)
 
@@ -21,6 +21,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/xdit-fx demo --nproc 2
+
+# the OpenAI-compatible service on the embedded digits model, 2 ranks sharing the CFG branches;
+# e.g. `make serve SERVE_ARGS="--plan dp=2 --port 9000"`
+SERVE_ARGS ?= --plan cfg=2
+serve: $(STAMP)
+	$(BIN)/xdit-fx serve $(SERVE_ARGS)
 
 # every zoo model (diffusers classes + from-scratch DiTs) under ulysses=2 and ring=2 (one 2-process spawn),
 # a diverse subset under ulysses=2,ring=2 (4 processes on 2 cores are slow), both cache kinds in one process

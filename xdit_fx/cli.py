@@ -1,4 +1,4 @@
-"""`xdit-fx`: demo | generate | calibrate-cache | run | coverage | passes | dump | diff (the last three live in
+"""`xdit-fx`: demo | generate | calibrate-cache | run | serve | coverage | passes | dump | diff (the last three live in
 dump_cli.py)."""
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_script(args.script, args.nproc, args.script_args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.cli import run
+
+    return run(args)
+
+
 def _cmd_coverage(args: argparse.Namespace) -> int:
     from .coverage import main as coverage_main
 
@@ -76,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("script")
     p.add_argument("script_args", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP service (images, batched) over N ranks; "
+                                     "the embedded digits model unless --model DIR")
+    from .serve.cli import add_arguments as _serve_arguments
+
+    _serve_arguments(p)
+    p.set_defaults(fn=_cmd_serve)
 
     add_subcommands(sub)  # passes, dump, diff
 

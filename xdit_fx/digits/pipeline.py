@@ -24,6 +24,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 2.0
 CFG_MODES = ("batched", "two_call")
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 class DigitsPipeline(DiffusionPipeline):
@@ -51,6 +52,23 @@ class DigitsPipeline(DiffusionPipeline):
         )
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
         return cls(transformer=transformer.eval(), scheduler=scheduler)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """Text label -> class id: the digits "0".."9" and their English words (diffusers' DiTPipeline
+        convention, so text front-ends such as the service work with any class-conditional pipeline)."""
+        return {**{str(i): i for i in range(10)}, **{w: i for i, w in enumerate(DIGIT_WORDS)}}
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Class ids of text labels ("7", "seven", " Seven "); ValueError naming the first unknown one."""
+        texts = [label] if isinstance(label, str) else list(label)
+        ids = []
+        for text in texts:
+            key = text.strip().lower() if isinstance(text, str) else text
+            if key not in self.labels:
+                raise ValueError(f"{text!r} is not a digit: use 0-9 or a digit's English word (zero ... nine)")
+            ids.append(self.labels[key])
+        return ids
 
     @property
     def null_class(self) -> int:

@@ -1,0 +1,148 @@
+"""Open-loop load on `xdit-fx serve` (the digits model): images/s and p50/p99 latency per request rate.
+
+Configurations: one rank one-at-a-time (--max-batch 1), one rank batched, and cfg=2 / dp=2 on 2 ranks
+(batched). Each is started as a real server on loopback; requests (n=1, a random digit, default 20 steps)
+arrive as a Poisson process at each rate, whatever the server's progress (open loop), for
+--seconds seconds each. Rates are multiples of 1 / (single-request latency of one rank alone), so "1x"
+is the rate one rank can just keep up with one at a time.
+
+    python benchmarks/serve_load.py                     # writes benchmarks/results/serve_load.{json,md}
+    python benchmarks/serve_load.py --seconds 5 --multiples 1,4
+
+Goals (issue): batching gives >= 2x the images/s of one-at-a-time at saturation, and p99 latency at half
+the saturation rate stays <= 2x the single-request latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {  # name: (description, serve flags)
+    "serial": ("1 rank, one at a time", ["--max-batch", "1", "--batch-window-ms", "0"]),
+    "batched": ("1 rank, batched", ["--max-batch", "32", "--batch-window-ms", "20"]),
+    "cfg2": ("cfg=2 on 2 ranks, batched", ["--plan", "cfg=2", "--max-batch", "32", "--batch-window-ms", "20"]),
+    "dp2": ("dp=2 on 2 ranks, batched", ["--plan", "dp=2", "--max-batch", "32", "--batch-window-ms", "20"]),
+}
+
+
+class Server:
+    def __init__(self, args: list[str], threads: int) -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        port_file = Path(self.tmp.name) / "port"
+        self.log = open(Path(self.tmp.name) / "log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "xdit_fx.cli", "serve", "--port", "0", "--port-file",
+                                      str(port_file), "--threads", str(threads), "--max-queue", "100000",
+                                      "--request-timeout", "3600", "--warmup-batch", "8", *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        while not port_file.is_file():
+            if self.proc.poll() is not None:
+                raise RuntimeError((Path(self.tmp.name) / "log").read_text())
+            time.sleep(0.2)
+        self.url = f"http://127.0.0.1:{int(port_file.read_text())}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(120)
+
+
+async def _one(client: httpx.AsyncClient, seed: int) -> float:
+    t0 = time.perf_counter()
+    r = await client.post("/v1/images/generations", json={"prompt": str(seed % 10), "seed": seed})
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+async def single_latency(url: str, repeats: int) -> float:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await _one(client, 0)
+        return statistics.median([await _one(client, i) for i in range(repeats)])
+
+
+async def open_loop(url: str, rate: float, seconds: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+        tasks, t, start = [], 0.0, time.perf_counter()
+        while t < seconds:
+            delay = start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(_one(client, rng.randrange(1 << 30))))
+            t += rng.expovariate(rate)
+        latencies = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    latencies = sorted(latencies)
+    return {"rate": rate, "requests": len(latencies), "images_per_s": len(latencies) / elapsed,
+            "p50_s": latencies[len(latencies) // 2],
+            "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=8.0, help="arrival window per rate")
+    p.add_argument("--multiples", default="0.5,1,2,4,8", help="rates, in units of 1 / single-request latency")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names from CONFIGS")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (1: a 2-rank config uses 2 cores)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
+    args = p.parse_args()
+    cores = os.cpu_count() or 1
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    results = {"machine": f"{platform.machine()}, {cores} cores shared with other jobs, {args.threads} torch "
+                          f"thread(s) per rank", "seconds": args.seconds,
+               "configs": {}}
+    base_rate = None
+    for name in names:
+        if name not in CONFIGS:
+            raise SystemExit(f"--configs: unknown {name!r}; choose from {', '.join(CONFIGS)}")
+        description, extra = CONFIGS[name]
+        server = Server(extra, threads=args.threads)
+        try:
+            single = asyncio.run(single_latency(server.url, 5))
+            if base_rate is None:
+                base_rate = 1.0 / single
+            rows = []
+            for m in (float(x) for x in args.multiples.split(",")):
+                row = asyncio.run(open_loop(server.url, m * base_rate, args.seconds, seed=int(m * 100)))
+                row["multiple"] = m
+                rows.append(row)
+                print(f"{description}: {m:g}x ({row['rate']:.1f} req/s): {row['images_per_s']:.1f} images/s, "
+                      f"p50 {row['p50_s']:.3f} s, p99 {row['p99_s']:.3f} s", flush=True)
+            results["configs"][description] = {"single_latency_s": single, "rows": rows}
+        finally:
+            server.close()
+    results["base_rate"] = base_rate
+    Path(args.out + ".json").write_text(json.dumps(results, indent=1))
+    Path(args.out + ".md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    return 0
+
+
+def to_markdown(results: dict) -> str:
+    lines = ["# xdit-fx serve under open-loop load (digits model, n=1, 20 steps, CFG 2)", "",
+             f"{results['machine']}; {results['seconds']:g} s of Poisson arrivals per rate; rate multiples of "
+             f"1 / (one rank's single-request latency) = {results['base_rate']:.1f} req/s.", "",
+             "| config | single-request latency | rate (req/s) | images/s | p50 latency | p99 latency |",
+             "|---|---|---|---|---|---|"]
+    for name, c in results["configs"].items():
+        for row in c["rows"]:
+            lines.append(f"| {name} | {c['single_latency_s'] * 1000:.0f} ms | {row['rate']:.1f} ({row['multiple']:g}x) "
+                         f"| {row['images_per_s']:.1f} | {row['p50_s'] * 1000:.0f} ms | {row['p99_s'] * 1000:.0f} ms |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The generation engine: the same parallelized pipeline on every rank, batches sent from rank 0.
+
+Rank 0 forms batches (batcher.py) and sends each one to every rank with ``broadcast_object_list``; all ranks
+then call the pipeline with the same arguments (that is how `parallelize` expects to be driven) and
+all-gather a success flag, so a failure on any rank is known on rank 0. While idle, rank 0 broadcasts a
+heartbeat every second: the other ranks never sit in a collective long enough to time out, and a dead rank
+is noticed within a second even when no request is running.
+
+What the pipeline can do is read from its call signature and from one warm-up generation, never from its
+class: `prompt` or `class_labels` (with ``get_label_ids`` turning text into labels), `height`/`width`,
+`negative_prompt`, the default steps and guidance, and whether it returns `.images` or `.frames`.
+Every image gets its own ``torch.Generator`` seeded from the request, so a seeded request gives the same
+image whether it runs alone or merged with others.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import XditFxError
+
+log = logging.getLogger("xdit_fx.serve")
+
+HEARTBEAT_S = 1.0
+
+
+class EngineDead(XditFxError):
+    """A rank is gone or a collective failed: the engine cannot run anything any more."""
+
+    fatal = True
+
+
+class GenerationError(XditFxError):
+    """The pipeline raised on some rank while running a batch."""
+
+    def __init__(self, message: str, bad_input: bool) -> None:
+        super().__init__(message)
+        self.bad_input = bad_input  # a ValueError/TypeError from the pipeline: the request's fault
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the served pipeline accepts and returns (read by rank 0 at start-up, for validating requests)."""
+
+    model_id: str
+    text_arg: str                       # "prompt", or "class_labels" (prompts mapped by get_label_ids)
+    sizes: tuple[int, int] | None       # None: any (width, height) the caps allow; else the only size
+    default_size: tuple[int, int]       # (width, height)
+    size_multiple: int
+    accepts_negative_prompt: bool
+    default_steps: int
+    default_guidance: float | None      # None: the pipeline takes no guidance_scale
+    video: bool                         # returns .frames (text-to-video) rather than .images
+    accepts_num_frames: bool = False
+    labels: tuple[str, ...] = ()        # for class-label pipelines: the accepted prompts, for messages
+
+
+def call_parameters(pipe: Any) -> dict[str, inspect.Parameter]:
+    """Parameters of the pipeline's ``__call__`` (of the wrapped pipeline for a ParallelPipeline)."""
+    inner = getattr(pipe, "pipe", pipe)
+    return dict(inspect.signature(type(inner).__call__).parameters)
+
+
+def text_argument(pipe: Any) -> str:
+    """How a text prompt reaches the pipeline: as `prompt`, or as `class_labels` through get_label_ids."""
+    params = call_parameters(pipe)
+    if "prompt" in params:
+        return "prompt"
+    if "class_labels" in params and hasattr(pipe, "get_label_ids"):
+        return "class_labels"
+    raise XditFxError(f"{type(getattr(pipe, 'pipe', pipe)).__name__} takes neither `prompt` nor `class_labels` "
+                      "(with get_label_ids): the service cannot turn a text prompt into its input.")
+
+
+def read_capabilities(pipe: Any, model_id: str, probe_output: Any,
+                      default_size: tuple[int, int] | None = None) -> Capabilities:
+    params = call_parameters(pipe)
+    text_arg = text_argument(pipe)
+    video = getattr(probe_output, "frames", None) is not None and getattr(probe_output, "images", None) is None
+    first = first_image(probe_output)
+    made = (first.width, first.height)
+    sizes = None if ("height" in params and "width" in params) else made
+    default_size = default_size if default_size is not None and sizes is None else made
+    steps = params.get("num_inference_steps")
+    guidance = params.get("guidance_scale")
+    labels: tuple[str, ...] = ()
+    if text_arg == "class_labels":
+        labels = tuple(getattr(pipe, "labels", ()) or ())
+    scale = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    return Capabilities(
+        model_id=model_id, text_arg=text_arg, sizes=sizes, default_size=default_size,
+        size_multiple=max(scale * 2, 16) if sizes is None else 1,
+        accepts_negative_prompt="negative_prompt" in params,
+        default_steps=int(steps.default) if steps is not None and isinstance(steps.default, int) else 20,
+        default_guidance=float(guidance.default) if guidance is not None and guidance.default is not None else None,
+        video=video, labels=labels, accepts_num_frames="num_frames" in params)
+
+
+def output_items(out: Any) -> list[Any]:
+    """One entry per requested output: a PIL image, or (video) a list of PIL frames."""
+    images = getattr(out, "images", None)
+    if images is not None:
+        return list(images)
+    frames = getattr(out, "frames", None)
+    if frames is None:
+        raise XditFxError(f"the pipeline returned {type(out).__name__} with neither .images nor .frames")
+    return [list(video) for video in frames]
+
+
+def first_image(out: Any):
+    item = output_items(out)[0]
+    return item[0] if isinstance(item, list) else item
+
+
+@dataclass
+class BatchSpec:
+    """What every rank needs to run one pipeline call: arguments and one seed per output."""
+
+    texts: list[str]                    # one per output (a request's prompt repeated n times)
+    seeds: list[int]
+    steps: int
+    guidance: float | None
+    size: tuple[int, int] | None        # (width, height) when the pipeline takes it
+    negative_prompt: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    """The running batch's denoising progress (rank 0), fed by a hook on ``scheduler.step``."""
+
+    batch_id: int = 0
+    step: int = 0
+    total: int = 0
+    started: float = 0.0
+    jobs: tuple = ()
+
+
+class Engine:
+    """Runs BatchSpecs on the pipeline, on every rank in lockstep."""
+
+    def __init__(self, pipe: Any, world_size: int, rank: int) -> None:
+        self.pipe, self.world_size, self.rank = pipe, world_size, rank
+        self.caps: Capabilities | None = None
+        self.text_arg = text_argument(pipe)
+        self.default_extra: dict[str, Any] = {}   # served defaults for pipeline-specific arguments
+        self.progress = Progress()
+        self.busy_since: float | None = None    # monotonic start of the running call (rank 0)
+        self._batches = 0
+        self._hook_progress()
+
+    # ---- arguments ------------------------------------------------------------------------------------
+    def call_kwargs(self, spec: BatchSpec) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"num_inference_steps": spec.steps, "output_type": "pil"}
+        if self.text_arg == "prompt":
+            kwargs["prompt"] = list(spec.texts)
+        else:
+            kwargs["class_labels"] = self.pipe.get_label_ids(list(spec.texts))
+        if spec.guidance is not None:
+            kwargs["guidance_scale"] = spec.guidance
+        if spec.size is not None:
+            kwargs["width"], kwargs["height"] = spec.size
+        if spec.negative_prompt is not None:
+            kwargs["negative_prompt"] = [spec.negative_prompt] * len(spec.texts)
+        kwargs["generator"] = [torch.Generator().manual_seed(s) for s in spec.seeds]
+        kwargs.update(self.default_extra)
+        kwargs.update(spec.extra)
+        return kwargs
+
+    def _hook_progress(self) -> None:
+        """Count denoising steps by wrapping the scheduler's step (works for any diffusers loop)."""
+        scheduler = getattr(self.pipe, "scheduler", None)
+        if scheduler is None or self.rank != 0:
+            return
+        inner = scheduler.step
+        engine = self
+
+        def step(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            progress = engine.progress
+            progress.step += 1
+            if not progress.total:
+                progress.total = len(getattr(scheduler, "timesteps", ())) or progress.step
+            quarter = max(1, progress.total // 4)
+            if progress.jobs and (progress.step % quarter == 0 or progress.step == progress.total):
+                log.info("batch %d (%d request(s)): step %d/%d", progress.batch_id, len(progress.jobs),
+                         progress.step, progress.total)
+            return out
+
+        scheduler.step = step
+
+    # ---- one call on this rank ------------------------------------------------------------------------
+    def generate(self, spec: BatchSpec) -> Any:
+        with torch.no_grad():
+            return self.pipe(**self.call_kwargs(spec))
+
+    def _run_local(self, spec: BatchSpec) -> tuple[Any, str | None, bool]:
+        try:
+            return self.generate(spec), None, False
+        except (ValueError, TypeError) as e:
+            return None, f"{type(e).__name__}: {e}", True
+        except Exception as e:  # noqa: BLE001 - reported to rank 0, which answers the requests
+            return None, f"{type(e).__name__}: {e}", False
+
+    # ---- rank 0 ---------------------------------------------------------------------------------------
+    def run(self, spec: BatchSpec, jobs: tuple = ()) -> list[Any]:
+        """Rank 0: send `spec` to every rank, run it, return one output item per text (raises on failure)."""
+        self._batches += 1
+        self.progress = Progress(batch_id=self._batches, started=time.monotonic(), jobs=jobs)
+        self._send({"op": "run", "spec": spec})
+        self.busy_since = time.monotonic()
+        try:
+            out, err, bad_input = self._run_local(spec)
+            errors = self._gather_status(err, bad_input)
+        finally:
+            self.busy_since = None
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, (message, bad) = failed[0]
+            where = "" if rank == 0 else f" (on rank {rank})"
+            raise GenerationError(f"{message}{where}", bad_input=bad)
+        return output_items(out)
+
+    def heartbeat(self) -> None:
+        if self.world_size > 1:
+            self._send({"op": "ping"})
+
+    def stop(self) -> None:
+        if self.world_size > 1:
+            self._send({"op": "stop"})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+        try:
+            dist.broadcast_object_list([message], src=0)
+        except Exception as e:  # noqa: BLE001 - a peer died or the group timed out
+            raise EngineDead(f"a rank stopped answering ({type(e).__name__}: {e})") from e
+
+    def _gather_status(self, err: str | None, bad_input: bool) -> list[tuple[str, bool] | None]:
+        status = None if err is None else (err, bad_input)
+        if self.world_size == 1:
+            return [status]
+        import torch.distributed as dist
+        gathered: list[Any] = [None] * self.world_size
+        try:
+            dist.all_gather_object(gathered, status)
+        except Exception as e:  # noqa: BLE001
+            raise EngineDead(f"a rank stopped answering ({type(e).__name__}: {e})") from e
+        return gathered
+
+    # ---- ranks > 0 ------------------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Ranks > 0: run what rank 0 sends until it says stop (returns) or a collective fails (raises)."""
+        import torch.distributed as dist
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0)
+            message = box[0]
+            if message["op"] == "stop":
+                return
+            if message["op"] == "run":
+                _, err, bad = self._run_local(message["spec"])
+                gathered: list[Any] = [None] * self.world_size
+                dist.all_gather_object(gathered, None if err is None else (err, bad))
+
+
+def warmup_spec(pipe: Any, size: tuple[int, int] | None = None, num_frames: int | None = None) -> BatchSpec:
+    """The start-up generation: one output, few steps, the served defaults (captures graphs, reads the size)."""
+    params = call_parameters(pipe)
+    text = "0"
+    labels = getattr(pipe, "labels", None)
+    if "prompt" not in params and labels:
+        text = next(iter(labels))
+    elif "prompt" in params:
+        text = "a photo"
+    steps = params.get("num_inference_steps")
+    default = steps.default if steps is not None and isinstance(steps.default, int) else 2
+    takes_size = "height" in params and "width" in params
+    extra = {"num_frames": num_frames} if num_frames is not None and "num_frames" in params else {}
+    return BatchSpec(texts=[text], seeds=[0], steps=min(2, default), guidance=None,
+                     size=size if takes_size else None, negative_prompt=None, extra=extra)
