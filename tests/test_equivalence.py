@@ -46,6 +46,9 @@ def run_zoo(rank: int, world: int, plan_text: str, names: list[str]) -> dict:
                 "fallback_gathers": counts.get("fallback_gathers", 0),
                 "sites": counts.get("sp_attention_sites", 0),
                 "graphs": len(pm.histories),
+                "comm": pm.last_comm,
+                "out_bytes": out.numel() * out.element_size(),
+                "batch": out.shape[0],
             }
     return results
 

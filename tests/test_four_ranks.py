@@ -18,7 +18,8 @@ import xdit_fx
 from xdit_fx import zoo
 from dist_utils import spawn_gloo
 from references import pipefusion_reference
-from test_comm import F32, SITES, analytic
+from test_comm import SITES, analytic
+from test_equivalence import run_zoo
 from tolerances import TOLERANCES
 
 PARITY_PLANS = ["ring=4", "ulysses=4"]
@@ -49,24 +50,8 @@ def _pf_model_and_calls():
 def _runs(rank: int, world: int) -> dict:
     results = {}
     for plan_text in PARITY_PLANS:
-        plan = xdit_fx.Plan.from_string(plan_text)
-        for name in PARITY_MODELS:
-            for uneven in (False, True):
-                torch._dynamo.reset()
-                entry = zoo.get(name)
-                model = entry.build()
-                inputs = entry.inputs(uneven=uneven)
-                with torch.no_grad():
-                    ref = _first(model(**inputs))
-                    pm = xdit_fx.parallelize(model, plan)
-                    out = _first(pm(**inputs))
-                counts = pm.histories[0].counts()
-                expected = None
-                if name in SITES and not uneven:  # bytes per rank from the config, input shapes and plan
-                    expected = analytic(plan, SITES[name](model, inputs), out.numel() * F32, out.shape[0])
-                results[(plan_text, name, uneven)] = {
-                    "err": (out - ref).abs().max().item(), "sites": counts.get("sp_attention_sites", 0),
-                    "fallback": counts.get("fallback_gathers", 0), "comm": pm.last_comm, "expected": expected}
+        for (name, uneven), r in run_zoo(rank, world, plan_text, PARITY_MODELS).items():
+            results[(plan_text, name, uneven)] = r
     for plan_text in [PF_PLAN, *PF_HYBRIDS]:
         torch._dynamo.reset()
         model, calls = _pf_model_and_calls()  # a fresh model: PipeFusion frees the other stages' parameters
@@ -80,19 +65,24 @@ def _runs(rank: int, world: int) -> dict:
 
 def test_ring_and_ulysses_over_four_ranks_and_pipefusion_with_four_stages_or_usp_stages():
     per_rank = spawn_gloo(4, _runs)
-    for rank, res in enumerate(per_rank):
-        for plan_text in PARITY_PLANS:
-            tol = TOLERANCES[plan_text.split("=")[0]]
-            axis, op = ("ring", "ring_p2p") if plan_text.startswith("ring") else ("ulysses", "all_to_all")
-            for name in PARITY_MODELS:
-                for uneven in (False, True):
+    for plan_text in PARITY_PLANS:
+        plan = xdit_fx.Plan.from_string(plan_text)
+        tol = TOLERANCES[plan_text.split("=")[0]]
+        axis, op = ("ring", "ring_p2p") if plan_text.startswith("ring") else ("ulysses", "all_to_all")
+        for name in PARITY_MODELS:
+            entry = zoo.get(name)
+            sites = SITES[name](entry.build(), entry.inputs()) if name in SITES else None
+            for uneven in (False, True):
+                for rank, res in enumerate(per_rank):
                     r = res[(plan_text, name, uneven)]
                     where = f"{plan_text} {name} uneven={uneven} rank {rank}"
-                    assert r["sites"] > 0 and r["fallback"] == 0, f"{where}: {r}"
+                    assert r["shape_ok"] and r["graphs"] == 1, f"{where}: {r}"
+                    assert r["sites"] > 0 and r["fallback_gathers"] == 0, f"{where}: {r}"
                     assert r["comm"][axis][op] > 0, f"{where}: nothing moved on the {axis} axis"
-                    if r["expected"] is not None:
-                        assert r["comm"] == r["expected"], f"{where}: moved {r['comm']} != analytic {r['expected']}"
-                    assert r["err"] <= tol.atol, f"{where}: max abs error {r['err']:.3g} > {tol.atol} ({tol.why})"
+                    if sites is not None and not uneven:  # bytes from the config, input shapes and plan
+                        expected = analytic(plan, sites, r["out_bytes"], r["batch"])
+                        assert r["comm"] == expected, f"{where}: moved {r['comm']} != analytic {expected}"
+                    assert r["max_abs"] <= tol.atol, f"{where}: max abs error {r['max_abs']:.3g} > {tol.atol} ({tol.why})"
 
     model, calls = _pf_model_and_calls()
     with torch.no_grad():
