@@ -19,17 +19,21 @@ MODELS = ["flux", "sd3", "pixart", "wan", "hunyuan_video", "scratch_dit", "scrat
           "scratch_mha_uvit",  # nn.MultiheadAttention, U-ViT long skips (normalize_attention)
           "scratch_manual_video"]  # hand-written softmax(q k^T) v, bmm/baddbmm, Conv3d patching
 PLANS = ["ulysses=2", "ring=2", "ulysses=2,ring=2"]
+#: token counts per plan (uneven: not divisible by the degree): the 4-process USP run takes the uneven ones only,
+#: the layout only it has (padded chunks behind an all-to-all); even counts are the 2-process plans' case
+COUNTS = {xdit_fx.Plan.from_string("ulysses=2,ring=2"): (True,)}
 
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def run_zoo(rank: int, world: int, plan_text: str, names: list[str]) -> dict:
+def run_zoo(rank: int, world: int, plan_text: str, names: list[str], token_counts=(False, True)) -> dict:
+    """Every model of `names` with even and/or uneven token counts (`token_counts`: the values of `uneven`)."""
     plan = xdit_fx.Plan.from_string(plan_text)
     results = {}
     for name in names:
-        for uneven in (False, True):
+        for uneven in token_counts:
             torch._dynamo.reset()
             entry = zoo.get(name)
             model = entry.build()
@@ -56,7 +60,7 @@ def run_zoo(rank: int, world: int, plan_text: str, names: list[str]) -> dict:
 @pytest.fixture(scope="module", params=PLANS)
 def plan_results(request):
     plan = xdit_fx.Plan.from_string(request.param)
-    per_rank = spawn_gloo(plan.world_size, run_zoo, request.param, MODELS)
+    per_rank = spawn_gloo(plan.world_size, run_zoo, request.param, MODELS, COUNTS.get(plan, (False, True)))
     return plan, per_rank
 
 
@@ -64,6 +68,8 @@ def plan_results(request):
 @pytest.mark.parametrize("uneven", [False, True], ids=["even", "uneven"])
 def test_parallel_matches_single_process(plan_results, name, uneven):
     plan, per_rank = plan_results
+    if uneven not in COUNTS.get(plan, (False, True)):
+        pytest.skip(f"{plan.to_string()} runs {'uneven' if uneven else 'even'} token counts only (COUNTS)")
     tol = tolerance(plan)
     for rank, results in enumerate(per_rank):
         r = results[(name, uneven)]

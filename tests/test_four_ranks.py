@@ -23,7 +23,7 @@ from test_equivalence import run_zoo
 from tolerances import TOLERANCES
 
 PARITY_PLANS = ["ring=4", "ulysses=4"]
-PARITY_MODELS = ["flux", "scratch_mmdit", "scratch_dit"]  # joint text+image, key mask + GQA, image only
+PARITY_MODELS = ["flux", "scratch_mmdit"]  # joint text+image; key mask, GQA and a register token
 #: PipeFusion=4 runs a Flux of 2 double + 2 single blocks (one per stage) over 4 patches
 PF_PLAN, PF_PATCHES, PF_CALLS = "pipefusion=4,patches=4,warmup=1", 4, 3
 PF_SEGMENTS = (8, 16)  # text, image tokens of flux_inputs(4, 4, 8)

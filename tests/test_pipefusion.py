@@ -878,6 +878,9 @@ def test_pipefusion_with_ring_equals_the_single_process_and_moves_the_counted_by
     _check_ring_runs(spawn_gloo(4, _ring_small, "ring=2"), 4, 1)
 
 
+@pytest.mark.skipif(os.environ.get("XDIT_FX_SLOW_TESTS") != "1",
+                    reason="8 processes (~40 s on 2 cores): XDIT_FX_SLOW_TESTS=1; tests/test_four_ranks.py runs "
+                           "pipefusion with ring and with ulysses in the default run")
 def test_pipefusion_with_ring_and_ulysses_equals_the_single_process_and_moves_the_counted_bytes():
     """8 processes (2 stages x 2 ring x 2 ulysses ranks; about 30 s): USP inside each stage. Ranks (r, u)
     compute chunk (p*R + r)*U + u of patch p; the Ulysses all-to-all makes ring chunk p*R + r for heads/U."""

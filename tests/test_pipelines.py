@@ -9,6 +9,8 @@ steps and the VAE, hence PIPELINE_ATOL.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -112,6 +114,7 @@ def test_pipelines_match_serial_on_2_ranks():
         _check([r[plan] for r in per_rank], plan)
 
 
+@pytest.mark.skipif(os.environ.get("XDIT_FX_SLOW_TESTS") != "1", reason="4 processes (~35 s): XDIT_FX_SLOW_TESTS=1")
 def test_pipelines_match_serial_on_4_ranks():
     per_rank = spawn_gloo(4, _worker, PLANS_4)
     for plan in PLANS_4:
