@@ -88,18 +88,12 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
-def save_tiny_sd3_folder(path: Path) -> Path:
-    """A Stable Diffusion 3 pipeline folder with random weights, built offline: two tiny CLIP text encoders
-    and a tiny T5 encoder sharing one character-level CLIP tokenizer (nothing to download), the zoo's tiny
-    SD3 transformer and a small VAE. Text prompts go through the real tokenize -> encode path."""
+def _char_tokenizer(path: Path):
+    """A character-level CLIP tokenizer (lowercase letters and digits), written beside `path`: (vocab, tokenizer)."""
     import json
     import string
 
-    import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
-
-    from xdit_fx.zoo import get
+    from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in string.ascii_lowercase + string.digits:
@@ -110,6 +104,20 @@ def save_tiny_sd3_folder(path: Path) -> Path:
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
     (tok_dir / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    return vocab, tokenizer
+
+
+def save_tiny_sd3_folder(path: Path) -> Path:
+    """A Stable Diffusion 3 pipeline folder with random weights, built offline: two tiny CLIP text encoders
+    and a tiny T5 encoder sharing one character-level CLIP tokenizer (nothing to download), the zoo's tiny
+    SD3 transformer and a small VAE. Text prompts go through the real tokenize -> encode path."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from xdit_fx.zoo import get
+
+    vocab, tokenizer = _char_tokenizer(path)
     torch.manual_seed(0)
 
     def encoder():
@@ -133,24 +141,13 @@ def save_tiny_sd3_folder(path: Path) -> Path:
 def save_tiny_wan_folder(path: Path) -> Path:
     """A Wan text-to-video pipeline folder with random weights, built offline: a tiny UMT5 encoder with the
     character-level CLIP tokenizer, the zoo's tiny Wan transformer and a small Wan VAE."""
-    import json
-    import string
-
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
-    from transformers import CLIPTokenizer, UMT5Config, UMT5EncoderModel
+    from transformers import UMT5Config, UMT5EncoderModel
 
     from xdit_fx.zoo import get
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    tok_dir = path.parent / (path.name + "-tokenizer-src")
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    vocab, tokenizer = _char_tokenizer(path)
     torch.manual_seed(0)
     encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=32, num_layers=1,
                                           num_heads=2, pad_token_id=1, eos_token_id=1))
