@@ -55,7 +55,7 @@ class DistBytes:
         real = getattr(dist, name)
 
         def all_to_all_single(output, input, *args, group=None, **kw):
-            _, n, _ = _group_of(kw.get("group", group))
+            _, n, _ = _group_of(group)
             self._add(group, _nbytes(output) * (n - 1) // n)
             return real(output, input, *args, group=group, **kw)
 

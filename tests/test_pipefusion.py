@@ -318,7 +318,6 @@ def test_each_rank_keeps_only_its_stage_parameters(two_rank, name):
 def test_bytes_per_call_match_the_formula(two_rank, name):
     """Stage 1 receives each crossing value of every patch once: for one token stream of L tokens and hidden
     size D that is B*L*D elements per call, whatever M; the last stage broadcasts the output once."""
-    from xdit_fx.zoo import get
     _, res = two_rank
     run0, run1 = res[0][name]["stale"], res[1][name]["stale"]
     spec = run0["spec"]
