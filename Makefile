@@ -34,11 +34,11 @@ serve: $(STAMP)
 USP_MODELS := scratch_dit,scratch_mmdit,scratch_mha_uvit,scratch_manual_video,anyflow_far,hunyuan_dit,ace_step,helios,nucleus_moe_image_moe,ideogram4,wan_vace,ltx2_video,stable_audio3,bria_fibo2,qwen_image,z_image,latte,sana,sana_video,qwen_image21,cosmos3_omni,flux,sd3
 coverage: $(STAMP)
 	mkdir -p .scratch
-	$(BIN)/xdit-fx coverage --plan ulysses=2 --plan ring=2 --jsonl COVERAGE.jsonl --out .scratch/coverage-2.md
-	$(BIN)/xdit-fx coverage --plan ulysses=2,ring=2 --models $(USP_MODELS) --jsonl COVERAGE-usp.jsonl --out .scratch/coverage-4.md
-	$(BIN)/xdit-fx coverage --plan cache=fbc:1e9 --plan cache=teacache:1e9 --jsonl COVERAGE-cache.jsonl --out .scratch/coverage-cache.md
-	$(BIN)/xdit-fx coverage --plan pipefusion=2 --jsonl COVERAGE-pipefusion.jsonl --out .scratch/coverage-pipefusion.md
-	$(BIN)/xdit-fx coverage --report-only COVERAGE.jsonl COVERAGE-usp.jsonl COVERAGE-cache.jsonl COVERAGE-pipefusion.jsonl --out COVERAGE.md
+	$(BIN)/xdit-fx coverage --plan ulysses=2 --plan ring=2 --jsonl coverage/COVERAGE.jsonl --out .scratch/coverage-2.md
+	$(BIN)/xdit-fx coverage --plan ulysses=2,ring=2 --models $(USP_MODELS) --jsonl coverage/COVERAGE-usp.jsonl --out .scratch/coverage-4.md
+	$(BIN)/xdit-fx coverage --plan cache=fbc:1e9 --plan cache=teacache:1e9 --jsonl coverage/COVERAGE-cache.jsonl --out .scratch/coverage-cache.md
+	$(BIN)/xdit-fx coverage --plan pipefusion=2 --jsonl coverage/COVERAGE-pipefusion.jsonl --out .scratch/coverage-pipefusion.md
+	$(BIN)/xdit-fx coverage --report-only coverage/COVERAGE.jsonl coverage/COVERAGE-usp.jsonl coverage/COVERAGE-cache.jsonl coverage/COVERAGE-pipefusion.jsonl --out coverage/COVERAGE.md
 
 # plant each known bug of scripts/mutants.py in a copy of the tree and run the tests that must catch it
 # (~30 min on 2 cores); writes .scratch/mutants.md, exit 1 if any survived

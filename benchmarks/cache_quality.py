@@ -6,7 +6,7 @@ Run by hand (a few minutes on 2 idle cores):
     .venv/bin/python benchmarks/cache_quality.py --per-class 10 --fbc 0.05 0.1 --teacache 0.2 0.4
 
 For every threshold of First-Block-Cache and of TeaCache (with coefficients fitted first by
-`xdit_fx.calibrate.calibrate` on generations with other seeds than the evaluation) it generates the same
+`xdit_fx.cli.calibrate.calibrate` on generations with other seeds than the evaluation) it generates the same
 ``--per-class`` x 10 images as the no-cache run, at the default 20 Euler steps with batched CFG, and
 reports: the fraction of block evaluations skipped, digit accuracy (the SVC judge of xdit_fx.digits), the
 SQNR of the images against the no-cache images (10 log10(sum ref^2 / sum (out - ref)^2), in dB) and the
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 import xdit_fx
-from xdit_fx.cache import FirstBlockCache, TeaCache
-from xdit_fx.calibrate import calibrate
+from xdit_fx.cache_config import FirstBlockCache, TeaCache
+from xdit_fx.cli.calibrate import calibrate
 from xdit_fx.digits import digit_accuracy, load_pipeline
 
 GOAL_SKIP, GOAL_ACCURACY_DROP = 0.45, 0.01

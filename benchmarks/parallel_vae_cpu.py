@@ -91,7 +91,7 @@ def bench_worker(config: str, latent: int, repeats: int) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
     from xdit_fx.runtime import init_distributed
-    from xdit_fx.runtime.collectives import COMM
+    from xdit_fx.ops.collectives import COMM
     from xdit_fx.runtime.vae import parallel_decode
 
     nproc, threads = CONFIGS[config]

@@ -36,7 +36,7 @@ def worker(config: str, labels: list[int], repeats: int) -> dict[str, Any]:
 
     import xdit_fx
     from xdit_fx.digits import load_pipeline
-    from xdit_fx.runtime.collectives import COMM
+    from xdit_fx.ops.collectives import COMM
 
     nproc, threads, plan = CONFIGS[config]
     torch.set_num_threads(threads)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from xdit_fx.runtime.collectives import attention_with_lse, attention_with_lse_reference
+from xdit_fx.ops.collectives import attention_with_lse, attention_with_lse_reference
 
 SHAPES = [  # (batch, heads, local queries, key chunk, head dim)
     (1, 24, 2304, 2304, 128),   # Flux 1024^2 (4096 + 512 tokens) over ring=2

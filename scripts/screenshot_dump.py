@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from xdit_fx.dump_html import screenshot, write_html
+from xdit_fx.debug.html import screenshot, write_html
 
 
 def main() -> int:

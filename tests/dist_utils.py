@@ -55,7 +55,7 @@ def _worker(rank: int, world_size: int, init_file: str, fn, args, out_dir: str, 
 def reported_bytes():
     """Bytes xdit_fx's wrappers report while the block runs (every `CommCounter.add`, whichever counter and
     whatever resets it), per process group name."""
-    from xdit_fx.runtime.collectives import CommCounter
+    from xdit_fx.ops.collectives import CommCounter
 
     tally: dict[str, int] = {}
     real = CommCounter.add

@@ -78,7 +78,7 @@ def test_a_batch_rank_runs_only_its_chunk(monkeypatch, batch, dp_rank, rows, siz
     gathered; a batch smaller than the ranks leaves a rank duplicating chunk 0 (rank % k)."""
     from xdit_fx import Plan
     from xdit_fx.runtime import batch as batch_mod
-    from xdit_fx.runtime.mesh import ProcessGroups
+    from xdit_fx.runtime.groups import ProcessGroups
 
     plan = Plan(dp_degree=2)
     groups = ProcessGroups(plan=plan, rank=dp_rank, coords={"dp": dp_rank, "cfg": 0}, names={"batch": "pg-batch"})

@@ -15,9 +15,9 @@ import torch
 
 import xdit_fx
 from xdit_fx import Plan, PlanError, UnsupportedGraph
-from xdit_fx.cache import FirstBlockCache, TeaCache, cache_from_string
+from xdit_fx.cache_config import FirstBlockCache, TeaCache, cache_from_string
 from xdit_fx.runtime.cache import CachedRegion
-from xdit_fx.coverage import _compare, _flat
+from xdit_fx.cli.coverage import _compare, _flat
 
 from dist_utils import spawn_gloo
 import parallel_checks
@@ -71,9 +71,9 @@ def test_teacache_rescale_is_the_polynomial_clamped_at_zero():
 # ---- the pass --------------------------------------------------------------------------------------------
 
 def test_insert_cache_cuts_the_stack_after_the_first_block_and_shows_the_body_in_the_dump():
-    from xdit_fx.capture import capture_graphs
-    from xdit_fx.dump import render_graph
-    from xdit_fx.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.compiler.capture import capture_graphs
+    from xdit_fx.debug.dump import render_graph
+    from xdit_fx.compiler.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
     from xdit_fx.runtime.cache import CachedRegion
 
     tr = _digits().transformer

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from xdit_fx.coverage import ModelSpec, classify, run_coverage, write_report
+from xdit_fx.cli.coverage import ModelSpec, classify, run_coverage, write_report
 from xdit_fx.zoo import coverage_zoo, excluded
 
 SUBSET = ["nucleus_moe_image_moe",  # MoE feed-forward

@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from xdit_fx import zoo
-from xdit_fx.capture import capture_graphs
+from xdit_fx.compiler.capture import capture_graphs
 from xdit_fx.cli import main
-from xdit_fx.dump import dump_module, normalise_for_golden, parse_line, read_dump, render_graph
-from xdit_fx.dump_diff import diff_dumps
-from xdit_fx.dump_html import find_browser, screenshot
+from xdit_fx.debug.dump import dump_module, normalise_for_golden, parse_line, read_dump, render_graph
+from xdit_fx.debug.diff import diff_dumps
+from xdit_fx.debug.html import find_browser, screenshot
 from xdit_fx.errors import PassError, UnsupportedGraph
-from xdit_fx.passes import MeshSpec, PassContext, PassResult, build_pipeline, graph_pass, run_pipeline
+from xdit_fx.compiler.passes import MeshSpec, PassContext, PassResult, build_pipeline, graph_pass, run_pipeline
 from xdit_fx.plan import Plan
 
 GOLDEN = Path(__file__).parent / "golden"

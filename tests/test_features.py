@@ -15,7 +15,7 @@ from torch import nn
 
 import xdit_fx
 from xdit_fx import Plan, TeaCache
-from xdit_fx.cache import load_coefficients
+from xdit_fx.cache_config import load_coefficients
 from xdit_fx.cli import main
 
 from dist_utils import spawn_gloo

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from xdit_fx.cli import main
-from xdit_fx.generate import digit_labels
+from xdit_fx.cli.generate import digit_labels
 
 
 def test_digit_prompts():
@@ -144,7 +144,7 @@ def test_error_inside_the_ranks_is_printed_once(folders, capfd, tmp_path):
 
 def test_a_rank_error_is_one_line_and_keeps_the_dump_hint():
     from xdit_fx.errors import UnsupportedGraph, dump_hint
-    from xdit_fx.generate import one_line
+    from xdit_fx.cli.generate import one_line
     from xdit_fx.plan import Plan
 
     exc = UnsupportedGraph("pipefusion: node 'x' (blocks.0)\n  has no token rule.\n  fix: use ulysses\n"

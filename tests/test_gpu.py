@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xdit_fx.runtime.collectives import attention_with_lse, attention_with_lse_reference, merge_partial
+from xdit_fx.ops.collectives import attention_with_lse, attention_with_lse_reference, merge_partial
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -76,7 +76,7 @@ def test_fully_masked_rows_of_a_chunk_get_minus_infinity_and_zero_output():
 
 
 def test_a_key_chunk_of_unaligned_length_with_a_mask_stays_on_the_fused_kernel(monkeypatch):
-    from xdit_fx.runtime import collectives
+    from xdit_fx.ops import collectives
 
     q, k, v = _qkv(torch.bfloat16, lq=45, lk=45)
     bias = _mask_bias(45, 45, 1, torch.bfloat16)

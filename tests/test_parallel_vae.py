@@ -99,7 +99,7 @@ REFUSED = {
 
 
 def _parity(vae, z):
-    from xdit_fx.runtime.collectives import COMM
+    from xdit_fx.ops.collectives import COMM
     from xdit_fx.runtime.vae import parallel_decode
 
     with torch.no_grad():

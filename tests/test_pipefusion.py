@@ -12,7 +12,7 @@ import torch
 
 import xdit_fx
 from xdit_fx import Plan, PlanError
-from xdit_fx.passes.pipefusion import META_PIPEFUSION, cut_stages
+from xdit_fx.compiler.passes.pipefusion import META_PIPEFUSION, cut_stages
 
 from dist_utils import spawn_gloo
 
@@ -67,8 +67,8 @@ def test_cut_balances_cost_not_block_count():
 
 
 def _region(model, plan: str, **inputs):
-    from xdit_fx.capture import capture_graphs
-    from xdit_fx.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.compiler.capture import capture_graphs
+    from xdit_fx.compiler.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
     from xdit_fx.runtime.pipefusion import PipeFusionRegion
     from xdit_fx.zoo import get
 
@@ -165,10 +165,10 @@ def test_a_part_before_the_blocks_that_needs_the_whole_sequence_runs_whole():
     """HunyuanVideo's token refiner pools the text over its tokens (a sum over every token) and conditions
     every block with it: one patch at a time cannot compute that, so everything up to it runs whole on
     every rank, the refiner's blocks included, and the patches start after it."""
-    from xdit_fx.capture import capture_graphs
-    from xdit_fx.fx_utils import META_WHOLE
-    from xdit_fx.passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
-    from xdit_fx.runtime import collectives
+    from xdit_fx.compiler.capture import capture_graphs
+    from xdit_fx.compiler.fx_utils import META_WHOLE
+    from xdit_fx.compiler.passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.ops import collectives
     from xdit_fx.zoo import get
 
     zm = get("hunyuan_video")
@@ -355,7 +355,7 @@ def test_pipefusion_with_cfg_or_dp_on_the_digits_pipeline_matches_serial(plan):
 def test_generate_flags_make_the_plan():
     import argparse
 
-    from xdit_fx.generate import add_arguments, plan_from_args
+    from xdit_fx.cli.generate import add_arguments, plan_from_args
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "4", "--warmup_steps", "2",
@@ -410,9 +410,9 @@ def _two_call_stale_reference(pipe):
 
 
 def test_dump_shows_the_stage_of_each_node_and_the_cut():
-    from xdit_fx.capture import capture_graphs
-    from xdit_fx.dump import render_graph
-    from xdit_fx.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.compiler.capture import capture_graphs
+    from xdit_fx.debug.dump import render_graph
+    from xdit_fx.compiler.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
     from xdit_fx.zoo import get
 
     zm = get("scratch_dit")
@@ -432,7 +432,7 @@ slow_4 = pytest.mark.skipif(os.environ.get("XDIT_FX_SLOW_TESTS") != "1", reason=
 def _hybrid_runs(rank, world, names, sp):
     """pipefusion=2 with `sp` ("ulysses=2" or "ring=2") on 4 processes: every model exact (warm-up on every
     call) and stale, with bytes and the queries of this rank's stage; and the same input twice."""
-    from xdit_fx.passes.pipefusion import _global_value
+    from xdit_fx.compiler.passes.pipefusion import _global_value
     from xdit_fx.runtime.pipefusion import pf_attention
     from xdit_fx.zoo import get
 
@@ -668,7 +668,7 @@ def _packed_and_causal():
 
 
 def _packed_and_causal_runs(rank, world):
-    from xdit_fx.fx_utils import META_BLOCK, META_WHOLE
+    from xdit_fx.compiler.fx_utils import META_BLOCK, META_WHOLE
     out = {}
     for name in _packed_and_causal():
         row = {}

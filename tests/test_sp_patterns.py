@@ -233,7 +233,7 @@ def test_pattern_matches_single_process_usp(usp_results, name):
 
 def test_inserted_node_names_are_unique():
     """Two values that would both be called shard_<x> (a value sliced along two layouts) get distinct names."""
-    from xdit_fx.passes.sequence_parallel import _unique_name
+    from xdit_fx.compiler.passes.sequence_parallel import _unique_name
 
     g = torch.fx.Graph()
     x = g.placeholder("x")

@@ -6,14 +6,14 @@
     pipe = xdit_fx.parallelize(pipe, "cfg=2,ulysses=2")  # a whole pipeline: CFG, data parallel, VAE
 """
 
-from .api import parallelize
-from .cache import FirstBlockCache, TeaCache
-from .loading import load_pipeline, local_device
-from .errors import MissingBackend, PassError, PlanError, UnsupportedGraph, XditFxError
-from .pipeline import ParallelPipeline
-from .plan import Plan
-from .runtime.collectives import COMM
-from .runtime.mesh import init_distributed
+from xdit_fx.api import parallelize
+from xdit_fx.cache_config import FirstBlockCache, TeaCache
+from xdit_fx.loading import load_pipeline, local_device
+from xdit_fx.errors import MissingBackend, PassError, PlanError, UnsupportedGraph, XditFxError
+from xdit_fx.pipeline import ParallelPipeline
+from xdit_fx.plan import Plan
+from xdit_fx.ops.collectives import COMM
+from xdit_fx.runtime.groups import init_distributed
 
 __all__ = ["COMM", "FirstBlockCache", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "TeaCache", "UnsupportedGraph",
            "XditFxError", "init_distributed", "load_pipeline",

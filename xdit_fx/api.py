@@ -7,11 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PlanError
-from .pipeline import ParallelPipeline, is_pipeline
-from .plan import Plan
-from .runtime.mesh import build_groups, env_world_size, init_distributed
-from .runtime.module import ParallelModule
+from xdit_fx.errors import PlanError
+from xdit_fx.pipeline import ParallelPipeline, is_pipeline
+from xdit_fx.plan import Plan
+from xdit_fx.runtime.groups import build_groups, env_world_size, init_distributed
+from xdit_fx.runtime.module import ParallelModule
 
 
 def parallelize(model: nn.Module | Any, plan: Plan | str | None = None) -> ParallelModule | ParallelPipeline:

@@ -25,7 +25,7 @@ class MissingBackend(XditFxError, ImportError):
 
 def describe_node(node) -> str:
     """One line that locates an fx node: its name, module path and the user source line."""
-    from .fx_utils import module_path, source_line
+    from xdit_fx.compiler.fx_utils import module_path, source_line
 
     parts = [f"node '{node.name}'"]
     path = module_path(node)

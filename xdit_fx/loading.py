@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import MissingBackend, PlanError, XditFxError
+from xdit_fx.errors import MissingBackend, PlanError, XditFxError
 
 #: the embedded trained model (xdit_fx/digits), loaded by this name
 DIGITS = "digits"
@@ -188,7 +188,7 @@ def load_pipeline(model: str | os.PathLike, *, dtype: str | torch.dtype | None =
     device = torch.device(device) if device is not None else local_device()
     torch_dtype = resolve_dtype(dtype, device)
     if str(model) == DIGITS:
-        from .digits import load_pipeline as load_digits
+        from xdit_fx.digits import load_pipeline as load_digits
 
         pipe = load_digits(torch_dtype=torch_dtype or torch.float32)
     else:

@@ -25,11 +25,11 @@ from typing import Any
 
 from torch import nn
 
-from .errors import PlanError
-from .plan import Plan
-from .runtime.batch import PairState
-from .runtime.mesh import ProcessGroups
-from .runtime.module import ParallelModule
+from xdit_fx.errors import PlanError
+from xdit_fx.plan import Plan
+from xdit_fx.runtime.batch import PairState
+from xdit_fx.runtime.groups import ProcessGroups
+from xdit_fx.runtime.module import ParallelModule
 
 #: Pipeline components called inside the denoising loop, by diffusers' naming convention.
 DENOISER_PREFIXES = ("transformer", "unet", "prior")
@@ -84,15 +84,15 @@ class ParallelPipeline:
         self._hook_scheduler()
         self._vae_hooked = False
         if plan.parallel_vae and plan.world_size > 1 and getattr(pipe, "vae", None) is not None:
-            from .runtime.vae import ParallelVAE
+            from xdit_fx.runtime.vae import ParallelVAE
             self._vae_hooked = True
             pipe.vae.decode = ParallelVAE(pipe.vae, group=None).decode
             import torch.distributed as dist
 
-            from .runtime.collectives import COMM
+            from xdit_fx.ops.collectives import COMM
             COMM.axis_of_group.setdefault(dist.group.WORLD.group_name, "vae")  # its bytes, named in reports
         if self.rank != 0:
-            from .loading import quiet_other_ranks
+            from xdit_fx.loading import quiet_other_ranks
 
             quiet_other_ranks(self.rank)
             if hasattr(pipe, "set_progress_bar_config"):

@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .cache import CacheConfig, FirstBlockCache, TeaCache, cache_from_dict, cache_from_string
-from .errors import PlanError
+from xdit_fx.cache_config import CacheConfig, FirstBlockCache, TeaCache, cache_from_dict, cache_from_string
+from xdit_fx.errors import PlanError
 
 #: Mesh axes from outermost to innermost.
 AXES = ("dp", "cfg", "pipefusion", "ring", "ulysses")
@@ -55,7 +55,7 @@ class Plan:
             and unconditional halves of a batched call, or the two calls of a two-call pipeline).
         pipefusion_degree: pipeline stages over the block stack (PipeFusion): each rank holds a cost-balanced
             share of the blocks and the token sequence flows through them in patches (see
-            xdit_fx/passes/pipefusion.py).
+            xdit_fx/compiler/passes/pipefusion.py).
         pipefusion_patches: M, the number of patches the token sequence is split into under PipeFusion
             (0: one per stage). Every token segment must be divisible by M (by M * ulysses with ulysses).
         pipefusion_warmup_steps: calls per generation (and per CFG branch) that run the whole sequence
@@ -64,7 +64,7 @@ class Plan:
         compile: run the rewritten graph through ``torch.compile`` (Inductor).
         parallel_vae: on a pipeline, decode the latent split by rows over all ranks (halo exchange).
         cache: skip the block stack on steps where it would change little: ``FirstBlockCache(threshold)`` or
-            ``TeaCache(threshold, coefficients)`` (see xdit_fx/cache.py); None: run every block every step.
+            ``TeaCache(threshold, coefficients)`` (see xdit_fx/cache_config.py); None: run every block every step.
         debug_dump_dir: if set, every pass writes a snapshot of the graph there.
     """
 

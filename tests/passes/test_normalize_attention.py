@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xdit_fx.fx_utils import is_sdpa
-from xdit_fx.passes import MeshSpec, PassContext, normalize_attention, run_pipeline
+from xdit_fx.compiler.fx_utils import is_sdpa
+from xdit_fx.compiler.passes import MeshSpec, PassContext, normalize_attention, run_pipeline
 from xdit_fx.plan import Plan
 
 CTX = PassContext(plan=Plan(ulysses_degree=2), mesh=MeshSpec(ulysses=2))
@@ -153,7 +153,7 @@ def test_flex_attention_is_refused_with_the_node_and_a_dump_hint():
     from torch.nn.attention.flex_attention import flex_attention
 
     from xdit_fx.errors import UnsupportedGraph
-    from xdit_fx.passes import find_attention
+    from xdit_fx.compiler.passes import find_attention
 
     class Flex(nn.Module):
         def forward(self, q, k, v):

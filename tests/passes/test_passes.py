@@ -18,15 +18,15 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from xdit_fx.capture import capture_graphs
+from xdit_fx.compiler.capture import capture_graphs
 from xdit_fx.errors import PassError, UnsupportedGraph, XditFxError
-from xdit_fx.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT,
+from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT,
                               META_SP_ATTENTION, is_sdpa, shape_of)
-from xdit_fx.passes import (GraphHistory, MeshSpec, PassContext, PassResult, build_pipeline, check_pipeline,
+from xdit_fx.compiler.passes import (GraphHistory, MeshSpec, PassContext, PassResult, build_pipeline, check_pipeline,
                             graph_pass, run_pipeline, shard_sequence)
 from xdit_fx.plan import Plan
-from xdit_fx.runtime.attention import sp_attention
-from xdit_fx.runtime.collectives import gather_tokens, shard_tokens
+from xdit_fx.ops.attention import sp_attention
+from xdit_fx.ops.collectives import gather_tokens, shard_tokens
 
 DIM, TEXT_DIM, TEXT_LEN = 16, 8, 4
 

@@ -1,4 +1,4 @@
-"""Unit tests of the dim-correspondence rules and the token-space union-find (xdit_fx.passes.token_dims).
+"""Unit tests of the dim-correspondence rules and the token-space union-find (xdit_fx.compiler.passes.token_dims).
 
 Each test captures a tiny module with dynamo (the same capture path as `parallelize`), runs `infer` on the
 graph and checks which (tensor, dim) pairs end up in one token space. Nothing here rewrites a graph.
@@ -12,9 +12,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from xdit_fx.capture import capture_graphs
-from xdit_fx.fx_utils import example_value
-from xdit_fx.passes.token_dims import TokenDims, infer, reshape_groups, rule_for
+from xdit_fx.compiler.capture import capture_graphs
+from xdit_fx.compiler.fx_utils import example_value
+from xdit_fx.compiler.passes.token_dims import TokenDims, infer, reshape_groups, rule_for
 
 B, S, T, H, D = 2, 6, 3, 2, 4  # batch, image tokens, text tokens, heads, head dim
 

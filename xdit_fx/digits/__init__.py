@@ -13,7 +13,7 @@ visible, checkable output possible anywhere::
     print(digit_accuracy(images, labels))
 """
 
-from .metric import digit_accuracy, digit_classifier
-from .pipeline import CHECKPOINT_DIR, DigitsPipeline, load_pipeline, make_grid
+from xdit_fx.digits.metric import digit_accuracy, digit_classifier
+from xdit_fx.digits.pipeline import CHECKPOINT_DIR, DigitsPipeline, load_pipeline, make_grid
 
 __all__ = ["CHECKPOINT_DIR", "DigitsPipeline", "digit_accuracy", "digit_classifier", "load_pipeline", "make_grid"]

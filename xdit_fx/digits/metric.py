@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import torch
 
-from .data import load_digit_images
+from xdit_fx.digits.data import load_digit_images
 
 HELD_OUT_FRACTION = 0.25
 SPLIT_SEED = 0

@@ -27,9 +27,9 @@ import torch
 from diffusers import DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.models.embeddings import LabelEmbedding
 
-from .data import IMAGE_SIZE, NUM_CLASSES, load_digit_images
-from .metric import digit_accuracy, digit_classifier
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, DigitsPipeline
+from xdit_fx.digits.data import IMAGE_SIZE, NUM_CLASSES, load_digit_images
+from xdit_fx.digits.metric import digit_accuracy, digit_classifier
+from xdit_fx.digits.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, DigitsPipeline
 
 MODEL_CONFIG = dict(
     num_attention_heads=4,  # divisible by ulysses degrees 2 and 4

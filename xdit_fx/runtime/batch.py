@@ -32,10 +32,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..errors import XditFxError
-from ..plan import Plan
-from .collectives import COMM, _group
-from .mesh import ProcessGroups
+from xdit_fx.errors import XditFxError
+from xdit_fx.plan import Plan
+from xdit_fx.ops.collectives import COMM, _group
+from xdit_fx.runtime.groups import ProcessGroups
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 
-from ..errors import UnsupportedGraph, XditFxError
-from .collectives import COMM, _group, all_reduce_received
-from .inductor import InductorPiece
-from .steps import StepSlots
+from xdit_fx.errors import UnsupportedGraph, XditFxError
+from xdit_fx.ops.collectives import COMM, _group, all_reduce_received
+from xdit_fx.runtime.inductor import InductorPiece
+from xdit_fx.runtime.steps import StepSlots
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
-from ..errors import XditFxError
-from ..plan import Plan
-from .batch import BatchSplitter
-from ..passes.cache import REFUSAL
-from .cache import CachedRegion, CacheRuntime
-from .collectives import COMM
-from .mesh import ProcessGroups
+from xdit_fx.compiler.passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
+from xdit_fx.errors import XditFxError
+from xdit_fx.plan import Plan
+from xdit_fx.runtime.batch import BatchSplitter
+from xdit_fx.compiler.passes.cache_regions import REFUSAL
+from xdit_fx.runtime.cache import CachedRegion, CacheRuntime
+from xdit_fx.ops.collectives import COMM
+from xdit_fx.runtime.groups import ProcessGroups
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ParallelModule(nn.Module):
         self.cache = CacheRuntime(plan.cache, self._sp_groups) if plan.cache is not None else None
         self.pipefusion = None
         if plan.pipefusion_degree > 1:
-            from .pipefusion import PipeFusionRuntime
+            from xdit_fx.runtime.pipefusion import PipeFusionRuntime
             self.pipefusion = PipeFusionRuntime(plan, groups)
         self._to_free: list[torch.Tensor] = []
 
@@ -88,13 +88,13 @@ class ParallelModule(nn.Module):
         dump_dir = plan.debug_dump_dir or os.environ.get("XDIT_FX_DUMP_DIR")
         render = None
         if dump_dir:
-            from ..dump import render_graph
+            from xdit_fx.debug.dump import render_graph
             render = render_graph
         try:
             gm = run_pipeline(gm, build_pipeline(plan), ctx, history, render)
         finally:  # also when a pass fails: the passes before it are dumped
             if dump_dir:
-                from ..dump import run_formats, write_dump
+                from xdit_fx.debug.dump import run_formats, write_dump
                 rank = self.groups.rank if self.groups is not None else 0
                 write_dump(history, plan, os.path.join(dump_dir, f"rank{rank}", f"graph{len(self.histories)}"),
                            formats=run_formats())
@@ -108,8 +108,8 @@ class ParallelModule(nn.Module):
         for region in regions:  # the region compiles its body itself; the few nodes around it run as they are
             region.bind(self.cache, compile=plan.compile)
         if plan.compile and warm_gm is not None:  # Inductor around the PipeFusion region (which sends/receives)
-            from .inductor import compile_between
-            from .pipefusion import PipeFusionRegion
+            from xdit_fx.runtime.inductor import compile_between
+            from xdit_fx.runtime.pipefusion import PipeFusionRegion
             return compile_between(gm, lambda n: n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                         PipeFusionRegion), "graph").forward
         if plan.compile and not regions:
@@ -123,7 +123,7 @@ class ParallelModule(nn.Module):
         the parameters that only other stages read."""
         import dataclasses
 
-        from .pipefusion import PipeFusionRegion
+        from xdit_fx.runtime.pipefusion import PipeFusionRegion
         warm_plan = dataclasses.replace(self.plan, pipefusion_patches=1)
         warm_gm = run_pipeline(warm_gm, build_pipeline(warm_plan),
                                dataclasses.replace(ctx, plan=warm_plan, layout_patches=self.plan.patches))
@@ -142,8 +142,8 @@ class ParallelModule(nn.Module):
             region.bind(self.pipefusion, w)
             w.bind(self.pipefusion, w)
             if self.plan.compile:  # Inductor between the per-patch ops (they read the patch, write the buffers)
-                from .inductor import compile_between
-                from .pipefusion import pf_attention, pf_shard_tokens
+                from xdit_fx.runtime.inductor import compile_between
+                from xdit_fx.runtime.pipefusion import pf_attention, pf_shard_tokens
                 for r, what in ((region, "patched"), (w, "warm-up")):
                     program = r.spec.programs[stage]
                     program.compiled = compile_between(
@@ -163,7 +163,7 @@ class ParallelModule(nn.Module):
         out = self.batch(self._run, args, kwargs) if self.batch is not None else self._run(*args, **kwargs)
         self.last_comm = COMM.since(before)
         if self._to_free:  # parameters only other pipeline stages read (the next call recaptures once)
-            from .pipefusion import free_parameters
+            from xdit_fx.runtime.pipefusion import free_parameters
             free_parameters(self._to_free)
             self._to_free = []
         return out

@@ -52,10 +52,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import XditFxError
-from .attention import _mask_bias, _positions
-from .collectives import COMM, _group, all_gather, all_to_all
-from .steps import StepSlots
+from xdit_fx.errors import XditFxError
+from xdit_fx.ops.attention import _mask_bias, _positions
+from xdit_fx.ops.collectives import COMM, _group, all_gather, all_to_all
+from xdit_fx.runtime.steps import StepSlots
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def _pf_ring_attention(q, k, v, attn_mask, site, q_segments, kv_segments, scale)
     ranks by ring attention, the mask re-indexed to that key order. Segments every patch computes whole (a
     time token) stay out of the buffers: their keys are attended locally (this rank's heads) and merged by
     log-sum-exp; their queries attend like the others, and their outputs are gathered over the heads."""
-    from .collectives import _chunk_attention, merge_partial, ring_attention_lse
+    from xdit_fx.ops.collectives import _chunk_attention, merge_partial, ring_attention_lse
     rr, u, sub = PATCH.ring, PATCH.ulysses, PATCH.sub
     n = PATCH.patches * sub * rr * u  # chunks per sharded segment
     heads = q.shape[1]

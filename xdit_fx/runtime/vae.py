@@ -64,8 +64,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import PlanError, XditFxError
-from .collectives import COMM, all_reduce_received
+from xdit_fx.errors import PlanError, XditFxError
+from xdit_fx.ops.collectives import COMM, all_reduce_received
 
 RETURN_ON = ("all", "rank0")
 

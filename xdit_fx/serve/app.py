@@ -29,8 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, confloat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import Batcher, Job, NotAccepting, QueueFull
-from .engine import BatchSpec, Capabilities
+from xdit_fx.serve.batcher import Batcher, Job, NotAccepting, QueueFull
+from xdit_fx.serve.engine import BatchSpec, Capabilities
 
 MAX_SEED = 2**63 - 1
 
@@ -415,7 +415,7 @@ class Service:
         return max(0.0, job.arrival + self.limits.request_timeout_s - time.monotonic())
 
     def job_error(self, job: Job) -> ApiError:
-        from .engine import EngineDead, GenerationError
+        from xdit_fx.serve.engine import EngineDead, GenerationError
         e = job.error
         if isinstance(e, ApiError):
             return e

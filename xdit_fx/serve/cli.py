@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ..errors import PlanError, XditFxError
+from xdit_fx.errors import PlanError, XditFxError
 
 API_KEY_ENV = "XDIT_FX_API_KEY"
 SERVE_DEPS = ("fastapi", "uvicorn", "pydantic", "prometheus_client", "PIL")
@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Check everything that needs no process; return the config every rank receives."""
-    from ..plan import Plan
+    from xdit_fx.plan import Plan
 
     missing = [name for name in SERVE_DEPS if importlib.util.find_spec(name) is None]
     if missing:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import XditFxError
+from xdit_fx.errors import XditFxError
 
 log = logging.getLogger("xdit_fx.serve")
 

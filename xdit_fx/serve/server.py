@@ -42,9 +42,9 @@ def _setup_logging(rank: int) -> None:
 def load_served_pipeline(model: str | None):
     """The embedded digits model (model None) or a diffusers pipeline folder, with its served name."""
     if model is None:
-        from ..digits import load_pipeline
+        from xdit_fx.digits import load_pipeline
         return load_pipeline(), "digits"
-    from ..loading import load_pipeline, local_device
+    from xdit_fx.loading import load_pipeline, local_device
     return load_pipeline(model, device=local_device()), Path(model).resolve().name
 
 
@@ -60,8 +60,8 @@ def engine_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) ->
     """Rank 0's loop: form batches, run them (a failed merged batch is retried request by request),
     heartbeat while idle, drain on a signal. Returns 0 after a drain, DEAD_EXIT_CODE when the engine died
     (every running and queued request is then answered 503)."""
-    from .batcher import run_batch_with_retry
-    from .engine import EngineDead
+    from xdit_fx.serve.batcher import run_batch_with_retry
+    from xdit_fx.serve.engine import EngineDead
 
     def run_jobs(jobs):
         outputs = engine.run(merge(jobs), tuple(j.id for j in jobs))
@@ -117,8 +117,8 @@ def serve_worker(cfg: dict[str, Any]) -> int:
     import torch
 
     import xdit_fx
-    from ..plan import Plan
-    from .engine import Engine, warmup_spec
+    from xdit_fx.plan import Plan
+    from xdit_fx.serve.engine import Engine, warmup_spec
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -158,7 +158,7 @@ def serve_worker(cfg: dict[str, Any]) -> int:
         if cfg.get("status_file"):  # this node's launcher reads it (another node may host rank 0)
             Path(cfg["status_file"]).write_text("drained")
         return 0
-    from .engine import read_capabilities
+    from xdit_fx.serve.engine import read_capabilities
     engine.caps = read_capabilities(pipe, model_id, out, size)
     return _serve_rank0(cfg, engine, plan, world, stop)
 
@@ -166,8 +166,8 @@ def serve_worker(cfg: dict[str, Any]) -> int:
 def _serve_rank0(cfg: dict[str, Any], engine, plan, world: int, stop: dict) -> int:
     import uvicorn
 
-    from .app import Limits, Service, build_app
-    from .batcher import Batcher
+    from xdit_fx.serve.app import Limits, Service, build_app
+    from xdit_fx.serve.batcher import Batcher
 
     batcher = Batcher(cfg["max_batch"], cfg["batch_window_ms"] / 1000.0, cfg["max_queue"])
     limits = Limits(max_n=cfg["max_n"], max_steps=cfg["max_steps"], max_pixels_side=cfg["max_size"],

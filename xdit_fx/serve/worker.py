@@ -8,7 +8,7 @@ return value (which it does not do while it is shutting the ranks down after a s
 import json
 import sys
 
-from .server import serve_worker
+from xdit_fx.serve.server import serve_worker
 
 if __name__ == "__main__":
     with open(sys.argv[1], encoding="utf-8") as f:

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-from .core import ZOO, ScratchDiT, ZooModel, build_flux, flux_inputs
-from .scratch import SCRATCH_ENTRIES, ManualVideoDiT, MHAUViT
+from xdit_fx.zoo.core import ZOO, ScratchDiT, ZooModel, build_flux, flux_inputs
+from xdit_fx.zoo.scratch import SCRATCH_ENTRIES, ManualVideoDiT, MHAUViT
 
 ZOO.update({m.name: m for m in SCRATCH_ENTRIES})
 
@@ -20,21 +20,21 @@ __all__ = ["ZooModel", "ZOO", "get", "ScratchDiT", "MHAUViT", "ManualVideoDiT", 
 
 def coverage_zoo() -> dict[str, ZooModel]:
     """Every entry of the coverage matrix: the in-scope diffusers classes, then the from-scratch DiTs."""
-    from .diffusers_zoo import COVERAGE_ZOO
+    from xdit_fx.zoo.diffusers_zoo import COVERAGE_ZOO
 
     scratch = {name: m for name, m in ZOO.items() if m.source.startswith("xdit_fx")}
     return {**COVERAGE_ZOO, **scratch}
 
 
 def excluded() -> dict[str, str]:
-    from .diffusers_zoo import EXCLUDED
+    from xdit_fx.zoo.diffusers_zoo import EXCLUDED
 
     return dict(EXCLUDED)
 
 
 def not_configured() -> dict[str, str]:
     """In-scope diffusers classes without a tiny config yet (reported as failing), with why."""
-    from .diffusers_zoo import NOT_CONFIGURED
+    from xdit_fx.zoo.diffusers_zoo import NOT_CONFIGURED
 
     return dict(NOT_CONFIGURED)
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .core import ZOO as _CORE, ZooModel, _seeded_build
+from xdit_fx.zoo.core import ZOO as _CORE, ZooModel, _seeded_build
 
 __all__ = ["COVERAGE_ZOO", "EXCLUDED", "diffusers_entry"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import ZooModel, _randn, _seeded_build
+from xdit_fx.zoo.core import ZooModel, _randn, _seeded_build
 
 # ------------------------------------------------------------------------------------------------
 # MHAUViT

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import TeaCache
-from .errors import PlanError
-from .plan import Plan
+from xdit_fx.cache_config import TeaCache
+from xdit_fx.errors import PlanError
+from xdit_fx.plan import Plan
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def calibrate(pipe: Any, call_kwargs: list[dict[str, Any]], degree: int = 4) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loading import DIGITS, load_pipeline, pipeline_index
+    from xdit_fx.loading import DIGITS, load_pipeline, pipeline_index
 
     if args.model != DIGITS:
         pipeline_index(args.model)  # not a pipeline folder: one line before loading

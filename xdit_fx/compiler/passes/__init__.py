@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from .analysis import find_attention, find_transformer_blocks
-from .cache import insert_cache
-from .normalize_attention import normalize_attention
-from .base import (GraphHistory, GraphPass, MeshSpec, PassContext, PassInfo, PassResult, check_pipeline,
+from xdit_fx.compiler.passes.analysis import find_attention, find_transformer_blocks
+from xdit_fx.compiler.passes.cache_regions import insert_cache
+from xdit_fx.compiler.passes.normalize_attention import normalize_attention
+from xdit_fx.compiler.passes.base import (GraphHistory, GraphPass, MeshSpec, PassContext, PassInfo, PassResult, check_pipeline,
                    graph_pass, run_pipeline)
-from .sequence_parallel import infer_token_dims, parallelize_attention, shard_sequence
-from .pipefusion import patch_sequence, pipefusion
+from xdit_fx.compiler.passes.sequence_parallel import infer_token_dims, parallelize_attention, shard_sequence
+from xdit_fx.compiler.passes.pipefusion import patch_sequence, pipefusion
 
 ALL_PASSES: tuple[GraphPass, ...] = (
     normalize_attention, find_attention, find_transformer_blocks, infer_token_dims, shard_sequence, parallelize_attention,

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from ..fx_utils import example_value, sdpa_args
+from xdit_fx.compiler.fx_utils import example_value, sdpa_args
 
 # A "slot" is one tensor value: (node, index) with index None for tensor-valued nodes and i for the i-th
 # element of a tuple-valued node (split, chunk, unbind). A "dim slot" adds the dim: (node, index, dim).

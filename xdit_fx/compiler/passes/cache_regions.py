@@ -32,9 +32,9 @@ from collections import deque
 import torch
 import torch.fx as fx
 
-from ..errors import UnsupportedGraph, describe_node
-from ..fx_utils import META_BLOCK, META_CACHE, META_CREATED_BY, example_value, is_linear, is_param_placeholder
-from .base import PassContext, PassResult, graph_pass
+from xdit_fx.errors import UnsupportedGraph, describe_node
+from xdit_fx.compiler.fx_utils import META_BLOCK, META_CACHE, META_CREATED_BY, example_value, is_linear, is_param_placeholder
+from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
 
 REGION_NAME = "xfx_cache"
 
@@ -153,7 +153,7 @@ def _stream(nodes: list[fx.Node], region: set[fx.Node]) -> tuple[set[fx.Node], f
     When no input has the output's shape (a stack whose last blocks run on the concatenated text + image
     sequence and whose caller slices the image part out), the slicing that follows joins the region, up to
     a few ops, until the output matches an input."""
-    from ..fx_utils import target_name
+    from xdit_fx.compiler.fx_utils import target_name
     region = set(region)
     for _ in range(4):
         live_ins, live_outs = _boundary(nodes, region)
@@ -190,7 +190,7 @@ _VIEW_OPS = {"getitem", "view", "reshape", "transpose", "permute", "unflatten", 
 
 def _alias_family(writer: fx.Node) -> set[fx.Node]:
     """The tensor a node writes in place, the views it was taken from, and everything that reads them."""
-    from ..fx_utils import target_name
+    from xdit_fx.compiler.fx_utils import target_name
     target = writer.args[0] if writer.args and isinstance(writer.args[0], fx.Node) else None
     family: set[fx.Node] = set()
     todo = [target] if target is not None else []
@@ -255,7 +255,7 @@ def insert_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _insert_cache(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], blocks: list[str],
                   members: dict[str, list[fx.Node]]) -> PassResult:
-    from ..runtime.cache import CachedRegion, RegionSpec
+    from xdit_fx.runtime.cache import CachedRegion, RegionSpec
 
     config = ctx.plan.cache
     fbc = config.kind == "fbc"
@@ -335,7 +335,7 @@ def _insert_cache(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], bl
 
     # moving nodes across the region is only safe if no in-place write changes places with a read of the
     # tensor it writes (a view of it taken earlier still sees the write, so views may move)
-    from ..fx_utils import target_name
+    from xdit_fx.compiler.fx_utils import target_name
     order = {n: i for i, n in enumerate(nodes)}
     lo, hi = min(order[n] for n in region), max(order[n] for n in region)
     moved = [n for n in nodes if (n not in region and n not in after and order[n] > lo and n.op != "output")

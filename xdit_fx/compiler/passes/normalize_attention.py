@@ -28,8 +28,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..fx_utils import example_value
-from .base import PassContext, PassResult, graph_pass
+from xdit_fx.compiler.fx_utils import example_value
+from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
 
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm}
 _SOFTMAX = {torch.softmax, F.softmax}

@@ -32,16 +32,16 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from .fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
+from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
                        META_TOKEN_DIMS, example_value, module_path, source_line, target_name)
-from .passes.base import GraphHistory
+from xdit_fx.compiler.passes.base import GraphHistory
 
 #: Environment variables read by in-run dumps (`Plan(debug_dump_dir=...)` is the other way in).
 ENV_DUMP_DIR = "XDIT_FX_DUMP_DIR"
 ENV_DUMP_FORMAT = "XDIT_FX_DUMP_FORMAT"  # "text" (default) or "text,html"
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-_RUNTIME_MODULE = "xdit_fx.runtime"
+_OPS_MODULE = "xdit_fx.ops"
 
 
 # ---- one node, one line ------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def node_info(node: fx.Node) -> NodeLine:
     site = node.meta.get(META_ATTENTION)
     if site is not None:
         info.attention = site.describe()
-    if node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith(_RUNTIME_MODULE):
+    if node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith(_OPS_MODULE):
         groups = sorted({str(v) for k, v in node.kwargs.items()
                          if k.endswith("group") and node.kwargs.get(k[:-len("_group")], 2) != 1}
                         | {a for a in node.args if isinstance(a, str)})
@@ -234,7 +234,7 @@ class DumpInfo:
 def library_versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from xdit_fx import __version__
     parts = [f"xdit_fx {__version__}", f"torch {torch.__version__}"]
     try:
         parts.append(f"diffusers {version('diffusers')}")
@@ -291,14 +291,14 @@ def write_dump(history: GraphHistory, plan, out_dir: str, info: DumpInfo | None 
     with open(os.path.join(out_dir, "index.md"), "w") as f:
         f.write("\n".join(head) + ("\n\n" if len(head) > 2 else "") + "\n".join(rows) + "\n")
     if "html" in formats:
-        from .dump_html import write_html
+        from xdit_fx.debug.html import write_html
         write_html(out_dir)
 
 
 def plan_string(plan_dict: dict) -> str:
     """`Plan.to_string()` of a plan dict; also for a dict this version's Plan refuses (a dump from another)."""
-    from .errors import XditFxError
-    from .plan import AXES, Plan, _SHORT_NAMES
+    from xdit_fx.errors import XditFxError
+    from xdit_fx.plan import AXES, Plan, _SHORT_NAMES
 
     try:
         return Plan.from_dict(plan_dict).to_string()
@@ -454,16 +454,16 @@ def dump_module(model: torch.nn.Module, inputs: dict, plan, out_dir: str, *, for
     Example::
 
         from xdit_fx import zoo
-        from xdit_fx.dump import dump_module
+        from xdit_fx.debug.dump import dump_module
         z = zoo.get("scratch_dit")
         dump_module(z.build(), z.inputs(), "ulysses=2", "/tmp/scratch_dump")
     """
     import time
 
-    from .capture import capture_graphs
-    from .dump_model import describe_inputs, outside_graph_note, parse_tool_plan, ToolPlan
-    from .errors import XditFxError
-    from .passes import MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.compiler.capture import capture_graphs
+    from xdit_fx.debug.model import describe_inputs, outside_graph_note, parse_tool_plan, ToolPlan
+    from xdit_fx.errors import XditFxError
+    from xdit_fx.compiler.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
 
     if isinstance(plan, ToolPlan):
         tp = plan

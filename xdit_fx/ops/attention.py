@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .collectives import _group, all_gather, all_to_all, local_len, ring_attention, shard
+from xdit_fx.ops.collectives import _group, all_gather, all_to_all, local_len, ring_attention, shard
 
 Segments = Sequence[Sequence]  # ((length, sharded), ...)
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..errors import PlanError
-from ..plan import AXES, Plan
-from .collectives import COMM
+from xdit_fx.errors import PlanError
+from xdit_fx.plan import AXES, Plan
+from xdit_fx.ops.collectives import COMM
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("XDIT_FX_TIMEOUT_S", "300"))
 

@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch.fx as fx
 
-from ..errors import PassError, XditFxError, pass_failure_message, with_pass_context
-from ..fx_utils import META_CREATED_BY, count_ops
+from xdit_fx.errors import PassError, XditFxError, pass_failure_message, with_pass_context
+from xdit_fx.compiler.fx_utils import META_CREATED_BY, count_ops
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import XditFxError
-from .plan import AXES, Plan, _SHORT_NAMES
+from xdit_fx.errors import XditFxError
+from xdit_fx.plan import AXES, Plan, _SHORT_NAMES
 
 #: Axes applied outside the captured graph (the runtime splits the batch before the transformer call).
 OUTSIDE_GRAPH_AXES = ("dp", "cfg")
@@ -72,7 +72,7 @@ def outside_graph_note(tp: ToolPlan) -> str | None:
     line says so instead."""
     import dataclasses
 
-    from .passes import build_pipeline
+    from xdit_fx.compiler.passes import build_pipeline
 
     axes = {a: d for a, d in tp.outside.items() if d > 1}
     if not axes:
@@ -137,7 +137,7 @@ def load_model(spec: str, *, config: str | None = None, dtype: str | None = None
     """Build MODEL (see the module docstring) and the inputs to capture it with."""
     sizes = sizes or InputSizes()
     given = {parse_shape_override(text)[0] for text in overrides}
-    from . import zoo
+    from xdit_fx import zoo
 
     if config is None and (spec in zoo.ZOO or spec in zoo.coverage_zoo()):
         loaded = _load_zoo(spec, device or "cpu", sizes)
@@ -160,7 +160,7 @@ def load_model(spec: str, *, config: str | None = None, dtype: str | None = None
 
 
 def _load_zoo(name: str, device: str, sizes: InputSizes) -> LoadedModel:
-    from . import zoo
+    from xdit_fx import zoo
 
     entry = zoo.get(name)
     if device == "meta":

@@ -44,12 +44,12 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ..errors import PlanError, UnsupportedGraph, describe_node
-from ..fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
+from xdit_fx.errors import PlanError, UnsupportedGraph, describe_node
+from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
                         META_TOKEN_DIMS, META_WHOLE, example_value, is_linear, is_param_placeholder, is_sdpa, sdpa_args, shape_of, target_name)
-from ..runtime import collectives
-from .base import MeshSpec, PassContext, PassResult, graph_pass
-from .sequence_parallel import SeqLayout, shard_sequence
+from xdit_fx.ops import collectives
+from xdit_fx.compiler.passes.base import MeshSpec, PassContext, PassResult, graph_pass
+from xdit_fx.compiler.passes.sequence_parallel import SeqLayout, shard_sequence
 
 META_STAGE = "xfx.stage"            # stage of a node of the PipeFusion region (-1: recomputed where needed)
 META_PIPEFUSION = "xfx.pipefusion"  # on the call of the region: the stage cut, costs, crossings, KV sites
@@ -131,7 +131,7 @@ def cut_stages(costs: list[float], n: int) -> list[int]:
 @graph_pass(reads=["xfx.token_dims", META_BLOCK], writes=[META_LAYOUT, META_SP_ATTENTION])
 def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """shard_sequence over the M patches instead of ranks: the graph computes one patch of the token stream."""
-    from .analysis import _is_flex_attention
+    from xdit_fx.compiler.passes.analysis import _is_flex_attention
     # with ulysses: M x U chunks, patch p on rank u is p*U + u; with ring (x ulysses): (p*R + r)*U + u
     m = ctx.plan.patches * ctx.plan.ulysses_degree * ctx.plan.ring_degree
     flex = next((n for n in gm.graph.nodes if _is_flex_attention(n)), None)
@@ -271,7 +271,7 @@ def _whole_odd_segments(gm: fx.GraphModule, chunks: int) -> list[int]:
 def _needs_whole_before_blocks(gm: fx.GraphModule) -> tuple[fx.Node, str] | None:
     """The latest node that needs the whole token sequence while the block stack is still ahead: a gather
     that a block depends on, or a collective of NEEDS_ALL outside every block. None if there is none."""
-    from .sequence_parallel import _mutated_arg
+    from xdit_fx.compiler.passes.sequence_parallel import _mutated_arg
     nodes = list(gm.graph.nodes)
     # whether a block node depends on it; an in-place write (x[i] = v) counts as a use of x, so v reaches
     # the blocks when x does (twice: the written tensor comes before the write)
@@ -303,7 +303,7 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def pf_shard_tokens_target():
-    from ..runtime.pipefusion import pf_shard_tokens
+    from xdit_fx.runtime.pipefusion import pf_shard_tokens
     return pf_shard_tokens
 
 
@@ -413,7 +413,7 @@ def _is(node: fx.Node, fn) -> bool:
 @graph_pass(reads=[META_LAYOUT, META_BLOCK, META_ATTENTION], writes=[META_STAGE, META_PIPEFUSION])
 def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Cut the block stack into cost-balanced stages and move the per-patch region into a PipeFusionRegion."""
-    from ..runtime.pipefusion import PipeFusionRegion, pf_attention, pf_shard_tokens
+    from xdit_fx.runtime.pipefusion import PipeFusionRegion, pf_attention, pf_shard_tokens
 
     plan = ctx.plan
     n_stages, m, u, rr = plan.pipefusion_degree, plan.patches, plan.ulysses_degree, plan.ring_degree
@@ -474,7 +474,7 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise UnsupportedGraph(
             f"pipefusion: {describe_node(bad)}\n  reads %{g.name}, a gather of the whole token sequence "
             f"({g.meta.get(META_GATHER, 'exit')}), inside the per-patch region: a patch cannot wait for the "
-            "others' current values. The op without a token rule must get one (xdit_fx/passes/token_dims.py).\n"
+            "others' current values. The op without a token rule must get one (xdit_fx/compiler/passes/token_dims.py).\n"
             "  to look at the graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
     # blocks that run per patch; their nodes that read no token value (adaLN modulation) join their stage
     blocks = list(dict.fromkeys(n.meta[META_BLOCK] for n in nodes if n in region and META_BLOCK in n.meta))
@@ -605,7 +605,7 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
     # in-place writes: a write into a value recomputed per stage (a mask built by x[:, a:b] = 1) goes with
     # every copy of that value; a write that other stages would have to see is refused
-    from .cache import _writes_in_place
+    from xdit_fx.compiler.passes.cache_regions import _writes_in_place
     writers: dict[fx.Node, list[fx.Node]] = {}
     for n in nodes:
         if n in region and _writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node):

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from .errors import DUMP_HINT_MARK, PlanError, XditFxError
-from .loading import DIGITS, first_line, pipeline_index, resolve_model
-from .plan import AXES, Plan
+from xdit_fx.errors import DUMP_HINT_MARK, PlanError, XditFxError
+from xdit_fx.loading import DIGITS, first_line, pipeline_index, resolve_model
+from xdit_fx.plan import AXES, Plan
 
 #: xDiT flags whose feature is not built: dest -> (is it set?, the one-line reason)
 NOT_BUILT: dict[str, tuple[Any, str]] = {
@@ -165,7 +165,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 
 def cache_from_args(args: argparse.Namespace):
-    from .cache import FirstBlockCache, TeaCache, load_coefficients
+    from xdit_fx.cache_config import FirstBlockCache, TeaCache, load_coefficients
 
     kind = getattr(args, "cache", None)
     for flag, name in (("use_teacache", "teacache"), ("use_fbcache", "fbc")):
@@ -238,11 +238,11 @@ _FLAG_OF = {param: dest for dest, param in CALL_FLAGS.items()} | {
 
 def pipeline_class(opts: dict[str, Any]):
     if opts["model"] == DIGITS:
-        from .digits import DigitsPipeline
+        from xdit_fx.digits import DigitsPipeline
         return DigitsPipeline
     import diffusers
 
-    from .loading import quiet_libraries
+    from xdit_fx.loading import quiet_libraries
 
     with quiet_libraries():  # importing the class imports its libraries; rank 0 prints their messages later
         return getattr(diffusers, str(pipeline_index(opts["model"]).get("_class_name")), None)
@@ -275,7 +275,7 @@ def _divisors(n: int) -> list[int]:
 def check_config(model: str, plan: Plan, kwargs: dict[str, Any], has_frames: bool) -> None:
     """Checks that need only config.json files (diffusers' field names, no model's name): heads under
     Ulysses, the image size against the VAE's downsampling and the patch size, PipeFusion's token split."""
-    from .pipeline import DENOISER_PREFIXES
+    from xdit_fx.pipeline import DENOISER_PREFIXES
 
     root = Path(model)
     index = pipeline_index(model)
@@ -327,7 +327,7 @@ def preflight(args: argparse.Namespace) -> tuple[Plan, int, dict[str, Any]]:
     cls = pipeline_class(options)
     check_call_signature(cls, kwargs)
     if options["model"] != DIGITS:
-        from .loading import check_packages
+        from xdit_fx.loading import check_packages
 
         check_packages(options["model"], pipeline_index(options["model"]), load_kwargs(options))
         has_frames = cls is None or "num_frames" in inspect.signature(cls.__call__).parameters
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _launch(options: dict[str, Any], nproc: int) -> dict[str, Any]:
     """N local processes; a rank's error comes back as WorkerError (the first one raised, printed once)."""
-    from .runtime.launch import launch, quiet_launcher
+    from xdit_fx.runtime.launch import launch, quiet_launcher
 
     with tempfile.TemporaryDirectory(prefix="xdit-fx-errors-") as error_dir, quiet_launcher():
         try:
@@ -421,7 +421,7 @@ def load_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
 
 def generate_worker(opts: dict[str, Any]) -> dict[str, Any]:
     """Runs on every rank: load, parallelize, generate (timed); rank 0 saves the output."""
-    from .loading import load_pipeline, quiet_other_ranks
+    from xdit_fx.loading import load_pipeline, quiet_other_ranks
 
     quiet_other_ranks()  # before diffusers and transformers are imported here: their messages once, on rank 0
     import xdit_fx
@@ -446,7 +446,7 @@ def generate_worker(opts: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - t0
 
-    from .runtime.collectives import COMM
+    from xdit_fx.ops.collectives import COMM
 
     first_s = None
     if opts["warmup"]:
@@ -491,7 +491,7 @@ def save_output(out, output: str, output_type: str, grid: bool) -> list[str]:
         images[0].save(path)
         return [str(path)]
     if grid:
-        from .digits import make_grid
+        from xdit_fx.digits import make_grid
         import numpy as np
         batch = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None] for im in images])
         make_grid(batch, nrow=min(10, len(images))).save(path)

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from .errors import XditFxError
+from xdit_fx.errors import XditFxError
 
 FORMATS = ("text", "html")
 
@@ -56,10 +56,10 @@ def _formats(text: str) -> tuple[str, ...]:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from .dump_model import outside_graph_note, parse_tool_plan
-    from .errors import PlanError
-    from .passes import build_pipeline
-    from .plan import AXES, Plan, _SHORT_NAMES
+    from xdit_fx.debug.model import outside_graph_note, parse_tool_plan
+    from xdit_fx.errors import PlanError
+    from xdit_fx.compiler.passes import build_pipeline
+    from xdit_fx.plan import AXES, Plan, _SHORT_NAMES
 
     tp = parse_tool_plan(args.plan)
     plan = tp.graph
@@ -101,13 +101,13 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def tp_string(tp) -> str:
-    from .dump import plan_string
+    from xdit_fx.debug.dump import plan_string
     return plan_string(tp.requested)
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from .dump import dump_module
-    from .dump_model import InputSizes, load_model, parse_tool_plan
+    from xdit_fx.debug.dump import dump_module
+    from xdit_fx.debug.model import InputSizes, load_model, parse_tool_plan
 
     formats = _formats(args.format)
     tp = parse_tool_plan(args.plan)  # plan errors before any model is built
@@ -131,7 +131,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .dump_diff import diff_dumps
+    from xdit_fx.debug.diff import diff_dumps
 
     text, same = diff_dumps(args.a, args.b, max_nodes=args.max_nodes)
     sys.stdout.write(text)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .dump_cli import add_subcommands
-from .errors import XditFxError
-from .plan import Plan
+from xdit_fx.cli.dump import add_subcommands
+from xdit_fx.errors import XditFxError
+from xdit_fx.plan import Plan
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import demo_worker, format_report
-    from .runtime.launch import launch
+    from xdit_fx.cli.demo import demo_worker, format_report
+    from xdit_fx.runtime.launch import launch
 
     plans = args.plan or (["cfg=2", f"ulysses={args.nproc}"] if args.nproc == 2 else [f"ulysses={args.nproc}"])
     for text in plans:
@@ -25,31 +25,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import run
+    from xdit_fx.cli.generate import run
 
     return run(args)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import run
+    from xdit_fx.cli.calibrate import run
 
     return run(args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .runtime.launch import run_script
+    from xdit_fx.runtime.launch import run_script
 
     return run_script(args.script, args.nproc, args.script_args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .serve.cli import run
+    from xdit_fx.serve.cli import run
 
     return run(args)
 
 
 def _cmd_coverage(args: argparse.Namespace) -> int:
-    from .coverage import main as coverage_main
+    from xdit_fx.cli.coverage import main as coverage_main
 
     return coverage_main(args)
 
@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("generate", help="generate images with a pipeline folder or the embedded digits model, "
                                         "in parallel (xDiT-style flags)")
-    from .generate import add_arguments
+    from xdit_fx.cli.generate import add_arguments
     add_arguments(p)
     p.set_defaults(fn=_cmd_generate)
 
     p = sub.add_parser("calibrate-cache", help="fit TeaCache's rescaling coefficients on a model from a few "
                                                "generations; writes a JSON file generate --cache_coefficients reads")
-    from .calibrate import add_arguments as _calibrate_arguments
+    from xdit_fx.cli.calibrate import add_arguments as _calibrate_arguments
     _calibrate_arguments(p)
     p.set_defaults(fn=_cmd_calibrate)
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP service (images, batched) over N ranks; "
                                      "the embedded digits model unless --model DIR")
-    from .serve.cli import add_arguments as _serve_arguments
+    from xdit_fx.serve.cli import add_arguments as _serve_arguments
 
     _serve_arguments(p)
     p.set_defaults(fn=_cmd_serve)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     add_subcommands(sub)  # passes, dump, diff
 
     p = sub.add_parser("coverage", help="run zoo models (or yours) under sequence-parallel plans; write COVERAGE.md")
-    from .coverage import add_arguments as _coverage_arguments
+    from xdit_fx.cli.coverage import add_arguments as _coverage_arguments
 
     _coverage_arguments(p)
     p.set_defaults(fn=_cmd_coverage)

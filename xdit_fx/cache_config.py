@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .errors import PlanError
+from xdit_fx.errors import PlanError
 
 
 def _check_common(name: str, threshold: Any, warmup_steps: Any) -> None:

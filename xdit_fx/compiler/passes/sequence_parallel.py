@@ -17,13 +17,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..errors import UnsupportedGraph, describe_node
-from ..fx_utils import (META_ATTENTION, META_BLOCK, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
+from xdit_fx.errors import UnsupportedGraph, describe_node
+from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
                         META_TOKEN_DIMS, META_WHOLE, example_value, is_sdpa, sdpa_args, shape_of, target_name)
-from ..runtime import attention as sp_attn
-from ..runtime import collectives
-from .base import PassContext, PassResult, graph_pass
-from .token_dims import ELEMENTWISE, infer, op_name, rule_for, slot_shape, tensor_slots
+from xdit_fx.ops import attention as sp_attn
+from xdit_fx.ops import collectives
+from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
+from xdit_fx.compiler.passes.token_dims import ELEMENTWISE, infer, op_name, rule_for, slot_shape, tensor_slots
 
 log = logging.getLogger(__name__)
 

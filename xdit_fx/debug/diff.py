@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from .dump import Dump, NodeLine, PassDump, graph_dirs, plan_string, read_dump
-from .errors import XditFxError
+from xdit_fx.debug.dump import Dump, NodeLine, PassDump, graph_dirs, plan_string, read_dump
+from xdit_fx.errors import XditFxError
 
 _FACTS = ("shape", "layout", "attention", "comm", "gather", "extra", "module", "created_by", "source")
 

@@ -65,7 +65,7 @@ def _import(path: str) -> Any:
 
 def build_from_spec(spec: ModelSpec) -> tuple[torch.nn.Module, Callable[[], dict]]:
     if spec.zoo is not None:
-        from .zoo import get
+        from xdit_fx.zoo import get
 
         entry = get(spec.zoo)
         return entry.build(), entry.inputs
@@ -355,13 +355,13 @@ def _spawn_until_done(world: int, specs: list[ModelSpec], plans: list[str], out_
 
 
 def _world_of(plan_text: str) -> int:
-    from .plan import Plan
+    from xdit_fx.plan import Plan
 
     return Plan.from_string(plan_text).world_size
 
 
 def _ulysses_of(plan_text: str) -> int:
-    from .plan import Plan
+    from xdit_fx.plan import Plan
 
     return Plan.from_string(plan_text).ulysses_degree
 
@@ -558,7 +558,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from .zoo import coverage_zoo, excluded, not_configured
+    from xdit_fx.zoo import coverage_zoo, excluded, not_configured
 
     zoo = coverage_zoo()
     if args.list:

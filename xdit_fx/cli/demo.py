@@ -30,7 +30,7 @@ def _timed(fn, repeats: int) -> tuple[Any, float]:
 def demo_worker(plans: list[str], output: str, repeats: int = 2) -> dict[str, Any]:
     import xdit_fx
     from xdit_fx.digits import digit_accuracy, load_pipeline, make_grid
-    from xdit_fx.runtime.collectives import COMM
+    from xdit_fx.ops.collectives import COMM
 
     torch.set_num_threads(1)
     xdit_fx.init_distributed()
