@@ -445,7 +445,7 @@ class DumpResult:
 def dump_module(model: torch.nn.Module, inputs: dict, plan, out_dir: str, *, formats: Sequence[str] = ("text",),
                 model_name: str = "", notes: Sequence[str] = ()) -> DumpResult:
     """Capture `model(**inputs)` with dynamo and write a dump of every pass the plan runs, without running the
-    rewritten graph and without any process group (passes see a MeshSpec and symbolic group names), so any
+    rewritten graph and without any process group (the mesh has symbolic group names), so any
     world size dumps in one process. Inputs may live on the meta device.
 
     `plan` is a Plan or a plan string; cfg/dp degrees this version's Plan refuses are reported as applied
@@ -463,7 +463,7 @@ def dump_module(model: torch.nn.Module, inputs: dict, plan, out_dir: str, *, for
     from xdit_fx.compiler.capture import capture_graphs
     from xdit_fx.debug.model import describe_inputs, outside_graph_note, parse_tool_plan, ToolPlan
     from xdit_fx.errors import XditFxError
-    from xdit_fx.compiler.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.compiler.rewrite import rewrite
 
     if isinstance(plan, ToolPlan):
         tp = plan
@@ -491,7 +491,6 @@ def dump_module(model: torch.nn.Module, inputs: dict, plan, out_dir: str, *, for
     if not graphs:
         raise XditFxError(f"dynamo captured no graph from {model_name or type(model).__name__}'s forward: it ran "
                           f"eagerly (e.g. a graph break inside a loop); see TORCH_LOGS=graph_breaks")
-    passes = build_pipeline(gplan)
     histories = []
     t1 = time.perf_counter()
     subdirs = [f"graph{i}" for i in range(len(graphs))]
@@ -499,9 +498,8 @@ def dump_module(model: torch.nn.Module, inputs: dict, plan, out_dir: str, *, for
         gdir = out_dir if len(graphs) == 1 else os.path.join(out_dir, subdirs[i])
         history = GraphHistory()
         histories.append(history)
-        ctx = PassContext(plan=gplan, mesh=MeshSpec(ring=gplan.ring_degree, ulysses=gplan.ulysses_degree))
         try:
-            run_pipeline(gm, passes, ctx, history, render_graph)
+            rewrite(gm, gplan, history=history, render=render_graph)
         except XditFxError as e:
             write_dump(history, gplan, gdir, info, formats, tp.requested)
             with open(os.path.join(gdir, "error.txt"), "w") as f:

@@ -675,8 +675,7 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     on local q/k/v, marked META_SP_ATTENTION for parallelize_attention.
     """
     n = ctx.mesh.sp
-    group = ctx.groups.names["sp"] if ctx.groups is not None else "sp"
-    rw = _Rewriter(gm, n, group)
+    rw = _Rewriter(gm, n, ctx.mesh.group("sp"))
     propagated = 0
     for node in list(gm.graph.nodes):
         if node.op in ("placeholder", "get_attr"):
@@ -778,7 +777,6 @@ def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace each attention on local shards with sp_attention: Ulysses all-to-all over "ulysses",
     ring attention over "ring", both for USP. Cross-attention to replicated keys stays local."""
     mesh = ctx.mesh
-    names = ctx.groups.names if ctx.groups is not None else {}
     sites = {"self": 0, "joint": 0, "cross": 0}
     for node in list(gm.graph.nodes):
         spec = node.meta.get(META_SP_ATTENTION)
@@ -798,8 +796,7 @@ def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kwargs = dict(
             q_segments=spec["q_segments"], kv_segments=spec["kv_segments"],
             scale=sa["scale"], ulysses=mesh.ulysses, ring=mesh.ring,
-            sp_group=names.get("sp", "sp"), ulysses_group=names.get("ulysses", "ulysses"),
-            ring_group=names.get("ring", "ring"),
+            sp_group=mesh.group("sp"), ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"),
         )
         if sa["is_causal"]:
             kwargs["is_causal"] = True
