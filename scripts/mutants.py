@@ -91,9 +91,9 @@ MUTANTS = [
            (("            return compile_fx(gm, example_inputs)", "            return gm"),),
            ("tests/test_compile.py",),
            "compile=True runs the rewritten graph eagerly"),
-    Mutant("kv_never_refreshed", "xdit_fx/runtime/pipefusion.py",
+    Mutant("kv_never_refreshed", "xdit_fx/ops/pipefusion.py",
            (("    kbuf.index_copy_(2, kidx, k)\n    vbuf.index_copy_(2, kidx, v)\n    kk, vv = kbuf, vbuf\n",
-             "    if PATCH.patches == 1:\n        kbuf.index_copy_(2, kidx, k)\n        vbuf.index_copy_(2, kidx, v)\n"
+             "    if st.patches == 1:\n        kbuf.index_copy_(2, kidx, k)\n        vbuf.index_copy_(2, kidx, v)\n"
              "    kk, vv = kbuf.index_copy(2, kidx, k), vbuf.index_copy(2, kidx, v)\n"),),
            ("tests/test_pipefusion.py", "-k", "stale"),
            "PipeFusion's K/V buffers keep the warm-up's keys: later calls never write theirs"),

@@ -23,7 +23,8 @@ from torch import nn
 from xdit_fx import zoo
 from xdit_fx.compiler.capture import capture_graphs
 from xdit_fx.cli import main
-from xdit_fx.debug.dump import dump_module, normalise_for_golden, parse_line, read_dump, render_graph
+from xdit_fx.debug.dump import dump_module, render_graph
+from xdit_fx.debug.format import normalise_for_golden, parse_line, read_dump
 from xdit_fx.debug.diff import diff_dumps
 from xdit_fx.debug.html import find_browser, screenshot
 from xdit_fx.errors import PassError, UnsupportedGraph

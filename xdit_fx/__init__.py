@@ -14,8 +14,8 @@ from xdit_fx.pipeline import ParallelPipeline
 from xdit_fx.ops.comm import counting
 from xdit_fx.plan import Plan
 from xdit_fx.runtime.groups import init_distributed
+from xdit_fx.version import __version__
 
 __all__ = ["FirstBlockCache", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "TeaCache", "UnsupportedGraph",
            "XditFxError", "counting", "init_distributed", "load_pipeline",
            "local_device", "parallelize"]
-__version__ = "0.1.0"
