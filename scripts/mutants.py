@@ -43,7 +43,7 @@ MUTANTS = [
            ("tests/test_four_ranks.py",),
            "ring attention slices the mask for the wrong chunk owner (invisible with 2 ranks)"),
     Mutant("ring_lse_merge", "xdit_fx/ops/collectives.py",
-           (("    w_new = torch.exp(l - new)", "    w_new = torch.exp(l - lse)"),),
+           (("    w_new = torch.exp(o_lse - new)", "    w_new = torch.exp(o_lse - lse)"),),
            ("tests/test_equivalence.py", "-k", "ring"),
            "the log-sum-exp merge weights a new chunk against the old total"),
     Mutant("uneven_padding_off_by_one", "xdit_fx/ops/attention.py",

@@ -108,3 +108,32 @@ def test_passes_never_import_the_runtime():
     low = [m for m in GRAPH if layer_of(m) <= 3]
     reach = {m: sorted(d for d in nx.descendants(GRAPH, m) if d.startswith("xdit_fx.runtime")) for m in low}
     assert not {m: r for m, r in reach.items() if r}
+
+
+MAX_FUNCTION_LINES = 120
+
+
+def test_functions_are_short():
+    """No function in the package is longer than a screenful or two (decorators and docstring included)."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                if node.end_lineno - start + 1 > MAX_FUNCTION_LINES:
+                    long.append(f"{module_name(path)}.{node.name}: {node.end_lineno - start + 1} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_lint_is_clean():
+    """ruff with the rule set of pyproject.toml (pyflakes, pycodestyle errors, McCabe complexity <= 25)."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the test extra: pip install -e '.[test]')")
+    run = subprocess.run([ruff, "check", "--no-cache", str(PACKAGE)], cwd=PACKAGE.parent, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

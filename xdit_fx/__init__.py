@@ -17,5 +17,5 @@ from xdit_fx.runtime.groups import init_distributed
 from xdit_fx.version import __version__
 
 __all__ = ["FirstBlockCache", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "TeaCache", "UnsupportedGraph",
-           "XditFxError", "counting", "init_distributed", "load_pipeline",
+           "XditFxError", "__version__", "counting", "init_distributed", "load_pipeline",
            "local_device", "parallelize"]

@@ -266,16 +266,16 @@ def attention_with_lse_reference(q, k, v, bias, scale):
     return out, lse
 
 
-def merge_partial(out, lse, o, l):
+def merge_partial(out, lse, o, o_lse):
     """Merge a chunk's (output, log-sum-exp) into the running ones, in float32; a row without keys in the
     chunk (lse -inf) gets weight 0. ``out``/``lse`` None: the first chunk."""
-    o, l = o.float(), l.float()
-    o = torch.where(torch.isfinite(l).unsqueeze(-1), o, torch.zeros_like(o))
+    o, o_lse = o.float(), o_lse.float()
+    o = torch.where(torch.isfinite(o_lse).unsqueeze(-1), o, torch.zeros_like(o))
     if out is None:
-        return o, l
-    new = torch.logaddexp(lse, l)
+        return o, o_lse
+    new = torch.logaddexp(lse, o_lse)
     w_old = torch.exp(lse - new).nan_to_num(0.0).unsqueeze(-1)
-    w_new = torch.exp(l - new).nan_to_num(0.0).unsqueeze(-1)
+    w_new = torch.exp(o_lse - new).nan_to_num(0.0).unsqueeze(-1)
     return out * w_old + o * w_new, new
 
 

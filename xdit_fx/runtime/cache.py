@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
-from torch import nn
 
-from xdit_fx.errors import UnsupportedGraph, XditFxError
+from xdit_fx.errors import UnsupportedGraph
 from xdit_fx.ops import comm
 from xdit_fx.ops.collectives import _group
 from xdit_fx.ops.comm import all_reduce_received
-from xdit_fx.runtime.inductor import InductorPiece
 from xdit_fx.runtime.steps import StepSlots
+
+if TYPE_CHECKING:
+    from xdit_fx.ops.regions import CachedRegion
 
 log = logging.getLogger(__name__)
 

@@ -41,23 +41,22 @@ on every call; the scheduler hook marks the steps, as for the cache).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from xdit_fx.errors import XditFxError
-from xdit_fx.ops.attention import _mask_bias, _positions
 from xdit_fx.ops import comm
-from xdit_fx.ops.collectives import _group, all_gather, all_to_all
+from xdit_fx.ops.collectives import _group
 from xdit_fx.ops.pipefusion import PatchState, current, running
 from xdit_fx.runtime.steps import StepSlots
+
+if TYPE_CHECKING:
+    from xdit_fx.ops.regions import PipeFusionRegion
 
 log = logging.getLogger(__name__)
 
