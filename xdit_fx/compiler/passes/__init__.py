@@ -10,12 +10,6 @@ from xdit_fx.compiler.passes.base import (GraphHistory, GraphPass, Mesh, PassCon
 from xdit_fx.compiler.passes.sequence_parallel import infer_token_dims, parallelize_attention, shard_sequence
 from xdit_fx.compiler.passes.pipefusion import patch_sequence, pipefusion
 
-ALL_PASSES: tuple[GraphPass, ...] = (
-    normalize_attention, find_attention, find_transformer_blocks, infer_token_dims, shard_sequence, parallelize_attention,
-    insert_cache, patch_sequence, pipefusion,
-)
-
-
 def build_pipeline(plan) -> list[GraphPass]:
     """The passes a plan needs, in order."""
     # attention written by hand or as nn.MultiheadAttention becomes SDPA first, so analysis sees one form
@@ -36,7 +30,7 @@ def build_pipeline(plan) -> list[GraphPass]:
 
 
 __all__ = [
-    "ALL_PASSES", "GraphHistory", "GraphPass", "Mesh", "PassContext", "PassInfo", "PassResult",
+    "GraphHistory", "GraphPass", "Mesh", "PassContext", "PassInfo", "PassResult",
     "build_pipeline", "check_pipeline", "graph_pass", "run_pipeline",
     "normalize_attention", "find_attention", "find_transformer_blocks", "infer_token_dims", "parallelize_attention", "shard_sequence",
     "insert_cache", "patch_sequence", "pipefusion",
