@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from xdit_fx.errors import XditFxError
-from xdit_fx.ops.attention import _mask_bias, _positions
+from xdit_fx.ops.attention import _mask_bias, _positions, causal_mask, repeat_kv, ulysses_in, ulysses_out
 from xdit_fx.ops.collectives import _chunk_attention, all_gather, all_to_all, merge_partial, ring_attention_lse
 
 
@@ -140,9 +140,7 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
     single patched segment the keys a causal query sees are all fresh: exact even with stale buffers."""
     st = current()
     if is_causal:
-        lq = sum(length for length, _ in q_segments)
-        lk = sum(length for length, _ in kv_segments) if kv_segments is not None else k.shape[2]
-        attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        attn_mask = causal_mask(q_segments, kv_segments, k)
     if st.ring > 1:
         return _pf_ring_attention(q, k, v, attn_mask, site, tuple(q_segments),
                                   tuple(kv_segments) if kv_segments is not None else None, scale)
@@ -153,9 +151,7 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
         bias = None
         if attn_mask is not None:
             bias = _mask_bias(attn_mask, qpos, tuple(range(k.shape[2])), q.dtype, q.device)
-        if k.shape[1] != q.shape[1]:  # grouped-query attention
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        k, v = repeat_kv(k, v, q.shape[1])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     runtime = st.buffers
     if runtime is None:
@@ -167,20 +163,13 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
         # the patched segments: [B, H, chunk, D] on each of the U ranks -> [B, H/U, patch (U chunks in rank
         # order), D]; segments computed whole by every patch (a time token): this rank's heads, no comm
         heads = q.shape[1]
-        if k.shape[1] != heads:  # grouped-query attention: every query head gets its kv head first
-            k = k.repeat_interleave(heads // k.shape[1], dim=1)
-            v = v.repeat_interleave(heads // v.shape[1], dim=1)
+        k, v = repeat_kv(k, v, heads)  # grouped-query attention: every query head gets its kv head first
         heads_slice = slice(st.urank * heads // u, (st.urank + 1) * heads // u)
         qs, ks = tuple(q_segments), tuple(kv_segments)
         q, q_rep = _split_local(q, qs, n, 1)
         k, k_rep = _split_local(k, ks, n, 1)
         v, v_rep = _split_local(v, ks, n, 1)
-        if q.shape == k.shape == v.shape:
-            q, k, v = all_to_all(torch.stack([q, k, v]), 2, 3, st.ulysses_group).unbind(0)
-        else:
-            q = all_to_all(q, 1, 2, st.ulysses_group)
-            k = all_to_all(k, 1, 2, st.ulysses_group)
-            v = all_to_all(v, 1, 2, st.ulysses_group)
+        q, k, v = ulysses_in(q, k, v, st.ulysses_group)
         first = st.patch * u
         q_sharded = q.shape[2]
         qpos = sum((_chunk_positions(qs, n, (first + j,)) for j in range(u)), ()) + _whole_positions(qs)
@@ -197,9 +186,7 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
     kbuf.index_copy_(2, kidx, k)
     vbuf.index_copy_(2, kidx, v)
     kk, vv = kbuf, vbuf
-    if kk.shape[1] != q.shape[1]:  # grouped-query attention
-        kk = kk.repeat_interleave(q.shape[1] // kk.shape[1], dim=1)
-        vv = vv.repeat_interleave(q.shape[1] // vv.shape[1], dim=1)
+    kk, vv = repeat_kv(kk, vv, q.shape[1])
     bias = None
     if attn_mask is not None:
         bias = _mask_bias(attn_mask, qpos, tuple(range(total)), q.dtype, q.device, heads_slice)
@@ -209,7 +196,7 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
         out, whole = out.split([q_sharded, out.shape[2] - q_sharded], dim=2)
         if whole.shape[2]:
             whole = all_gather(whole.contiguous(), 1, heads, st.ulysses_group)
-        out = _merge_local(all_to_all(out.contiguous(), 2, 1, st.ulysses_group), whole, tuple(q_segments), n, 1)
+        out = _merge_local(ulysses_out(out, st.ulysses_group), whole, tuple(q_segments), n, 1)
     return out
 
 
@@ -224,9 +211,7 @@ def _pf_ring_attention(q, k, v, attn_mask, site, q_segments, kv_segments, scale)
     rr, u, sub = st.ring, st.ulysses, st.sub
     n = st.patches * sub * rr * u  # chunks per sharded segment
     heads = q.shape[1]
-    if k.shape[1] != heads:  # grouped-query attention
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)
-        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    k, v = repeat_kv(k, v, heads)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if kv_segments is None or not any(s for _, s in kv_segments):  # cross-attention to whole keys
@@ -247,10 +232,10 @@ def _pf_ring_attention(q, k, v, attn_mask, site, q_segments, kv_segments, scale)
     if u > 1:  # patched tokens: [B, H, chunks, D] -> [B, H/U, U ranks' chunks, D]; whole ones: this rank's heads
         group = st.ulysses_group
         heads_slice = slice(st.urank * heads // u, (st.urank + 1) * heads // u)
-        if q_p.shape == k_p.shape == v_p.shape:
-            q_p, k_p, v_p = all_to_all(torch.stack([q_p, k_p, v_p]), 2, 3, group).unbind(0)
-        else:
-            q_p = all_to_all(q_p, 1, 2, group) if q_p.shape[2] else q_p[:, heads_slice]
+        if q_p.shape[2]:
+            q_p, k_p, v_p = ulysses_in(q_p, k_p, v_p, group)
+        else:  # no patched queries (only whole segments query): this rank's heads
+            q_p = q_p[:, heads_slice]
             k_p, v_p = all_to_all(k_p, 1, 2, group), all_to_all(v_p, 1, 2, group)
         q_w, k_w, v_w = q_w[:, heads_slice], k_w[:, heads_slice], v_w[:, heads_slice]
         held = [_ring_chunks(uu) for uu in range(u)]
@@ -280,7 +265,7 @@ def _pf_ring_attention(q, k, v, attn_mask, site, q_segments, kv_segments, scale)
     o_p, o_w = out.split([q_p.shape[2], q_w.shape[2]], dim=2)
     if u > 1:
         if o_p.shape[2]:
-            o_p = all_to_all(o_p.contiguous(), 2, 1, st.ulysses_group)
+            o_p = ulysses_out(o_p, st.ulysses_group)
         if o_w.shape[2]:
             o_w = all_gather(o_w.contiguous(), 1, heads, st.ulysses_group)
     return _merge_local(o_p, o_w, q_segments, n, sub)
