@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from xdit_fx.compiler.fx_utils import copy_graph
 from xdit_fx.compiler.mesh import Mesh
 from xdit_fx.compiler.passes import GraphHistory
 from xdit_fx.compiler.rewrite import rewrite
@@ -91,7 +92,7 @@ class ParallelModule(nn.Module):
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
         plan, mesh = self.plan, self.mesh
         history = GraphHistory()
-        warm_gm = _copy_graph(gm) if plan.pipefusion_degree > 1 else None
+        warm_gm = copy_graph(gm) if plan.pipefusion_degree > 1 else None
         dump_dir = self.dump_dir
         render = None
         if dump_dir:
@@ -206,10 +207,3 @@ def _recompile_limits(limit: int = 64):
     return cfg.patch(recompile_limit=max(cfg.recompile_limit, limit),
                      accumulated_recompile_limit=max(cfg.accumulated_recompile_limit, 4 * limit))
 
-
-def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of a captured graph (node facts copied shallowly) that passes can rewrite independently."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return fx.GraphModule(gm, graph)
