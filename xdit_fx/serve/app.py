@@ -204,17 +204,20 @@ class Service:
         self.busy_since: Callable[[], float | None] = lambda: None
         self.progress: Callable[[], Any] = lambda: None   # the engine's Progress of the running batch
         self.videos: dict[int, VideoJob] = {}
+        self.step_batching = False              # requests join a running batch at step boundaries (engine.py)
         self.metrics = Metrics(batcher, lambda: len(self.running))
         self.created = int(time.time())
 
     # ---- called from the engine thread ----------------------------------------------------------------
-    def on_batch(self, jobs: list[Job], seconds: float) -> None:
+    def on_batch(self, jobs: list[Job], seconds: float, call_images: int | None = None) -> None:
+        """`jobs` finished together after `seconds`. `call_images`: the images of the pipeline call they ran
+        in, when it held more than theirs (step-level batching: the running batch they joined)."""
         images = sum(j.n for j in jobs)
-        self.metrics.batch_size.observe(images)
+        self.metrics.batch_size.observe(call_images or images)
         self.metrics.images.inc(images)
         self.metrics.batch_seconds.observe(seconds)
         prev = self.batcher.seconds_per_image
-        per_image = seconds / max(images, 1)
+        per_image = seconds / max(call_images or images, 1)
         self.batcher.seconds_per_image = per_image if prev == 0 else 0.8 * prev + 0.2 * per_image
         for job in jobs:
             if job.started is not None:
@@ -229,7 +232,7 @@ class Service:
         if since is not None and time.monotonic() - since > self.wedged_after_s:
             return 503, {"status": "wedged", "error": f"one pipeline call has run for over {self.wedged_after_s:.0f} s"}
         return 200, {"status": "ok", "ranks": self.world_size, "plan": self.plan, "model": self.caps.model_id,
-                     "queue_depth": self.batcher.depth(), "running_requests": len(self.running)}
+                     "batching": "step" if self.step_batching else "request", "queue_depth": self.batcher.depth(), "running_requests": len(self.running)}
 
     # ---- request validation ---------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -340,9 +343,11 @@ class Service:
                          guidance=guidance if caps.default_guidance is not None else None,
                          size=size if caps.sizes is None else None, negative_prompt=req.negative_prompt)
 
-    @staticmethod
-    def batch_key(spec: BatchSpec) -> tuple:
-        return (spec.steps, spec.guidance, spec.size, spec.negative_prompt, tuple(sorted(spec.extra.items())))
+    def batch_key(self, spec: BatchSpec) -> tuple:
+        """Requests with equal keys can share pipeline calls. Under step-level batching each request carries its
+        own schedule, so the step count is not part of the key."""
+        steps = None if self.step_batching else spec.steps
+        return (steps, spec.guidance, spec.size, spec.negative_prompt, tuple(sorted(spec.extra.items())))
 
     # ---- video jobs -----------------------------------------------------------------------------------
     def video_object(self, video: VideoJob) -> dict[str, Any]:
