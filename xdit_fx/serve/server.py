@@ -308,6 +308,9 @@ def _serve_rank0(cfg: dict[str, Any], engine, plan, world: int, stop: dict) -> i
     service = Service(engine.caps, batcher, limits, world, plan.to_string(), api_key=cfg["api_key"],
                       wedged_after_s=cfg["wedged_after"])
     service.step_batching = engine.stepwise
+    if engine.caps.video and service.video_encoder[1] != "video/mp4":
+        log.warning("PyAV (with libx264) is not installed: videos are returned as animated GIF, not MP4 "
+                    "(pip install 'xdit_fx[serve]')")
     log.info("batching: %s", "step-level (requests join the running batch at step boundaries)" if engine.stepwise
              else "request-level (one pipeline call per batch)")
     service.busy_since = lambda: engine.busy_since
