@@ -80,3 +80,43 @@ def test_matches_single_process(results, plan, name):
         assert c.get("mask_gathers", 0) == 0, f"{name} {plan}: {c}"
         check(r["rec"], plan)
 
+
+def test_runtime_error_names_the_node():
+    """An exception inside a rewritten graph's generated code is re-raised with the node, its module path, the
+    source line and the plan (here: the graph gets an input with other strides than at capture, so a .view
+    in it fails)."""
+    from torch import nn
+
+    from xdit_fx.compiler.capture import capture_graphs
+    from xdit_fx.plan import Plan
+    from xdit_fx.runtime.graph_errors import GraphRuntimeError, with_node_names
+
+    class Merge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):  # x [B, H, N, D] -> [B, N, H*D]
+            b, h, n, d = x.shape
+            return self.proj(x.transpose(1, 2).view(b, n, h * d))
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Merge()])
+
+        def forward(self, x):
+            return self.blocks[0](x)
+
+    model = Outer()
+    x = torch.randn(2, 5, 2, 4).transpose(1, 2)  # [2, 2, 5, 4] whose transpose(1, 2) is contiguous
+    (gm,) = capture_graphs(model, x)
+    params = [p for _, p in model.named_parameters()]
+    run = with_node_names(gm, Plan.from_string("ulysses=2"), gm.forward)
+    assert run(x, *params)[0].shape == (2, 5, 8)
+    with pytest.raises(GraphRuntimeError) as info:
+        run(x.contiguous(), *params)
+    msg = str(info.value)
+    assert "node 'view'" in msg and "(blocks.0)" in msg, msg
+    assert "test_real_code.py" in msg and "in forward" in msg, msg
+    assert "ulysses=2" in msg and "view size is not compatible" in msg, msg

@@ -27,6 +27,7 @@ from xdit_fx.compiler.passes.cache_regions import REFUSAL
 from xdit_fx.ops.regions import CachedRegion
 from xdit_fx.runtime.cache import CacheRuntime
 from xdit_fx.ops.comm import counting
+from xdit_fx.runtime.graph_errors import with_node_names
 from xdit_fx.runtime.groups import ProcessGroups
 from xdit_fx.runtime.inductor import InductorPiece
 
@@ -122,7 +123,7 @@ class ParallelModule(nn.Module):
         if plan.compile and not regions:
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(gm, example_inputs)
-        return gm.forward
+        return with_node_names(gm, plan, gm.forward)
 
     def _bind_pipefusion(self, gm: fx.GraphModule, warm_gm: fx.GraphModule, example_inputs: list[Any]) -> None:
         """Build the one-patch (warm-up) version of the graph, bind both regions to the runtime, and free
