@@ -9,6 +9,14 @@
                            prompts packed into one sequence
   sdpa_view                sdpa(q, k, v).transpose(1, 2).view(B, N, C): the output's strides must be SDPA's
 
+and graph breaks (a RoPE helper looping over grid_sizes.tolist()): the first call counts the attention calls the
+model makes in eager and the attention runs that were sequence parallel, and warns (naming the graphs, dynamo's
+break reasons and the sites left whole) when they differ or the forward was split:
+  rope_in_loop             the break in the forward's loop over blocks: every attention sharded, split reported
+  rope_in_attention        the break between the qkv projection and the SDPA: sharded, split reported
+  item_before_sdpa         an .item() right before the SDPA: q, k, v enter the attention's graph as separate
+                           inputs, the site runs whole on every rank -> the warning names it
+
 The libraries are CPU stand-ins (tests/standins) with the real Python API and op names. Each case must match the
 single-process output under ulysses=2 and ring=2 (one 2-process spawn for all), with every attention site made
 sequence parallel, data moved on the plan's axis, and no fallback gather.
@@ -23,8 +31,8 @@ import standins
 from dist_utils import spawn_gloo
 
 PLANS = ["ulysses=2", "ring=2"]
-# measured on this CPU (fp32, outputs of magnitude ~1): worst max abs error 4.8e-7 (ulysses=2 and ring=2);
-# the bound is ~4x that, the same as tests/tolerances.py
+# measured on this CPU (fp32, outputs of magnitude ~1, torch 2.13): worst max abs error 2.4e-7 over every case,
+# ulysses=2 and ring=2 alike; the bound is ~8x that, the same as tests/tolerances.py
 ATOL = 2e-6
 
 
@@ -36,9 +44,9 @@ def run_all(rank, world, plans):
 
     results = {}
     for plan in plans:
-        for name in models.cases():
+        for name in [*models.cases(), *models.break_cases()]:
             torch._dynamo.reset()
-            model, inputs = models.cases()[name]
+            model, inputs = {**models.cases(), **models.break_cases()}[name]
             model.eval()
             with torch.no_grad():
                 ref = model(**inputs)
@@ -50,7 +58,8 @@ def run_all(rank, world, plans):
                 for k, v in h.counts().items():
                     counts[k] = counts.get(k, 0) + v
             results[(plan, name)] = {"max_abs": (out - ref).abs().max().item(), "ref_max": ref.abs().max().item(),
-                                     "counts": counts, "rec": finish(rec), "graphs": len(pm.graphs)}
+                                     "counts": counts, "rec": finish(rec), "graphs": len(pm.graphs),
+                                     "census": (pm.census.eager_calls, pm.census.sharded_runs, pm.census.warning)}
     return results
 
 
@@ -78,7 +87,32 @@ def test_matches_single_process(results, plan, name):
         assert c.get("sp_attention_sites", 0) == 2, f"{name} {plan}: {c}"
         assert c.get("fallback_gathers", 0) == 0, f"{name} {plan}: {c}"
         assert c.get("mask_gathers", 0) == 0, f"{name} {plan}: {c}"
+        assert r["census"] == (2, 2, None), f"{name} {plan}: eager calls, sharded runs, warning: {r['census']}"
         check(r["rec"], plan)
+
+
+BREAKS = {"rope_in_loop": (2, 2), "rope_in_attention": (3, 2), "item_before_sdpa": (4, 0)}  # graphs, sharded
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_graph_breaks_are_reported(results, plan, name):
+    graphs, sharded = BREAKS[name]
+    for rank, per_rank in enumerate(results):
+        r = per_rank[(plan, name)]
+        eager, runs, warning = r["census"]
+        assert r["max_abs"] <= ATOL, f"{name} {plan} rank {rank}: max abs {r['max_abs']:.3g}"
+        assert r["graphs"] == graphs, f"{name} {plan}: {r['graphs']} graphs"
+        assert (eager, runs) == (2, sharded), f"{name} {plan}: eager attention calls {eager}, sharded runs {runs}"
+        assert warning is not None, f"{name} {plan}: a split forward without a word"
+        assert "Data dependent operator" in warning and f"graph{graphs - 1}: ran 2x" in warning, warning
+        if sharded < eager:
+            assert f"{eager - sharded} of the {eager} attention calls" in warning, warning
+            assert "sites left whole: graph3: attention[cross" in warning and "models.py" in warning, warning
+            assert r["counts"].get("sp_attention_sites", 0) == 0, r["counts"]
+        else:
+            assert "all 2 attention calls ran sequence parallel" in warning, warning
+            assert r["counts"].get("sp_attention_sites", 0) == 1, r["counts"]
 
 
 def test_runtime_error_names_the_node():

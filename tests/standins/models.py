@@ -119,3 +119,74 @@ def cases():
         "sdpa_view": (Stack([sdpa_view, sdpa_view]), {"x": x}),
     }
     return out
+
+
+# ---- graph breaks (issue point 1): a RoPE helper that loops over grid_sizes.tolist() ----------------------
+
+def rope_table(grid_sizes: torch.Tensor, dim: int = HEAD_DIM) -> torch.Tensor:
+    """Per-token rotary angles [L, dim // 2] for a (frames, height, width) grid, built in a Python loop over
+    grid_sizes.tolist() (Wan-style): a graph break under dynamo."""
+    tables = []
+    for f, h, w in grid_sizes.tolist():
+        n = f * h * w
+        pos = torch.arange(n, dtype=torch.float32)
+        freqs = 1.0 / (100.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        tables.append(torch.outer(pos, freqs))
+    return tables[0]
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:  # x [B, L, H, D]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class RopeBlock(nn.Module):
+    """SDPA self-attention with RoPE; with `inner`, the block computes the RoPE table itself (the break sits
+    inside the attention's forward)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner  # False: table passed in; True: built here; "item": built here, and a .item() too
+        self.norm = nn.LayerNorm(DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x, rope_or_grid):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, HEADS, HEAD_DIM).unbind(2)
+        # inner: the break sits between the qkv projection and the SDPA
+        if self.inner is False:
+            angles = rope_or_grid
+        else:
+            angles = rope_table(rope_or_grid)
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        scale = None
+        if self.inner == "item":  # a size read back from a tensor right before the attention: q, k, v cross
+            scale = HEAD_DIM ** -0.5 * (int(rope_or_grid.prod()) / n)  # the break as separate graph inputs
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        return x + self.proj(o.transpose(1, 2).reshape(b, n, DIM))
+
+
+class RopeDiT(nn.Module):
+    def __init__(self, inner, depth: int = 2):
+        super().__init__()
+        self.inner = inner
+        self.proj_in = nn.Linear(8, DIM)
+        self.blocks = nn.ModuleList([RopeBlock(inner) for _ in range(depth)])
+        self.proj_out = nn.Linear(DIM, 8)
+
+    def forward(self, x, grid_sizes):
+        h = self.proj_in(x)
+        for blk in self.blocks:
+            h = blk(h, rope_table(grid_sizes) if self.inner is False else grid_sizes)  # False: the break in the loop
+        return self.proj_out(h)
+
+
+def break_cases():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2 * 3 * 4, 8)
+    grid = torch.tensor([[2, 3, 4]])
+    return {"rope_in_loop": (RopeDiT(inner=False), {"x": x, "grid_sizes": grid}),
+            "rope_in_attention": (RopeDiT(inner=True), {"x": x, "grid_sizes": grid}),
+            "item_before_sdpa": (RopeDiT(inner="item"), {"x": x, "grid_sizes": grid})}
