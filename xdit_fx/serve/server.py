@@ -138,6 +138,20 @@ class _Group:
         return max(j.payload.steps for j in self.jobs)
 
 
+def _count_step(running: dict, images: int) -> None:
+    """One step of the running set is done: count it per group, log progress (step i of n) at quarters."""
+    groups = {id(g): g for _, g in running.values()}
+    for job, _ in running.values():
+        job.batch_images = max(job.batch_images, images)
+    for group in groups.values():
+        group.images = group.images or images
+        group.steps += 1
+        quarter = max(1, group.total // 4)
+        if group.steps % quarter == 0 or group.steps == group.total:
+            log.info("request(s) %s: step %d/%d (%d image(s) in the call)", [j.id for j in group.jobs],
+                     group.steps, group.total, images)
+
+
 def step_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) -> int:
     """Rank 0's loop under step-level batching (engine.step): one denoising step of the running set per turn.
 
@@ -217,16 +231,7 @@ def step_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) -> i
                 publish()
                 alone = alone and bool(running)
                 continue
-            groups = {id(g): g for _, g in running.values()}
-            for job, _ in running.values():
-                job.batch_images = max(job.batch_images, outcome.images)
-            for group in groups.values():
-                group.images = group.images or outcome.images
-                group.steps += 1
-                quarter = max(1, group.total // 4)
-                if group.steps % quarter == 0 or group.steps == group.total:
-                    log.info("request(s) %s: step %d/%d (%d image(s) in the call)", [j.id for j in group.jobs],
-                             group.steps, group.total, outcome.images)
+            _count_step(running, outcome.images)
             for job_id, images in outcome.finished.items():
                 job = running[job_id][0]
                 leave(job_id, finished=True)
