@@ -8,6 +8,7 @@ the forward into several graphs, each is parallelized on its own: whole tensors 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -28,6 +29,8 @@ from xdit_fx.compiler.passes.cache_regions import REFUSAL
 from xdit_fx.ops.regions import CachedRegion
 from xdit_fx.runtime.cache import CacheRuntime
 from xdit_fx.ops.comm import counting
+from xdit_fx.runtime.attention_census import Census
+from xdit_fx.runtime.graph_errors import with_node_names
 from xdit_fx.runtime.groups import ProcessGroups
 from xdit_fx.runtime.inductor import InductorPiece
 
@@ -65,7 +68,7 @@ class ParallelModule(nn.Module):
         batch_only = plan.batch_degree > 1 and plan.sequence_parallel_degree == 1 and not plan.compile \
             and plan.cache is None and plan.pipefusion_degree == 1
         self._compiled = model if batch_only else \
-            torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False)
+            torch.compile(model, backend=self._counted_backend, dynamic=False, fullgraph=False)
         self.batch = BatchSplitter(plan, groups) if plan.batch_degree > 1 else None
         self.cache = CacheRuntime(plan.cache, self._sp_groups) if plan.cache is not None else None
         self.pipefusion = None
@@ -73,6 +76,9 @@ class ParallelModule(nn.Module):
             from xdit_fx.runtime.pipefusion import PipeFusionRuntime
             self.pipefusion = PipeFusionRuntime(plan, groups)
         self._to_free: list[torch.Tensor] = []
+        #: the first call's count of attention calls vs sequence-parallel runs (graph breaks; attention_census.py)
+        self.census = Census() if plan.sequence_parallel_degree > 1 and plan.pipefusion_degree == 1 else None
+        self._census_pending = self.census is not None
 
     def _sp_groups(self) -> list[str]:
         return [self.groups.names["sp"]] if self.groups is not None and self.plan.sequence_parallel_degree > 1 else []
@@ -88,6 +94,10 @@ class ParallelModule(nn.Module):
             self.cache.reset()
         if self.pipefusion is not None:
             self.pipefusion.reset()
+
+    def _counted_backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
+        fn = self._backend(gm, example_inputs)
+        return self.census.wrap(len(self.graphs) - 1, fn) if self.census is not None else fn
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
         plan, mesh = self.plan, self.mesh
@@ -123,7 +133,7 @@ class ParallelModule(nn.Module):
         if plan.compile and not regions:
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(gm, example_inputs)
-        return gm.forward
+        return with_node_names(gm, plan, gm.forward)
 
     def _bind_pipefusion(self, gm: fx.GraphModule, warm_gm: fx.GraphModule, example_inputs: list[Any]) -> None:
         """Build the one-patch (warm-up) version of the graph, bind both regions to the runtime, and free
@@ -165,8 +175,14 @@ class ParallelModule(nn.Module):
             self.pipefusion.next_call()
         if self.cache is not None:
             self.cache.next_call()
-        with counting(axes=self.groups.axes() if self.groups is not None else None) as counter:
+        census = contextlib.nullcontext()
+        if self._census_pending:
+            census = self.census.first_call(self.model, args, kwargs)
+        with census, counting(axes=self.groups.axes() if self.groups is not None else None) as counter:
             out = self.batch(self._run, args, kwargs) if self.batch is not None else self._run(*args, **kwargs)
+        if self._census_pending:
+            self._census_pending = False
+            self.census.finish(self.graphs)
         self.last_comm = counter.snapshot()
         if self._to_free:  # parameters only other pipeline stages read (the next call recaptures once)
             from xdit_fx.runtime.pipefusion import free_parameters
