@@ -42,7 +42,8 @@ ENV_DUMP_DIR = "XDIT_FX_DUMP_DIR"
 ENV_DUMP_FORMAT = "XDIT_FX_DUMP_FORMAT"  # "text" (default) or "text,html"
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-_OPS_MODULE = "xdit_fx.ops"
+#: the modules whose ops communicate (a dump line marks their calls `comm`)
+_COMM_MODULES = ("xdit_fx.ops.collectives", "xdit_fx.ops.attention", "xdit_fx.ops.pipefusion")
 
 
 
@@ -113,7 +114,7 @@ def node_info(node: fx.Node) -> NodeLine:
     site = node.meta.get(META_ATTENTION)
     if site is not None:
         info.attention = site.describe()
-    if node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith(_OPS_MODULE):
+    if node.op == "call_function" and str(getattr(node.target, "__module__", "")) in _COMM_MODULES:
         groups = sorted({str(v) for k, v in node.kwargs.items()
                          if k.endswith("group") and node.kwargs.get(k[:-len("_group")], 2) != 1}
                         | {a for a in node.args if isinstance(a, str)})

@@ -38,7 +38,6 @@ body and the call that replaces it are cut out with `xdit_fx.compiler.regions`, 
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch.fx as fx
 
@@ -48,13 +47,13 @@ from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_
                                        META_SP_ATTENTION, META_TOKEN_DIMS, META_WHOLE, copy_graph, is_sdpa, sdpa_args)
 from xdit_fx.compiler.regions import extract, region_inputs, splice_call
 from xdit_fx.ops import collectives
-from xdit_fx.compiler.passes.base import Mesh, PassContext, PassResult, graph_pass
+from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
 from xdit_fx.compiler.passes.pipefusion_region import find_region
 from xdit_fx.compiler.passes.pipefusion_stages import (  # noqa: F401  (records re-exported)
     META_STAGE, Crossing, Exit, PipeFusionSpec, StageProgram, assign_stages, cut_stages, find_crossings, find_exits,
     global_value, in_place_writers, stage_programs)
 from xdit_fx.compiler.passes.pipefusion_stages import global_value as _global_value  # noqa: F401
-from xdit_fx.compiler.passes.sequence_parallel import SeqLayout, shard_sequence
+from xdit_fx.compiler.passes.sequence_parallel import SeqLayout, shard_over
 
 META_PIPEFUSION = "xfx.pipefusion"  # on the call of the region: the stage cut, costs, crossings, KV sites
 REGION_NAME = "xfx_pipefusion"
@@ -75,13 +74,12 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "index keys by global token position, which the per-patch K/V buffers cannot re-index yet.\n"
             "  fix: use the model's SDPA attention backend if it has one, or run it with cfg/dp; to look at the "
             "graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
-    sctx = dataclasses.replace(ctx, mesh=Mesh(ring=m))
     odd = _whole_odd_segments(gm, (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree
                               * ctx.plan.ring_degree)
     masks = _whole_masks(gm)
     base = copy_graph(gm)
-    result = shard_sequence(gm, sctx)
-    gm, result, whole = _whole_prefix(gm, base, result, sctx)
+    result = shard_over(gm, m, ctx.mesh.group("sp"))
+    gm, result, whole = _whole_prefix(gm, base, result, m, ctx.mesh.group("sp"))
     # collectives that need every rank's tokens of the same call: across patches, those tokens are computed
     # at other times (or on other stages), so the per-patch graph cannot run them
     for node in gm.graph.nodes:
@@ -114,7 +112,7 @@ NEEDS_ALL = {collectives.all_reduce_tokens: "sums over every token (e.g. linear 
              collectives.zero_token_padding: "sums over every token (e.g. linear attention's K^T V)"}
 
 
-def _whole_prefix(gm: fx.GraphModule, base: fx.GraphModule, result: PassResult, sctx: PassContext):
+def _whole_prefix(gm: fx.GraphModule, base: fx.GraphModule, result: PassResult, m: int, group: str):
     """A part before the block stack that needs the whole sequence (a token refiner's pooled text, a mask
     built from the tokens, a sequence re-packed by in-place writes) runs whole on every rank instead: the
     patches start after it. Each try redoes shard_sequence on `base` (the graph before it) with the start
@@ -143,7 +141,7 @@ def _whole_prefix(gm: fx.GraphModule, base: fx.GraphModule, result: PassResult, 
             if n.op not in ("placeholder", "output"):
                 n.meta[META_WHOLE] = why
                 marked += 1
-        result = shard_sequence(trial, sctx)
+        result = shard_over(trial, m, group)
         gm = trial
         whole = f"; {marked} nodes before the patches run whole on every rank, up to %{end.name} ({why})"
     return gm, result, whole

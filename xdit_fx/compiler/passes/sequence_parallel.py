@@ -662,8 +662,13 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     Sizes baked into view/reshape/split/slice arguments become local sizes. Attention nodes are left
     on local q/k/v, marked META_SP_ATTENTION for parallelize_attention.
     """
-    n = ctx.mesh.sp
-    rw = _Rewriter(gm, n, ctx.mesh.group("sp"))
+    return shard_over(gm, ctx.mesh.sp, ctx.mesh.group("sp"))
+
+
+def shard_over(gm: fx.GraphModule, n: int, group: str) -> PassResult:
+    """shard_sequence's rewrite for `n` chunks of every sharded token segment over the process group named
+    `group` (PipeFusion's patch_sequence calls it with the patch count: one chunk is one patch)."""
+    rw = _Rewriter(gm, n, group)
     propagated = 0
     for node in list(gm.graph.nodes):
         if node.op in ("placeholder", "get_attr"):
