@@ -40,7 +40,6 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
@@ -413,6 +412,8 @@ def _is(node: fx.Node, fn) -> bool:
 @graph_pass(reads=[META_LAYOUT, META_BLOCK, META_ATTENTION], writes=[META_STAGE, META_PIPEFUSION])
 def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Cut the block stack into cost-balanced stages and move the per-patch region into a PipeFusionRegion."""
+    import networkx as nx  # here, not at import: ~0.3 s that every process importing xdit_fx would pay
+
     from ..runtime.pipefusion import PipeFusionRegion, pf_attention, pf_shard_tokens
 
     plan = ctx.plan
