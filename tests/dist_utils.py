@@ -91,3 +91,33 @@ def spawn_gloo(world_size: int, fn, *args, count_bytes: bool = True):
         mp.spawn(_worker, args=(world_size, init_file, fn, args, out_dir, count_bytes), nprocs=world_size,
                  join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def _run_jobs(rank: int, world_size: int, jobs: dict) -> dict:
+    """Each job as if it ran first in the process: Dynamo's caches emptied and the default seed back."""
+    seed = torch.initial_seed()
+    results = {}
+    for key, (fn, args) in jobs.items():
+        torch._dynamo.reset()
+        torch.manual_seed(seed)
+        results[key] = fn(rank, world_size, *args)
+    return results
+
+
+class SharedSpawn:
+    """Several tests' workers in one spawn of `world_size` processes: the process start-up and imports are
+    paid once. `jobs` maps a key to (fn, args); the first `results(key)` runs every job, in order, and keeps
+    their per-rank results for the session (read-only: each test reads its own job's results).
+
+    A job that raises fails every test of the spawn, which is what a single spawn per test would report for
+    that job's tests too."""
+
+    def __init__(self, world_size: int, jobs: dict) -> None:
+        self.world_size, self.jobs = world_size, dict(jobs)
+        self._per_rank: list[dict] | None = None
+
+    def results(self, key) -> list:
+        """The per-rank results of job `key` (spawn_gloo's list)."""
+        if self._per_rank is None:
+            self._per_rank = spawn_gloo(self.world_size, _run_jobs, self.jobs)
+        return [r[key] for r in self._per_rank]

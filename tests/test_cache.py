@@ -19,7 +19,7 @@ from xdit_fx.cache_config import FirstBlockCache, TeaCache, cache_from_string
 from xdit_fx.ops.regions import CachedRegion
 from xdit_fx.cli.coverage import _compare, _flat
 
-from dist_utils import spawn_gloo
+from dist_utils import SharedSpawn
 import parallel_checks
 
 #: a skipped call returns live_in + (out - live_in) of the cached call: one rounding of an add and a subtract
@@ -295,7 +295,7 @@ def test_parallel_ranks_take_the_single_process_decisions():
         ppipe = xdit_fx.parallelize(pipe, Plan(cache=config))
         serial.append((_generate(ppipe, labels, mode), [(r.step, r.slot, r.full) for r in ppipe.cache_stats.records]))
         ppipe.unwrap()
-    per_rank = spawn_gloo(2, _parallel_worker)
+    per_rank = TWO_RANKS.results("cases")
     for i, (plan_text, mode, labels, config) in enumerate(CASES):
         r0, r1 = per_rank[0][i], per_rank[1][i]
         for r in (r0, r1):  # the plan ran in parallel (sharded attention / half the rows per rank)
@@ -404,9 +404,13 @@ def test_first_block_cache_under_ulysses_and_ring_equals_the_reference():
     from references import fbc_reference
     model, calls = _fbc_model_and_calls()
     ref = fbc_reference(model, model.blocks, calls, FBC_THRESHOLD)
-    per_rank = spawn_gloo(2, _fbc_parallel_worker)
+    per_rank = TWO_RANKS.results("fbc")
     for rank, res in enumerate(per_rank):
         for plan_text, run in res.items():
             axis = plan_text.split("=")[0]
             assert run["comm"][axis], f"{plan_text} rank {rank}: nothing moved on the {axis} axis"
             _check_against_reference(run, ref, FBC_PARALLEL_ATOL, f"{plan_text} rank {rank}")
+
+
+#: both parallel tests above in one 2-process spawn
+TWO_RANKS = SharedSpawn(2, {"cases": (_parallel_worker, ()), "fbc": (_fbc_parallel_worker, ())})

@@ -30,6 +30,11 @@ def test_run_gives_each_rank_one_thread_and_a_failed_rank_one_line(tmp_path, cap
         "rank = int(os.environ['RANK'])\n"
         "open(os.path.join(sys.argv[1], f'threads{rank}'), 'w').write(str(torch.get_num_threads()))\n"
         "if rank == 1:\n"
+        "    import time\n"  # rank 0 has written its count before rank 1 fails (and the job stops rank 0)
+        "    deadline = time.time() + 120\n"
+        "    t0 = os.path.join(sys.argv[1], 'threads0')\n"
+        "    while not (os.path.exists(t0) and os.path.getsize(t0)) and time.time() < deadline:\n"
+        "        time.sleep(0.05)\n"
         "    raise ValueError('a mistake on rank 1')\n")
     assert main(["run", "--nproc", "2", str(script), str(tmp_path)]) == 1
     err = capfd.readouterr().err

@@ -15,7 +15,6 @@ import torch
 
 import xdit_fx
 from xdit_fx import zoo
-from dist_utils import spawn_gloo
 
 F32 = 4
 
@@ -24,20 +23,11 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def measure(rank: int, world: int, plan_text: str, names: list[str]) -> dict:
-    return {name: measure_one(plan_text, name) for name in names}
-
-
-def measure_one(plan_text: str, name: str) -> dict:
-    torch._dynamo.reset()
-    plan = xdit_fx.Plan.from_string(plan_text)
-    entry = zoo.get(name)
-    model = entry.build()
-    inputs = entry.inputs(uneven=False)
+def steady_state(pm, name: str, model, inputs) -> dict:
+    """What a parallelized model `pm`, which has run one forward on `inputs`, moves in a second, steady-state
+    forward (the one counted), with the sites expected from the model's config and the inputs' shapes."""
     with torch.no_grad():
-        pm = xdit_fx.parallelize(model, plan)
         out = _first(pm(**inputs))
-        out = _first(pm(**inputs))  # a second, steady-state forward is the one counted
     return {"comm": pm.last_comm, "sites": SITES[name](model, inputs), "out_bytes": out.numel() * F32,
             "batch": out.shape[0], "sp_sites": pm.histories[0].counts().get("sp_attention_sites", 0)}
 
@@ -79,13 +69,16 @@ def analytic(plan: xdit_fx.Plan, sites, out_bytes: int, batch: int) -> dict[str,
 MODELS = ["scratch_dit", "flux"]  # self-attention, and joint text+image attention
 
 
-# ulysses=4 and ring=4 are counted in tests/test_four_ranks.py, in its one 4-process spawn
+# ulysses=4 and ring=4 are counted in tests/test_four_ranks.py, in its one 4-process spawn. The models run in
+# tests/test_equivalence.py's spawn of the plan's world size (`zoo_runs`, `steady_state`): one capture per model
 @pytest.mark.parametrize("plan_text", ["ulysses=2", "ring=2", "ulysses=2,ring=2"])
 def test_bytes_moved_equal_analytic_count(plan_text):
+    from test_equivalence import zoo_runs
+
     plan = xdit_fx.Plan.from_string(plan_text)
-    per_rank = spawn_gloo(plan.world_size, measure, plan_text, MODELS)
+    per_rank = [runs[plan_text] for runs in zoo_runs(plan.world_size)]
     for rank, name in ((r, m) for r in range(plan.world_size) for m in MODELS):
-        res = per_rank[rank][name]
+        res = per_rank[rank][("steady", name)]
         assert res["sp_sites"] == len(res["sites"]), f"{name}: {res['sp_sites']} of {len(res['sites'])} sites sharded"
         expected = analytic(plan, res["sites"], res["out_bytes"], res["batch"])
         assert res["comm"] == expected, f"{name} rank {rank}: measured {res['comm']} != analytic {expected}"

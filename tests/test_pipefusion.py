@@ -14,7 +14,7 @@ import xdit_fx
 from xdit_fx import Plan, PlanError
 from xdit_fx.compiler.passes.pipefusion import META_PIPEFUSION, cut_stages
 
-from dist_utils import spawn_gloo
+from dist_utils import SharedSpawn, spawn_gloo
 
 #: warm-up on every call runs the whole sequence through the stages: the same ops on the same values as the
 #: single process, only split between two processes (measured 0 on flux and scratch_dit; the bound is the
@@ -244,8 +244,7 @@ def _runs(rank, world, names):
 
 @pytest.fixture(scope="module")
 def two_rank():
-    names = ["flux", "scratch_dit"]
-    return names, spawn_gloo(2, _runs, names)
+    return TWO_RANK_NAMES, TWO_RANKS.results("runs")
 
 
 def _serial(name):
@@ -381,7 +380,7 @@ def test_two_call_cfg_branches_keep_their_own_buffers_and_warm_up_each():
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ref = pipe([3, 7], num_inference_steps=3, generator=torch.Generator().manual_seed(0), cfg_mode="two_call").images
-    images, records, kv_keys = spawn_gloo(2, _two_call_pipeline)[0]
+    images, records, kv_keys = TWO_RANKS.results("two_call")[0]
     # the conditional (slot 0) and unconditional (slot 1) calls of each step: each branch's first call is warm
     assert records == [(0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False), (2, 0, False), (2, 1, False)]
     assert {k[0] for k in kv_keys} == {0, 1}
@@ -588,7 +587,7 @@ def test_pipefusion_with_ulysses_masked_attention_equals_the_single_process():
     model, inputs = _masked_model_and_inputs()
     with torch.no_grad():
         ref = [model(**s) for s in _steps(inputs, CALLS)]
-    for outs, warm in spawn_gloo(4, _masked_hybrid):
+    for outs, warm in FOUR_RANKS.results("masked"):
         assert warm == [True] * CALLS
         for o, r in zip(outs, ref):
             assert (o - r).abs().max().item() <= EXACT_ATOL
@@ -694,7 +693,7 @@ def test_packing_before_the_blocks_runs_whole_odd_segments_run_whole_and_causal_
     for name, (model, inputs) in models.items():
         with torch.no_grad():
             refs[name] = [model(**s) for s in _steps(inputs, CALLS)]
-    for res in spawn_gloo(2, _packed_and_causal_runs):
+    for res in TWO_RANKS.results("packed"):
         outs, warm, whole, _ = res["packed"]["exact"]
         # the refiner block runs whole (its nodes and the ones around it), none of the stack's blocks
         assert warm == [True] * CALLS and "refiner.0" in whole and not any(b.startswith("blocks") for b in whole), whole
@@ -754,7 +753,7 @@ def test_compile_runs_inductor_between_the_per_patch_ops():
     model, inputs = _masked_model_and_inputs()
     with torch.no_grad():
         ref = [model(**s) for s in _steps(inputs, CALLS)]
-    for res in spawn_gloo(2, _compiled_runs):
+    for res in TWO_RANKS.results("compiled"):
         for label in ("exact", "stale"):
             eager, warm, kinds = res[0][label]
             compiled, warm_c, kinds_c = res[1][label]
@@ -874,7 +873,7 @@ def test_pipefusion_with_ring_equals_the_single_process_and_moves_the_counted_by
     buffer holds its chunk of every patch and the ring passes whole buffers, the per-head mask re-indexed to
     that key order. Warm-up on every call is exact (the warm-up run takes chunks j*R + r of every patch j,
     the buffer's layout); patched calls with stale K/V stay close; bytes per rank match `_ring_bytes`."""
-    _check_ring_runs(spawn_gloo(4, _ring_small, "ring=2"), 4, 1)
+    _check_ring_runs(FOUR_RANKS.results("ring"), 4, 1)
 
 
 @pytest.mark.skipif(os.environ.get("XDIT_FX_SLOW_TESTS") != "1",
@@ -924,3 +923,10 @@ def test_pipefusion_with_ring_refusals_name_the_node(model, plan, match):
     from xdit_fx.errors import XditFxError
     with pytest.raises(XditFxError, match=match):
         _region(model, plan)
+
+
+#: the default run's 2-process workers in one spawn, and its 4-process workers in another
+TWO_RANK_NAMES = ["flux", "scratch_dit"]
+TWO_RANKS = SharedSpawn(2, {"runs": (_runs, (TWO_RANK_NAMES,)), "two_call": (_two_call_pipeline, ()),
+                            "packed": (_packed_and_causal_runs, ()), "compiled": (_compiled_runs, ())})
+FOUR_RANKS = SharedSpawn(4, {"masked": (_masked_hybrid, ()), "ring": (_ring_small, ("ring=2",))})

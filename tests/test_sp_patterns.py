@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xdit_fx
-from dist_utils import spawn_gloo
+from dist_utils import SharedSpawn, spawn_gloo
 
 ATOL = 2e-6  # fp32; see tests/tolerances.py (the same bound as the zoo equivalence tests)
 HEADS, DIM = 4, 32
@@ -197,9 +197,13 @@ EXPECT = {"linear_attn": ("partial_sums", 6), "grid_conv": ("halo_exchanges", 4)
 USP_CASES = ["masked_rows", "linear_attn"]  # 4 processes: masks by global position, all-reduce over ring x ulysses
 
 
+#: both 2-process plans in one spawn
+TWO_RANKS = SharedSpawn(2, {p: (run_cases, (p, list(CASES))) for p in PLANS})
+
+
 @pytest.fixture(scope="module", params=PLANS)
 def plan_results(request):
-    return request.param, spawn_gloo(2, run_cases, request.param, list(CASES))
+    return request.param, TWO_RANKS.results(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,15 @@ node reading a gathered value) are refused here, naming the node.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch.fx as fx
 
 from xdit_fx.compiler.fx_utils import META_BLOCK, META_GATHER, target_name
 from xdit_fx.errors import UnsupportedGraph, describe_node
+
+if TYPE_CHECKING:  # networkx is imported when a PipeFusion plan runs the pass, not with the package
+    import networkx as nx
 
 _DUMP_HINT = "xdit-fx dump MODEL --plan pipefusion=2 --out DIR"
 
@@ -33,6 +36,8 @@ class PatchRegion:
 def find_region(nodes: list[fx.Node], shards: list[fx.Node], gathers: list[fx.Node], is_slice) -> PatchRegion:
     """The per-patch region of a graph whose patch slices are `shards` and exit gathers `gathers`.
     `is_slice(node)`: whether a node slices a patch or gathers the tokens (a per-patch boundary)."""
+    import networkx as nx
+
     dag = nx.DiGraph()
     dag.add_nodes_from(nodes)
     dag.add_edges_from((a, n) for n in nodes for a in n.all_input_nodes)
@@ -68,6 +73,8 @@ def find_region(nodes: list[fx.Node], shards: list[fx.Node], gathers: list[fx.No
 def _post(nodes: list[fx.Node], dag: nx.DiGraph, gathers: list[fx.Node], is_slice) -> set[fx.Node]:
     """The exit gathers and everything downstream of them; refused if a block depends on a gather, or if
     the tokens are sliced or gathered again after a gather."""
+    import networkx as nx
+
     post: set[fx.Node] = set(gathers)
     for g in gathers:
         later = nx.descendants(dag, g)
