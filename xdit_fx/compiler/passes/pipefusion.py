@@ -474,7 +474,7 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise UnsupportedGraph(
             f"pipefusion: {describe_node(bad)}\n  reads %{g.name}, a gather of the whole token sequence "
             f"({g.meta.get(META_GATHER, 'exit')}), inside the per-patch region: a patch cannot wait for the "
-            "others' current values. The op without a token rule must get one (xdit_fx/compiler/passes/token_dims.py).\n"
+            "others' current values. The op without a token rule must get one (xdit_fx/compiler/passes/dim_rules.py).\n"
             "  to look at the graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
     # blocks that run per patch; their nodes that read no token value (adaLN modulation) join their stage
     blocks = list(dict.fromkeys(n.meta[META_BLOCK] for n in nodes if n in region and META_BLOCK in n.meta))
