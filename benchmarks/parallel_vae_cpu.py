@@ -91,7 +91,7 @@ def bench_worker(config: str, latent: int, repeats: int) -> dict[str, Any]:
     from diffusers import AutoencoderKL
 
     from xdit_fx.runtime import init_distributed
-    from xdit_fx.ops.collectives import COMM
+    from xdit_fx.ops.comm import counting
     from xdit_fx.runtime.vae import parallel_decode
 
     nproc, threads = CONFIGS[config]
@@ -116,12 +116,12 @@ def bench_worker(config: str, latent: int, repeats: int) -> dict[str, Any]:
             h.remove()
         times, cpu0, (busy0, total0) = [], _own_cpu_s(), _busy_jiffies()
         for _ in range(repeats):
-            COMM.reset()
-            t = time.perf_counter()
-            out = decode()
-            times.append(time.perf_counter() - t)
+            with counting() as counter:  # the last decode's bytes
+                t = time.perf_counter()
+                out = decode()
+                times.append(time.perf_counter() - t)
         own_cpu, (busy1, total1) = _own_cpu_s() - cpu0, _busy_jiffies()
-    return {"rank": rank, "times_s": times, "comm": {op: v for (_, op), v in COMM.bytes.items()}, **stats,
+    return {"rank": rank, "times_s": times, "comm": {op: v for (_, op), v in counter.bytes.items()}, **stats,
             "own_cpu_s": own_cpu, "busy_s": (busy1 - busy0) / os.sysconf("SC_CLK_TCK"),
             "wall_cpu_s": (total1 - total0) / os.sysconf("SC_CLK_TCK"),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

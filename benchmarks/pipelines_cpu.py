@@ -36,7 +36,7 @@ def worker(config: str, labels: list[int], repeats: int) -> dict[str, Any]:
 
     import xdit_fx
     from xdit_fx.digits import load_pipeline
-    from xdit_fx.ops.collectives import COMM
+    from xdit_fx.ops.comm import counting
 
     nproc, threads, plan = CONFIGS[config]
     torch.set_num_threads(threads)
@@ -55,12 +55,12 @@ def worker(config: str, labels: list[int], repeats: int) -> dict[str, Any]:
         return out, time.perf_counter() - t0
 
     _, first_s = generate()
-    before = COMM.snapshot()
     times, out = [], None
-    for _ in range(repeats):
-        out, seconds = generate()
-        times.append(seconds)
-    comm = COMM.since(before)
+    with counting() as counter:
+        for _ in range(repeats):
+            out, seconds = generate()
+            times.append(seconds)
+    comm = counter.snapshot()
     return {"times_s": times, "first_s": first_s, "images": out.images if out is not None else None,
             "bytes": sum(sum(ops.values()) for ops in comm.values()) / repeats}
 

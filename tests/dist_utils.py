@@ -53,22 +53,22 @@ def _worker(rank: int, world_size: int, init_file: str, fn, args, out_dir: str, 
 
 @contextlib.contextmanager
 def reported_bytes():
-    """Bytes xdit_fx's wrappers report while the block runs (every `CommCounter.add`, whichever counter and
-    whatever resets it), per process group name."""
-    from xdit_fx.ops.collectives import CommCounter
+    """Bytes xdit_fx's ops report while the block runs (every `comm.record`, whether or not a counter is
+    active), per process group name."""
+    from xdit_fx.ops import comm
 
     tally: dict[str, int] = {}
-    real = CommCounter.add
+    real = comm.record
 
-    def add(self, group_name: str, op: str, nbytes: int) -> None:
+    def record(group_name: str, op: str, nbytes: int) -> None:
         tally[group_name] = tally.get(group_name, 0) + int(nbytes)
-        return real(self, group_name, op, nbytes)
+        return real(group_name, op, nbytes)
 
-    CommCounter.add = add
+    comm.record = record
     try:
         yield tally
     finally:
-        CommCounter.add = real
+        comm.record = real
 
 
 def check_counts(counted: DistBytes, reported: dict[str, int]) -> None:

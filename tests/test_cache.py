@@ -16,7 +16,7 @@ import torch
 import xdit_fx
 from xdit_fx import Plan, PlanError, UnsupportedGraph
 from xdit_fx.cache_config import FirstBlockCache, TeaCache, cache_from_string
-from xdit_fx.runtime.cache import CachedRegion
+from xdit_fx.ops.regions import CachedRegion
 from xdit_fx.cli.coverage import _compare, _flat
 
 from dist_utils import spawn_gloo
@@ -73,15 +73,15 @@ def test_teacache_rescale_is_the_polynomial_clamped_at_zero():
 def test_insert_cache_cuts_the_stack_after_the_first_block_and_shows_the_body_in_the_dump():
     from xdit_fx.compiler.capture import capture_graphs
     from xdit_fx.debug.dump import render_graph
-    from xdit_fx.compiler.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
-    from xdit_fx.runtime.cache import CachedRegion
+    from xdit_fx.compiler.passes import Mesh, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.ops.regions import CachedRegion
 
     tr = _digits().transformer
     x = torch.randn(2, tr.config.in_channels, 16, 16)
     gm = capture_graphs(tr, x, timestep=torch.tensor([500.0, 500.0]), class_labels=torch.tensor([1, 10]))[0]
     for config, skipped in [(FirstBlockCache(0.1), 3), (TeaCache(0.1), 4)]:
         plan = Plan(cache=config)
-        out = run_pipeline(gm, build_pipeline(plan), PassContext(plan=plan, mesh=MeshSpec()))
+        out = run_pipeline(gm, build_pipeline(plan), PassContext(plan=plan, mesh=Mesh()))
         region = out.get_submodule("xfx_cache")
         assert isinstance(region, CachedRegion)
         assert region.spec.blocks_skipped == skipped and region.spec.blocks_total == 4

@@ -89,3 +89,38 @@ def test_bytes_moved_equal_analytic_count(plan_text):
         assert res["sp_sites"] == len(res["sites"]), f"{name}: {res['sp_sites']} of {len(res['sites'])} sites sharded"
         expected = analytic(plan, res["sites"], res["out_bytes"], res["batch"])
         assert res["comm"] == expected, f"{name} rank {rank}: measured {res['comm']} != analytic {expected}"
+
+
+def two_models(rank: int, world: int) -> dict:
+    """Two parallelized models in one process, with different plans, run one after the other and inside an
+    outer counter."""
+    torch._dynamo.reset()
+    entry = zoo.get("scratch_dit")
+    inputs = entry.inputs(uneven=False)
+    a = xdit_fx.parallelize(entry.build(), "ulysses=2")
+    b = xdit_fx.parallelize(entry.build(), "ring=2")
+    with torch.no_grad():
+        a(**inputs)
+        b(**inputs)  # the first calls capture
+        a(**inputs)
+        a_alone = a.last_comm
+        with xdit_fx.counting() as outer:
+            out = _first(b(**inputs))
+            b_counts = b.last_comm
+            a(**inputs)
+    return {"a_alone": a_alone, "a": a.last_comm, "b": b_counts, "outer_total": outer.total(),
+            "sites": SITES["scratch_dit"](a.model, inputs), "out_bytes": out.numel() * F32, "batch": out.shape[0]}
+
+
+def test_two_models_in_one_process_count_only_their_own_bytes():
+    """Byte counts belong to a ParallelModule's own forward (no process-wide counter): each model's
+    `last_comm` is its plan's analytic count, whatever ran before or around it, and a caller's counter sees
+    the sum."""
+    for res in spawn_gloo(2, two_models):
+        sites, out_bytes, batch = res["sites"], res["out_bytes"], res["batch"]
+        ulysses = analytic(xdit_fx.Plan(ulysses_degree=2), sites, out_bytes, batch)
+        ring = analytic(xdit_fx.Plan(ring_degree=2), sites, out_bytes, batch)
+        assert res["a_alone"] == ulysses and res["a"] == ulysses, res
+        assert res["b"] == ring, res
+        total = sum(v for ops in (*ulysses.values(), *ring.values()) for v in ops.values())
+        assert res["outer_total"] == total

@@ -23,11 +23,12 @@ from torch import nn
 from xdit_fx import zoo
 from xdit_fx.compiler.capture import capture_graphs
 from xdit_fx.cli import main
-from xdit_fx.debug.dump import dump_module, normalise_for_golden, parse_line, read_dump, render_graph
+from xdit_fx.debug.dump import dump_module, render_graph
+from xdit_fx.debug.format import normalise_for_golden, parse_line, read_dump
 from xdit_fx.debug.diff import diff_dumps
 from xdit_fx.debug.html import find_browser, screenshot
 from xdit_fx.errors import PassError, UnsupportedGraph
-from xdit_fx.compiler.passes import MeshSpec, PassContext, PassResult, build_pipeline, graph_pass, run_pipeline
+from xdit_fx.compiler.passes import Mesh, PassContext, PassResult, build_pipeline, graph_pass, run_pipeline
 from xdit_fx.plan import Plan
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -104,7 +105,7 @@ def test_dump_is_deterministic():
     for _ in range(2):
         gm = capture_graphs(z.build(), **z.inputs())[0]
         plan = Plan(ulysses_degree=2)
-        run_pipeline(gm, build_pipeline(plan), PassContext(plan, MeshSpec(ulysses=2)))
+        run_pipeline(gm, build_pipeline(plan), PassContext(plan, Mesh(ulysses=2)))
         texts.append(render_graph(gm))
     assert texts[0] == texts[1]
 
@@ -270,7 +271,7 @@ def test_unexpected_pass_exception_points_at_the_node():
     gm = capture_graphs(ThreeHeads(), torch.randn(1, 8, 12))[0]
     plan = Plan(ulysses_degree=2)
     with pytest.raises(PassError) as info:
-        run_pipeline(gm, [crashes_on_a_node], PassContext(plan, MeshSpec(ulysses=2)))
+        run_pipeline(gm, [crashes_on_a_node], PassContext(plan, Mesh(ulysses=2)))
     msg = str(info.value)
     assert "pass 'crashes_on_a_node' failed" in msg and "ValueError: cannot handle this op" in msg
     assert "at node '" in msg and "source: tests/test_dump.py:" in msg

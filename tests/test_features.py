@@ -78,7 +78,7 @@ def test_calibrate_cache_writes_coefficients_that_teacache_uses_at_run_time(tmp_
 # ---- reset_cache on a bare module ---------------------------------------------------------------------------
 
 def test_reset_cache_makes_the_next_call_run_the_full_stack():
-    from xdit_fx.runtime.cache import CachedRegion
+    from xdit_fx.ops.regions import CachedRegion
     from xdit_fx.zoo import get
 
     entry = get("scratch_dit")

@@ -99,15 +99,15 @@ REFUSED = {
 
 
 def _parity(vae, z):
-    from xdit_fx.ops.collectives import COMM
+    from xdit_fx.ops.comm import counting
     from xdit_fx.runtime.vae import parallel_decode
 
     with torch.no_grad():
         ref = vae.decode(z, return_dict=False)[0]
-        COMM.reset()
-        out = parallel_decode(vae, z, return_dict=False)[0]
+        with counting() as counter:
+            out = parallel_decode(vae, z, return_dict=False)[0]
     return {"err": (out - ref).abs().max().item(), "same_shape": out.shape == ref.shape,
-            "comm": {op: v for (_, op), v in COMM.bytes.items()}}
+            "comm": {op: v for (_, op), v in counter.bytes.items()}}
 
 
 def _analytic_bytes(vae, z, n):

@@ -68,8 +68,8 @@ def test_cut_balances_cost_not_block_count():
 
 def _region(model, plan: str, **inputs):
     from xdit_fx.compiler.capture import capture_graphs
-    from xdit_fx.compiler.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
-    from xdit_fx.runtime.pipefusion import PipeFusionRegion
+    from xdit_fx.compiler.passes import Mesh, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.ops.regions import PipeFusionRegion
     from xdit_fx.zoo import get
 
     if isinstance(model, str):
@@ -77,7 +77,7 @@ def _region(model, plan: str, **inputs):
         model, inputs = zm.build(), zm.inputs()
     p = Plan.from_string(plan)
     gm = capture_graphs(model, **inputs)[0]
-    gm = run_pipeline(gm, build_pipeline(p), PassContext(plan=p, mesh=MeshSpec()))
+    gm = run_pipeline(gm, build_pipeline(p), PassContext(plan=p, mesh=Mesh()))
     call = next(n for n in gm.graph.nodes if n.op == "call_module")
     region = gm.get_submodule(call.target)
     assert isinstance(region, PipeFusionRegion)
@@ -167,7 +167,7 @@ def test_a_part_before_the_blocks_that_needs_the_whole_sequence_runs_whole():
     every rank, the refiner's blocks included, and the patches start after it."""
     from xdit_fx.compiler.capture import capture_graphs
     from xdit_fx.compiler.fx_utils import META_WHOLE
-    from xdit_fx.compiler.passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.compiler.passes import GraphHistory, Mesh, PassContext, build_pipeline, run_pipeline
     from xdit_fx.ops import collectives
     from xdit_fx.zoo import get
 
@@ -175,7 +175,7 @@ def test_a_part_before_the_blocks_that_needs_the_whole_sequence_runs_whole():
     plan = Plan.from_string("pipefusion=2")
     history = GraphHistory()
     gm = run_pipeline(capture_graphs(zm.build(), **zm.inputs())[0], build_pipeline(plan),
-                      PassContext(plan=plan, mesh=MeshSpec()), history)
+                      PassContext(plan=plan, mesh=Mesh()), history)
     summary = next(s.summary for s in history.snapshots if s.name == "patch_sequence")
     assert "nodes before the patches run whole on every rank, up to %allreduce_" in summary, summary
     whole = [n for n in gm.graph.nodes if n.meta.get(META_WHOLE)]
@@ -412,13 +412,13 @@ def _two_call_stale_reference(pipe):
 def test_dump_shows_the_stage_of_each_node_and_the_cut():
     from xdit_fx.compiler.capture import capture_graphs
     from xdit_fx.debug.dump import render_graph
-    from xdit_fx.compiler.passes import MeshSpec, PassContext, build_pipeline, run_pipeline
+    from xdit_fx.compiler.passes import Mesh, PassContext, build_pipeline, run_pipeline
     from xdit_fx.zoo import get
 
     zm = get("scratch_dit")
     plan = Plan.from_string("pipefusion=2")
     gm = run_pipeline(capture_graphs(zm.build(), **zm.inputs())[0], build_pipeline(plan),
-                      PassContext(plan=plan, mesh=MeshSpec()))
+                      PassContext(plan=plan, mesh=Mesh()))
     text = render_graph(gm)
     assert "module xfx_pipefusion(" in text and "xfx.pipefusion='2 stages x 2 patches; stage 0: blocks.0" in text
     assert "xfx.stage=0" in text and "xfx.stage=1" in text and "pf_attention(" in text
@@ -433,7 +433,7 @@ def _hybrid_runs(rank, world, names, sp):
     """pipefusion=2 with `sp` ("ulysses=2" or "ring=2") on 4 processes: every model exact (warm-up on every
     call) and stale, with bytes and the queries of this rank's stage; and the same input twice."""
     from xdit_fx.compiler.passes.pipefusion import _global_value
-    from xdit_fx.runtime.pipefusion import pf_attention
+    from xdit_fx.ops.pipefusion import pf_attention
     from xdit_fx.zoo import get
 
     results = {}
@@ -722,7 +722,7 @@ def test_packing_before_the_blocks_runs_whole_odd_segments_run_whole_and_causal_
 
 def _compiled_runs(rank, world):
     from xdit_fx.runtime.inductor import InductorPiece
-    from xdit_fx.runtime.pipefusion import pf_attention, pf_shard_tokens
+    from xdit_fx.ops.pipefusion import pf_attention, pf_shard_tokens
 
     out = {}
     for compile_ in (0, 1):
@@ -799,7 +799,7 @@ WHOLE_TOKENS = {"masked": 0, "time_token": 1}
 
 
 def _ring_small(rank, world, sp):
-    from xdit_fx.runtime.pipefusion import pf_attention
+    from xdit_fx.ops.pipefusion import pf_attention
 
     out = {}
     for name, make in SP_MODELS.items():

@@ -233,14 +233,14 @@ def test_pattern_matches_single_process_usp(usp_results, name):
 
 def test_inserted_node_names_are_unique():
     """Two values that would both be called shard_<x> (a value sliced along two layouts) get distinct names."""
-    from xdit_fx.compiler.passes.sequence_parallel import _unique_name
+    from xdit_fx.compiler.fx_utils import set_unique_name
 
     g = torch.fx.Graph()
     x = g.placeholder("x")
     a = g.call_function(torch.neg, (x,))
     b = g.call_function(torch.neg, (x,))
-    _unique_name(g, a, "shard_x")
-    _unique_name(g, b, "shard_x")
+    set_unique_name(g, a, "shard_x")
+    set_unique_name(g, b, "shard_x")
     c = g.call_function(torch.neg, (b,))  # a node fx names later does not take a name given above
     g.output(c)
     names = [n.name for n in g.nodes]

@@ -44,10 +44,10 @@ def test_zoo_model_captures_as_one_exact_graph(name, uneven):
     assert len(graphs) == 1
     assert torch.equal(out, ref)
     # attention written by hand or as nn.MultiheadAttention counts once normalize_attention made it SDPA
-    from xdit_fx.compiler.passes import MeshSpec, PassContext, normalize_attention, run_pipeline
+    from xdit_fx.compiler.passes import Mesh, PassContext, normalize_attention, run_pipeline
     from xdit_fx.plan import Plan
 
-    gm = run_pipeline(graphs[0], [normalize_attention], PassContext(plan=Plan(), mesh=MeshSpec()))
+    gm = run_pipeline(graphs[0], [normalize_attention], PassContext(plan=Plan(), mesh=Mesh()))
     n_sdpa = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention)
     assert n_sdpa >= 1
 

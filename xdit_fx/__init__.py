@@ -11,11 +11,11 @@ from xdit_fx.cache_config import FirstBlockCache, TeaCache
 from xdit_fx.loading import load_pipeline, local_device
 from xdit_fx.errors import MissingBackend, PassError, PlanError, UnsupportedGraph, XditFxError
 from xdit_fx.pipeline import ParallelPipeline
+from xdit_fx.ops.comm import counting
 from xdit_fx.plan import Plan
-from xdit_fx.ops.collectives import COMM
 from xdit_fx.runtime.groups import init_distributed
+from xdit_fx.version import __version__
 
-__all__ = ["COMM", "FirstBlockCache", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "TeaCache", "UnsupportedGraph",
-           "XditFxError", "init_distributed", "load_pipeline",
+__all__ = ["FirstBlockCache", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "TeaCache", "UnsupportedGraph",
+           "XditFxError", "__version__", "counting", "init_distributed", "load_pipeline",
            "local_device", "parallelize"]
-__version__ = "0.1.0"

@@ -20,7 +20,7 @@ class PassError(XditFxError, RuntimeError):
 
 
 class MissingBackend(XditFxError, ImportError):
-    """An optional backend (flash-attn, onediff, ...) was asked for but is not installed."""
+    """An optional package (transformers, accelerate, ...) is needed but not installed."""
 
 
 def describe_node(node) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from xdit_fx.errors import PlanError
+from xdit_fx.ops.comm import counting
 from xdit_fx.plan import Plan
 from xdit_fx.runtime.batch import PairState
 from xdit_fx.runtime.groups import ProcessGroups
@@ -71,6 +72,8 @@ class ParallelPipeline:
         self.groups = groups
         self.rank = groups.rank if groups is not None else 0
         self.pair_state = PairState()
+        #: bytes received per mesh axis and op during the last call (denoisers and VAE)
+        self.last_comm: dict[str, dict[str, int]] = {}
         self._originals: dict[str, Any] = {}
         self.denoisers: dict[str, ParallelModule] = {}
         for name in names:
@@ -87,10 +90,6 @@ class ParallelPipeline:
             from xdit_fx.runtime.vae import ParallelVAE
             self._vae_hooked = True
             pipe.vae.decode = ParallelVAE(pipe.vae, group=None).decode
-            import torch.distributed as dist
-
-            from xdit_fx.ops.collectives import COMM
-            COMM.axis_of_group.setdefault(dist.group.WORLD.group_name, "vae")  # its bytes, named in reports
         if self.rank != 0:
             from xdit_fx.loading import quiet_other_ranks
 
@@ -121,7 +120,18 @@ class ParallelPipeline:
         self.pair_state.reset()
         for pm in self.denoisers.values():
             pm.reset_cache()
-        return self.pipe(*args, **kwargs)
+        with counting(axes=self._axes()) as counter:
+            out = self.pipe(*args, **kwargs)
+        self.last_comm = counter.snapshot()
+        return out
+
+    def _axes(self) -> dict[str, str]:
+        axes = self.groups.axes() if self.groups is not None else {}
+        if self._vae_hooked:  # the parallel VAE decodes over the world group
+            import torch.distributed as dist
+
+            axes.setdefault(dist.group.WORLD.group_name, "vae")
+        return axes
 
     @property
     def cache_stats(self):

@@ -27,7 +27,6 @@ from xdit_fx.errors import PlanError
 #: Mesh axes from outermost to innermost.
 AXES = ("dp", "cfg", "pipefusion", "ring", "ulysses")
 #: Axes whose passes exist; the others are accepted and validated, then refused until implemented.
-SUPPORTED_AXES = ("dp", "cfg", "pipefusion", "ring", "ulysses")
 
 _SHORT_NAMES = {
     "dp": "dp_degree",
@@ -107,13 +106,6 @@ class Plan:
                 "stale. Use cache with ulysses/ring/cfg/dp, or PipeFusion without cache.")
         if self.debug_dump_dir is not None and not isinstance(self.debug_dump_dir, str):
             raise PlanError(f"Plan.debug_dump_dir must be a path string or None, got {self.debug_dump_dir!r}.")
-        for axis, field in _SHORT_NAMES.items():
-            if axis not in SUPPORTED_AXES and getattr(self, field) > 1:
-                raise PlanError(
-                    f"Plan.{field}={getattr(self, field)}: the '{axis}' axis is not yet supported; "
-                    f"this version parallelizes over {' and '.join(SUPPORTED_AXES)} only. "
-                    f"Set {field}=1."
-                )
 
     @property
     def patches(self) -> int:

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from xdit_fx.compiler.fx_utils import is_sdpa
-from xdit_fx.compiler.passes import MeshSpec, PassContext, normalize_attention, run_pipeline
+from xdit_fx.compiler.passes import Mesh, PassContext, normalize_attention, run_pipeline
 from xdit_fx.plan import Plan
 
-CTX = PassContext(plan=Plan(ulysses_degree=2), mesh=MeshSpec(ulysses=2))
+CTX = PassContext(plan=Plan(ulysses_degree=2), mesh=Mesh(ulysses=2))
 
 
 def capture(model: nn.Module, *args):

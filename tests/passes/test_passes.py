@@ -22,7 +22,7 @@ from xdit_fx.compiler.capture import capture_graphs
 from xdit_fx.errors import PassError, UnsupportedGraph, XditFxError
 from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT,
                               META_SP_ATTENTION, is_sdpa, shape_of)
-from xdit_fx.compiler.passes import (GraphHistory, MeshSpec, PassContext, PassResult, build_pipeline, check_pipeline,
+from xdit_fx.compiler.passes import (GraphHistory, Mesh, PassContext, PassResult, build_pipeline, check_pipeline,
                             graph_pass, run_pipeline, shard_sequence)
 from xdit_fx.plan import Plan
 from xdit_fx.ops.attention import sp_attention
@@ -190,7 +190,7 @@ PLAN = Plan(ulysses_degree=2)
 
 
 def ctx_for(ulysses: int = 2, ring: int = 1) -> PassContext:
-    return PassContext(plan=Plan(ulysses_degree=ulysses, ring_degree=ring), mesh=MeshSpec(ring=ring, ulysses=ulysses))
+    return PassContext(plan=Plan(ulysses_degree=ulysses, ring_degree=ring), mesh=Mesh(ring=ring, ulysses=ulysses))
 
 
 def pipeline(upto: str | None = None, plan: Plan = PLAN) -> list:

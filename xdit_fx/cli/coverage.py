@@ -14,17 +14,14 @@ A user's own model: ``--model-class pkg.module:Class --config cfg.json --inputs 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import importlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -453,7 +450,6 @@ def write_report(records: list[dict], entries: dict, excluded: dict[str, str], p
 
     diff_names = [n for n in verdicts if entries.get(n, {}).get("diffusers", True)]
     scratch_names = [n for n in verdicts if not entries.get(n, {}).get("diffusers", True)]
-    classes = {entries.get(n, {}).get("source", n) for n in diff_names}
     count = {k: sum(1 for n in diff_names if verdicts[n] == k) for k in ("parity", "fallback", "unparallelized", "fail")}
     # a class counts once: its best entry (several entries may exercise one class in different configs)
     per_class: dict[str, str] = {}
@@ -496,7 +492,7 @@ def write_report(records: list[dict], entries: dict, excluded: dict[str, str], p
         f"fallback gathers inside the block stack.**",
         f"- {cls_count['fallback']} work with fallback gathers; {cls_count['unparallelized']} run correct but "
         f"unparallelized; {cls_count['fail']} fail (error in the table).",
-        f"- From-scratch DiTs: " + ", ".join(f"{n}: {verdicts[n]}" for n in scratch_names) + ".",
+        "- From-scratch DiTs: " + ", ".join(f"{n}: {verdicts[n]}" for n in scratch_names) + ".",
         *(["", "Other plans (reported, not part of the verdict):", ""] + other_lines if other_lines else []),
         "",
         "Verdicts: *parity* = every required plan matches the single-process output (max abs error <= "

@@ -101,7 +101,7 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def tp_string(tp) -> str:
-    from xdit_fx.debug.dump import plan_string
+    from xdit_fx.debug.format import plan_string
     return plan_string(tp.requested)
 
 

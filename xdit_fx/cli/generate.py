@@ -446,14 +446,11 @@ def generate_worker(opts: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         return out, time.perf_counter() - t0
 
-    from xdit_fx.ops.collectives import COMM
-
     first_s = None
     if opts["warmup"]:
         _, first_s = generate()
-    before = COMM.snapshot()
     out, seconds = generate()
-    comm = {axis: sum(ops.values()) for axis, ops in COMM.since(before).items() if sum(ops.values())}
+    comm = {axis: sum(ops.values()) for axis, ops in getattr(pipe, "last_comm", {}).items() if sum(ops.values())}
     report = {"plan": plan.to_string(), "world_size": world, "seconds": seconds, "first_run_s": first_s,
               "model": opts["model"], "device": str(device), "dtype": str(getattr(pipe, "dtype", "")), "comm": comm}
     if rank == 0:

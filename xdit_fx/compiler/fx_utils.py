@@ -148,3 +148,23 @@ def sdpa_args(node: fx.Node) -> dict[str, Any]:
     bound.update(zip(SDPA_PARAMS, node.args))
     bound.update(node.kwargs)
     return bound
+
+
+def node_arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    """A call's argument however it was passed: positionally at `pos`, or by keyword `name`."""
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def set_unique_name(graph: fx.Graph, node: fx.Node, base: str) -> None:
+    """Give an inserted node a readable name that no other node of the graph has."""
+    taken = {n.name for n in graph.nodes if n is not node}
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_v{k}"
+    node.name = name
+    used = getattr(getattr(graph, "_graph_namespace", None), "_used_names", None)
+    if isinstance(used, set):  # so that nodes fx names later do not take it
+        used.add(name)

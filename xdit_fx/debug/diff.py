@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
-from xdit_fx.debug.dump import Dump, NodeLine, PassDump, graph_dirs, plan_string, read_dump
+from xdit_fx.debug.format import Dump, NodeLine, PassDump, graph_dirs, plan_string, read_dump
 from xdit_fx.errors import XditFxError
 
 _FACTS = ("shape", "layout", "attention", "comm", "gather", "extra", "module", "created_by", "source")

@@ -14,7 +14,7 @@ import html
 import os
 import re
 
-from xdit_fx.debug.dump import Dump, NodeLine, PassDump, graph_dirs, plan_string, read_dump
+from xdit_fx.debug.format import Dump, NodeLine, PassDump, graph_dirs, plan_string, read_dump
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 _ARG = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)")

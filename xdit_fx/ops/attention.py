@@ -87,6 +87,35 @@ def _mask_bias(mask, qpos, kpos, dtype, device, heads_slice=None):
     return bias
 
 
+def causal_mask(q_segments: Segments, kv_segments: Segments | None, k: torch.Tensor) -> torch.Tensor:
+    """SDPA's `is_causal` (top-left aligned) as a boolean mask over global positions [Lq, Lk], so that every
+    chunk a rank sees is masked by where its tokens sit in the whole sequence."""
+    lq = sum(length for length, _ in q_segments)
+    lk = sum(length for length, _ in kv_segments) if kv_segments is not None else k.shape[2]
+    return torch.ones(lq, lk, dtype=torch.bool, device=k.device).tril()
+
+
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: give each of the `heads` query heads its own K/V head."""
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    return k, v
+
+
+def ulysses_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: str):
+    """Ulysses' first all-to-all: [B, H, local tokens, D] on each rank -> [B, H/U, the U ranks' tokens, D].
+    Q, K and V of one shape go in one all-to-all (same bytes, a third of the latency)."""
+    if q.shape == k.shape == v.shape:
+        return all_to_all(torch.stack([q, k, v]), 2, 3, group).unbind(0)
+    return all_to_all(q, 1, 2, group), all_to_all(k, 1, 2, group), all_to_all(v, 1, 2, group)
+
+
+def ulysses_out(out: torch.Tensor, group: str) -> torch.Tensor:
+    """Ulysses' last all-to-all: [B, H/U, the U ranks' tokens, D] -> [B, H, local tokens, D]."""
+    return all_to_all(out.contiguous(), 2, 1, group)
+
+
 def sp_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,15 +138,11 @@ def sp_attention(
     so that every chunk a rank sees is masked by where its tokens sit in the whole sequence."""
     n = ulysses * ring
     if is_causal:
-        lq = sum(length for length, _ in q_segments)
-        lk = sum(length for length, _ in kv_segments) if kv_segments is not None else k.shape[2]
-        attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        attn_mask = causal_mask(q_segments, kv_segments, k)
     heads = q.shape[1]
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if k.shape[1] != heads:  # grouped-query attention: give every query head its own kv head
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)
-        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    k, v = repeat_kv(k, v, heads)
     r = dist.get_rank(_group(sp_group))
 
     if kv_segments is None or not any(s for _, s in kv_segments):
@@ -149,16 +174,11 @@ def sp_attention(
     if ulysses > 1:
         if heads % ulysses:
             raise ValueError(f"{heads} attention heads are not divisible by ulysses_degree={ulysses}")
-        if q_in.shape == k.shape == v.shape:  # one all-to-all for q, k and v: same bytes, a third of the latency
-            q_in, k, v = all_to_all(torch.stack([q_in, k, v]), 2, 3, ulysses_group).unbind(0)
-        else:
-            q_in = all_to_all(q_in, 1, 2, ulysses_group)
-            k = all_to_all(k, 1, 2, ulysses_group)
-            v = all_to_all(v, 1, 2, ulysses_group)
+        q_in, k, v = ulysses_in(q_in, k, v, ulysses_group)
     if ring > 1:
         out = ring_attention(q_in, k, v, bias, scale, ring_group)
     else:
         out = F.scaled_dot_product_attention(q_in, k, v, attn_mask=bias, scale=scale)
     if ulysses > 1:
-        out = all_to_all(out, 2, 1, ulysses_group)
+        out = ulysses_out(out, ulysses_group)
     return _gather_replicated(out, q_segments, n, sp_group)

@@ -1,7 +1,7 @@
 """Collectives that rewritten graphs call: torch.library custom ops with fake implementations.
 
 Being custom ops, they trace cleanly into torch.compile graphs (Inductor sees an opaque op with known
-output shape) and their Python bodies always run, so every byte they move is counted in `COMM`.
+output shape) and their Python bodies always run, so every byte they move is counted (`xdit_fx.ops.comm`).
 Groups are passed by their c10d group name (a string), as torch's functional collectives do.
 
 Byte accounting: each op adds the bytes *this rank receives from other ranks*.
@@ -13,55 +13,16 @@ The tests count the same at the torch.distributed primitives and check that both
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-
-class CommCounter:
-    """Bytes received per mesh axis and op, since the last reset (one per process)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.axis_of_group: dict[str, str] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        with self._lock:
-            self.bytes: dict[tuple[str, str], int] = defaultdict(int)
-            self.calls: dict[tuple[str, str], int] = defaultdict(int)
-
-    def add(self, group_name: str, op: str, nbytes: int) -> None:
-        axis = self.axis_of_group.get(group_name, group_name)
-        with self._lock:
-            self.bytes[(axis, op)] += int(nbytes)
-            self.calls[(axis, op)] += 1
-
-    def total(self, axis: str | None = None, op: str | None = None) -> int:
-        return sum(v for (a, o), v in self.bytes.items() if (axis is None or a == axis) and (op is None or o == op))
-
-    def since(self, before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-        """Bytes moved since `before` (an earlier snapshot), in snapshot form."""
-        out: dict[str, dict[str, int]] = {}
-        for axis, ops in self.snapshot().items():
-            for op, v in ops.items():
-                delta = v - before.get(axis, {}).get(op, 0)
-                if delta:
-                    out.setdefault(axis, {})[op] = delta
-        return out
-
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for (axis, op), v in sorted(self.bytes.items()):
-            out.setdefault(axis, {})[op] = v
-        return out
+from xdit_fx.ops import comm
+from xdit_fx.ops.comm import all_reduce_received
 
 
-COMM = CommCounter()
 
 
 def _group(name: str):
@@ -70,11 +31,6 @@ def _group(name: str):
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def all_reduce_received(nbytes: int, n: int) -> int:
-    """Bytes a rank receives in an all-reduce of `nbytes` over n ranks: 2 (n-1)/n of it (ring algorithm)."""
-    return nbytes * 2 * (n - 1) // n
 
 
 # ---- all_to_all --------------------------------------------------------------------------------------
@@ -91,7 +47,7 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: str) -
     send = x.unflatten(scatter_dim, (n, -1)).movedim(scatter_dim, 0).contiguous()
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=pg)
-    COMM.add(group, "all_to_all", _nbytes(send) * (n - 1) // n)
+    comm.record(group, "all_to_all", _nbytes(send) * (n - 1) // n)
     # [n, ..., G, ...] -> [..., n*G, ...] with rank-major order, in one copy
     return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1).contiguous()
 
@@ -139,7 +95,7 @@ def all_gather(x: torch.Tensor, dim: int, length: int, group: str) -> torch.Tens
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x, group=pg)
-    COMM.add(group, "all_gather", _nbytes(x) * (n - 1))
+    comm.record(group, "all_gather", _nbytes(x) * (n - 1))
     return torch.cat(parts, dim=dim).narrow(dim, 0, length).clone()
 
 
@@ -187,7 +143,7 @@ def all_reduce_sum(x: torch.Tensor, group: str) -> torch.Tensor:
     out = x.contiguous().clone()
     if n > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=pg)
-        COMM.add(group, "all_reduce", all_reduce_received(_nbytes(out), n))
+        comm.record(group, "all_reduce", all_reduce_received(_nbytes(out), n))
     return out
 
 
@@ -233,7 +189,7 @@ def halo_exchange(x: torch.Tensor, dim: int, halo: int, group: str) -> torch.Ten
     edges = torch.cat([x.narrow(dim, 0, halo), x.narrow(dim, rows - halo, halo)], dim=dim).contiguous()
     parts = [torch.empty_like(edges) for _ in range(n)]
     dist.all_gather(parts, edges, group=pg)
-    COMM.add(group, "halo", _nbytes(edges) * (n - 1))
+    comm.record(group, "halo", _nbytes(edges) * (n - 1))
     zeros = x.new_zeros(edges.narrow(dim, 0, halo).shape)
     before = parts[r - 1].narrow(dim, halo, halo) if r > 0 else zeros
     after = parts[r + 1].narrow(dim, 0, halo) if r < n - 1 else zeros
@@ -310,16 +266,16 @@ def attention_with_lse_reference(q, k, v, bias, scale):
     return out, lse
 
 
-def merge_partial(out, lse, o, l):
+def merge_partial(out, lse, o, o_lse):
     """Merge a chunk's (output, log-sum-exp) into the running ones, in float32; a row without keys in the
     chunk (lse -inf) gets weight 0. ``out``/``lse`` None: the first chunk."""
-    o, l = o.float(), l.float()
-    o = torch.where(torch.isfinite(l).unsqueeze(-1), o, torch.zeros_like(o))
+    o, o_lse = o.float(), o_lse.float()
+    o = torch.where(torch.isfinite(o_lse).unsqueeze(-1), o, torch.zeros_like(o))
     if out is None:
-        return o, l
-    new = torch.logaddexp(lse, l)
+        return o, o_lse
+    new = torch.logaddexp(lse, o_lse)
     w_old = torch.exp(lse - new).nan_to_num(0.0).unsqueeze(-1)
-    w_new = torch.exp(l - new).nan_to_num(0.0).unsqueeze(-1)
+    w_new = torch.exp(o_lse - new).nan_to_num(0.0).unsqueeze(-1)
     return out * w_old + o * w_new, new
 
 
@@ -347,7 +303,7 @@ def ring_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
         if step < n - 1:
             for r in reqs:
                 r.wait()
-            COMM.add(group, "ring_p2p", _nbytes(nxt))
+            comm.record(group, "ring_p2p", _nbytes(nxt))
             kv = nxt
     return out, lse
 

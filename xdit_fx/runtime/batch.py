@@ -34,7 +34,8 @@ import torch.distributed as dist
 
 from xdit_fx.errors import XditFxError
 from xdit_fx.plan import Plan
-from xdit_fx.ops.collectives import COMM, _group
+from xdit_fx.ops import comm
+from xdit_fx.ops.collectives import _group
 from xdit_fx.runtime.groups import ProcessGroups
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def gather_chunks(out: Any, group: str, sizes: list[int], index: int) -> Any:
             padded = torch.cat([t, t.new_zeros((width - t.shape[0], *t.shape[1:]))])
         parts = [torch.empty_like(padded) for _ in range(n)]
         dist.all_gather(parts, padded, group=pg)
-        COMM.add(group, "all_gather", (n - 1) * padded.numel() * padded.element_size())
+        comm.record(group, "all_gather", (n - 1) * padded.numel() * padded.element_size())
         return torch.cat([parts[i][: sizes[i]] for i in range(len(sizes))])
     return map_tensors(out, gather)
 
@@ -112,7 +113,7 @@ def exchange_branches(mine: Any, theirs_buffer: Any, group: str, cfg_rank: int) 
     for a, b in zip(tensors_of(mine), tensors_of(theirs_buffer), strict=True):
         parts = [torch.empty_like(a), torch.empty_like(a)]
         dist.all_gather(parts, a.contiguous(), group=pg)
-        COMM.add(group, "all_gather", a.numel() * a.element_size())
+        comm.record(group, "all_gather", a.numel() * a.element_size())
         b.copy_(parts[1 - cfg_rank])
 
 

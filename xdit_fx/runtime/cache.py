@@ -15,33 +15,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
-from torch import nn
 
-from xdit_fx.errors import UnsupportedGraph, XditFxError
-from xdit_fx.ops.collectives import COMM, _group, all_reduce_received
-from xdit_fx.runtime.inductor import InductorPiece
+from xdit_fx.errors import UnsupportedGraph
+from xdit_fx.ops import comm
+from xdit_fx.ops.collectives import _group
+from xdit_fx.ops.comm import all_reduce_received
 from xdit_fx.runtime.steps import StepSlots
 
+if TYPE_CHECKING:
+    from xdit_fx.ops.regions import CachedRegion
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RegionSpec:
-    """What insert_cache found: how to call and skip one region."""
-
-    kind: str                              # "fbc" | "teacache"
-    n_probe: int                           # leading call arguments that are the probe (1 or 2)
-    residual_of: tuple[int | None, ...]    # per output: index of the live-in it is a residual over, or None
-    stream_out: int                        # index of the main token-stream output (calibration measures it)
-    blocks_total: int
-    blocks_skipped: int
-    description: str
-    cost: int = 0                          # parameter elements the region reads: which region is the main stack
 
 
 @dataclass
@@ -160,7 +148,7 @@ class CacheRuntime(StepSlots):
         for name in self._groups:
             pg = _group(name)
             dist.all_reduce(sums, group=pg)
-            COMM.add(name, "all_reduce", all_reduce_received(sums.numel() * sums.element_size(), dist.get_world_size(pg)))
+            comm.record(name, "all_reduce", all_reduce_received(sums.numel() * sums.element_size(), dist.get_world_size(pg)))
         num, den = float(sums[0]), float(sums[1])
         if den > 0:
             return num / den
@@ -224,30 +212,3 @@ class CacheRuntime(StepSlots):
             self.calibration.append((self.slot, self._calibration_x, y))
         self._calibration_x = None
         st.prev_stream = stream.clone()
-
-
-class CachedRegion(nn.Module):
-    """The blocks insert_cache moved out of the graph: `body` is their GraphModule, run unless the bound
-    CacheRuntime decides to reuse the cached residuals."""
-
-    def __init__(self, body: fx.GraphModule, spec: RegionSpec) -> None:
-        super().__init__()
-        self.body = body
-        self.spec = spec
-        self.runtime: CacheRuntime | None = None
-        self.compiled: InductorPiece | None = None
-
-    def bind(self, runtime: CacheRuntime, compile: bool = False) -> None:
-        self.runtime = runtime
-        # Inductor on the region alone, with its first real inputs
-        self.compiled = InductorPiece(self.body, "cache region") if compile else None
-
-    def call_body(self, live_ins: tuple[Any, ...]) -> Any:
-        return (self.compiled if self.compiled is not None else self.body)(*live_ins)
-
-    def forward(self, *args: Any) -> tuple:
-        if self.runtime is None:
-            raise XditFxError("this cache region is not bound to a runtime (it was built by a dump or a test); "
-                              "run the model through xdit_fx.parallelize(model, plan) to use the cache.")
-        n = self.spec.n_probe
-        return self.runtime.run(self, tuple(args[:n]), tuple(args[n:]))

@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from xdit_fx.errors import PlanError
 from xdit_fx.plan import AXES, Plan
-from xdit_fx.ops.collectives import COMM
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("XDIT_FX_TIMEOUT_S", "300"))
 
@@ -60,6 +59,10 @@ class ProcessGroups:
     coords: dict[str, int]
     names: dict[str, str] = field(default_factory=dict)  # axis -> c10d group name
 
+    def axes(self) -> dict[str, str]:
+        """c10d group name -> axis (how byte counters name what they count)."""
+        return {name: axis for axis, name in self.names.items()}
+
 
 def build_groups(plan: Plan) -> ProcessGroups:
     """Create the process groups of every axis (collectively: all ranks must call it in the same order)."""
@@ -89,5 +92,4 @@ def build_groups(plan: Plan) -> ProcessGroups:
             pg = dist.new_group(ranks)
             if rank in ranks:
                 names[axis] = pg.group_name
-                COMM.axis_of_group[pg.group_name] = axis
     return ProcessGroups(plan=plan, rank=rank, coords=me, names=names)

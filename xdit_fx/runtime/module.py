@@ -16,14 +16,19 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from xdit_fx.compiler.passes import GraphHistory, MeshSpec, PassContext, build_pipeline, run_pipeline
+from xdit_fx.compiler.mesh import Mesh
+from xdit_fx.compiler.passes import GraphHistory
+from xdit_fx.compiler.rewrite import rewrite
+from xdit_fx.debug.dump import dump_dir_for_run
 from xdit_fx.errors import XditFxError
 from xdit_fx.plan import Plan
 from xdit_fx.runtime.batch import BatchSplitter
 from xdit_fx.compiler.passes.cache_regions import REFUSAL
-from xdit_fx.runtime.cache import CachedRegion, CacheRuntime
-from xdit_fx.ops.collectives import COMM
+from xdit_fx.ops.regions import CachedRegion
+from xdit_fx.runtime.cache import CacheRuntime
+from xdit_fx.ops.comm import counting
 from xdit_fx.runtime.groups import ProcessGroups
+from xdit_fx.runtime.inductor import InductorPiece
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +55,14 @@ class ParallelModule(nn.Module):
         self.histories: list[GraphHistory] = []
         self.graphs: list[fx.GraphModule] = []
         self.last_comm: dict[str, dict[str, int]] = {}
-        # a plan that only splits the batch (cfg/dp, no compile, no dump) has nothing to rewrite: run eagerly
+        #: the mesh the passes see: the plan's degrees and the names of this rank's process groups
+        self.mesh = Mesh.of(plan, groups.names if groups is not None else None)
+        #: where each captured graph's passes are dumped (Plan(debug_dump_dir=...), else $XDIT_FX_DUMP_DIR)
+        self.dump_dir = dump_dir_for_run(plan)
+        # a plan that only splits the batch (cfg/dp, no compile) has nothing to rewrite: run eagerly (and dump
+        # nothing: there is no graph)
         batch_only = plan.batch_degree > 1 and plan.sequence_parallel_degree == 1 and not plan.compile \
-            and plan.cache is None and plan.pipefusion_degree == 1 \
-            and not (plan.debug_dump_dir or os.environ.get("XDIT_FX_DUMP_DIR"))
+            and plan.cache is None and plan.pipefusion_degree == 1
         self._compiled = model if batch_only else \
             torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False)
         self.batch = BatchSplitter(plan, groups) if plan.batch_degree > 1 else None
@@ -80,18 +89,16 @@ class ParallelModule(nn.Module):
             self.pipefusion.reset()
 
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
-        plan = self.plan
-        ctx = PassContext(plan=plan, mesh=MeshSpec(ring=plan.ring_degree, ulysses=plan.ulysses_degree),
-                          groups=self.groups)
+        plan, mesh = self.plan, self.mesh
         history = GraphHistory()
         warm_gm = _copy_graph(gm) if plan.pipefusion_degree > 1 else None
-        dump_dir = plan.debug_dump_dir or os.environ.get("XDIT_FX_DUMP_DIR")
+        dump_dir = self.dump_dir
         render = None
         if dump_dir:
             from xdit_fx.debug.dump import render_graph
             render = render_graph
         try:
-            gm = run_pipeline(gm, build_pipeline(plan), ctx, history, render)
+            gm = rewrite(gm, plan, mesh, history=history, render=render)
         finally:  # also when a pass fails: the passes before it are dumped
             if dump_dir:
                 from xdit_fx.debug.dump import run_formats, write_dump
@@ -101,15 +108,15 @@ class ParallelModule(nn.Module):
         self.histories.append(history)
         self.graphs.append(gm)
         if warm_gm is not None:
-            self._bind_pipefusion(gm, warm_gm, ctx, example_inputs)
+            self._bind_pipefusion(gm, warm_gm, example_inputs)
         regions = [m for m in gm.modules() if isinstance(m, CachedRegion)]
         if self.cache is not None and gm.meta.get(REFUSAL):
             self.cache.refusals.append(gm.meta[REFUSAL])
-        for region in regions:  # the region compiles its body itself; the few nodes around it run as they are
-            region.bind(self.cache, compile=plan.compile)
+        for region in regions:  # Inductor on the region's body alone; the few nodes around it run as they are
+            region.bind(self.cache, InductorPiece(region.body, "cache region") if plan.compile else None)
         if plan.compile and warm_gm is not None:  # Inductor around the PipeFusion region (which sends/receives)
             from xdit_fx.runtime.inductor import compile_between
-            from xdit_fx.runtime.pipefusion import PipeFusionRegion
+            from xdit_fx.ops.regions import PipeFusionRegion
             return compile_between(gm, lambda n: n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                         PipeFusionRegion), "graph").forward
         if plan.compile and not regions:
@@ -117,16 +124,14 @@ class ParallelModule(nn.Module):
             return compile_fx(gm, example_inputs)
         return gm.forward
 
-    def _bind_pipefusion(self, gm: fx.GraphModule, warm_gm: fx.GraphModule, ctx: PassContext,
-                         example_inputs: list[Any]) -> None:
+    def _bind_pipefusion(self, gm: fx.GraphModule, warm_gm: fx.GraphModule, example_inputs: list[Any]) -> None:
         """Build the one-patch (warm-up) version of the graph, bind both regions to the runtime, and free
         the parameters that only other stages read."""
         import dataclasses
 
-        from xdit_fx.runtime.pipefusion import PipeFusionRegion
+        from xdit_fx.ops.regions import PipeFusionRegion
         warm_plan = dataclasses.replace(self.plan, pipefusion_patches=1)
-        warm_gm = run_pipeline(warm_gm, build_pipeline(warm_plan),
-                               dataclasses.replace(ctx, plan=warm_plan, layout_patches=self.plan.patches))
+        warm_gm = rewrite(warm_gm, warm_plan, self.mesh, layout_patches=self.plan.patches)
         regions = [(n, gm.get_submodule(n.target)) for n in gm.graph.nodes
                    if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PipeFusionRegion)]
         warm = [warm_gm.get_submodule(n.target) for n in warm_gm.graph.nodes
@@ -143,7 +148,7 @@ class ParallelModule(nn.Module):
             w.bind(self.pipefusion, w)
             if self.plan.compile:  # Inductor between the per-patch ops (they read the patch, write the buffers)
                 from xdit_fx.runtime.inductor import compile_between
-                from xdit_fx.runtime.pipefusion import pf_attention, pf_shard_tokens
+                from xdit_fx.ops.pipefusion import pf_attention, pf_shard_tokens
                 for r, what in ((region, "patched"), (w, "warm-up")):
                     program = r.spec.programs[stage]
                     program.compiled = compile_between(
@@ -155,13 +160,13 @@ class ParallelModule(nn.Module):
                               and isinstance(t, nn.Parameter)]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        before = COMM.snapshot()
         if self.pipefusion is not None:
             self.pipefusion.next_call()
         if self.cache is not None:
             self.cache.next_call()
-        out = self.batch(self._run, args, kwargs) if self.batch is not None else self._run(*args, **kwargs)
-        self.last_comm = COMM.since(before)
+        with counting(axes=self.groups.axes() if self.groups is not None else None) as counter:
+            out = self.batch(self._run, args, kwargs) if self.batch is not None else self._run(*args, **kwargs)
+        self.last_comm = counter.snapshot()
         if self._to_free:  # parameters only other pipeline stages read (the next call recaptures once)
             from xdit_fx.runtime.pipefusion import free_parameters
             free_parameters(self._to_free)

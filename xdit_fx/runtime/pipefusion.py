@@ -41,311 +41,24 @@ on every call; the scheduler hook marks the steps, as for the cache).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from xdit_fx.errors import XditFxError
-from xdit_fx.ops.attention import _mask_bias, _positions
-from xdit_fx.ops.collectives import COMM, _group, all_gather, all_to_all
+from xdit_fx.ops import comm
+from xdit_fx.ops.collectives import _group
+from xdit_fx.ops.pipefusion import PatchState, current, running
 from xdit_fx.runtime.steps import StepSlots
 
+if TYPE_CHECKING:
+    from xdit_fx.ops.regions import PipeFusionRegion
+
 log = logging.getLogger(__name__)
-
-
-class _PatchContext:
-    """What the per-patch ops read while a stage program runs: the runtime, the patch, the patch count."""
-
-    runtime: "PipeFusionRuntime | None" = None
-    patch: int = 0
-    patches: int = 1
-    key: tuple = ()
-    ulysses: int = 1          # U: ranks per stage that split each patch (and the heads in attention)
-    urank: int = 0            # this rank's index among them
-    ulysses_group: str = ""
-    ring: int = 1             # R: ranks per stage that split each patch and pass K/V buffers around a ring
-    rrank: int = 0
-    ring_group: str = ""
-    sub: int = 1              # with ring: chunks per segment a rank holds in one program run (M on warm-up)
-
-
-PATCH = _PatchContext()
-
-
-def _ring_chunks(urank: int | None = None) -> tuple[int, ...]:
-    """With ring: the chunks (of N = M x R x U per sharded segment) that ring rank r and ulysses rank u
-    (this rank's, or `urank`) hold in one program run, in local order: chunk (j*R + r)*U + u of every patch
-    j the run covers (one patch; all M on warm-up)."""
-    ring, sub, r, u = PATCH.ring, PATCH.sub, PATCH.rrank, PATCH.ulysses
-    uu = PATCH.urank if urank is None else urank
-    return tuple(((PATCH.patch * sub + j) * ring + r) * u + uu for j in range(sub))
-
-
-def _buffer_chunks(ring_rank: int) -> tuple[int, ...]:
-    """The chunks a ring rank's K/V buffer holds: its chunks of every patch and ulysses rank, in position
-    order ((j*R + r)*U + u for j, then u)."""
-    m, ring, u = PATCH.patches * PATCH.sub, PATCH.ring, PATCH.ulysses
-    return tuple((j * ring + ring_rank) * u + uu for j in range(m) for uu in range(u))
-
-
-@lru_cache(maxsize=4096)
-def _chunk_positions(segments: tuple, n: int, chunks: tuple) -> tuple[int, ...]:
-    """Global positions of the given chunks (of n) of every sharded segment: segment-major, then chunk
-    order. Whole segments are skipped (see `_whole_positions`)."""
-    out, off = [], 0
-    for length, sharded in segments:
-        if sharded:
-            c = length // n
-            for j in chunks:
-                out.extend(range(off + j * c, off + (j + 1) * c))
-        off += length
-    return tuple(out)
-
-
-@lru_cache(maxsize=1024)
-def _index(positions: tuple, device: torch.device) -> torch.Tensor:
-    """The positions as an index tensor on `device`, made once (no host-to-device copy per patch)."""
-    return torch.tensor(positions, device=device)
-
-
-@lru_cache(maxsize=1024)
-def _slots(buffer_positions: tuple, positions: tuple) -> tuple[int, ...]:
-    """Where each position sits in a buffer that holds `buffer_positions`."""
-    where = {pos: i for i, pos in enumerate(buffer_positions)}
-    return tuple(where[pos] for pos in positions)
-
-
-def pf_shard_tokens(x: torch.Tensor, dim: int, segments, group: str, n: int) -> torch.Tensor:
-    """Patch PATCH.patch of x's token dim: chunk p of every sharded segment (the pass checked that each
-    segment splits evenly), replicated segments whole. No communication. With ulysses (n = M x U chunks),
-    chunk p*U + r on ulysses rank r. With ring (N = M x R x U chunks): chunk (p*R + r)*U + u on ring rank r,
-    ulysses rank u; on warm-up those chunks of every patch p, in p order (see `_ring_chunks`)."""
-    if PATCH.ring > 1:
-        total = PATCH.patches * PATCH.sub * PATCH.ring * PATCH.ulysses  # N = M x R x U chunks per segment
-        chunks = _ring_chunks()
-        pieces = x.split([s[0] for s in segments], dim=dim) if len(segments) > 1 else (x,)
-        out = []
-        for piece, (length, sharded) in zip(pieces, segments):
-            if not sharded:
-                out.append(piece)
-                continue
-            c = length // total
-            out.extend(piece.narrow(dim, j * c, c) for j in chunks)
-        return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
-    p = PATCH.patch * PATCH.ulysses + PATCH.urank if n > 1 else 0
-    pieces = x.split([s[0] for s in segments], dim=dim) if len(segments) > 1 else (x,)
-    out = [piece.narrow(dim, p * (length // n), length // n) if sharded else piece
-           for piece, (length, sharded) in zip(pieces, segments)]
-    return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
-
-
-def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
-                 site: int, q_segments: tuple, kv_segments: tuple | None, scale: float | None,
-                 is_causal: bool = False) -> torch.Tensor:
-    """Attention of the patch's queries over the site's full-sequence K/V buffer, after writing the patch's
-    fresh K/V into it. Cross-attention to whole (unpatched) keys runs as is. `is_causal` (SDPA's top-left
-    aligned mask) becomes a mask over global positions. The patches run in sequence order, so over a
-    single patched segment the keys a causal query sees are all fresh: exact even with stale buffers."""
-    if is_causal:
-        lq = sum(length for length, _ in q_segments)
-        lk = sum(length for length, _ in kv_segments) if kv_segments is not None else k.shape[2]
-        attn_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-    if PATCH.ring > 1:
-        return _pf_ring_attention(q, k, v, attn_mask, site, tuple(q_segments),
-                                  tuple(kv_segments) if kv_segments is not None else None, scale)
-    u = PATCH.ulysses
-    n, p = PATCH.patches * u, PATCH.patch * u + PATCH.urank  # chunks, and this rank's chunk
-    qpos = _positions(tuple(q_segments), n, p, False)
-    if kv_segments is None or not any(s for _, s in kv_segments):
-        bias = None
-        if attn_mask is not None:
-            bias = _mask_bias(attn_mask, qpos, tuple(range(k.shape[2])), q.dtype, q.device)
-        if k.shape[1] != q.shape[1]:  # grouped-query attention
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    runtime = PATCH.runtime
-    if runtime is None:
-        raise XditFxError("pf_attention ran outside a PipeFusion runtime (a dump's graph run by hand?); "
-                          "run the model through xdit_fx.parallelize(model, plan).")
-    total = sum(length for length, _ in kv_segments)
-    heads_slice = None
-    if u > 1:
-        # the patched segments: [B, H, chunk, D] on each of the U ranks -> [B, H/U, patch (U chunks in rank
-        # order), D]; segments computed whole by every patch (a time token): this rank's heads, no comm
-        heads = q.shape[1]
-        if k.shape[1] != heads:  # grouped-query attention: every query head gets its kv head first
-            k = k.repeat_interleave(heads // k.shape[1], dim=1)
-            v = v.repeat_interleave(heads // v.shape[1], dim=1)
-        heads_slice = slice(PATCH.urank * heads // u, (PATCH.urank + 1) * heads // u)
-        qs, ks = tuple(q_segments), tuple(kv_segments)
-        q, q_rep = _split_local(q, qs, n, 1)
-        k, k_rep = _split_local(k, ks, n, 1)
-        v, v_rep = _split_local(v, ks, n, 1)
-        if q.shape == k.shape == v.shape:
-            q, k, v = all_to_all(torch.stack([q, k, v]), 2, 3, PATCH.ulysses_group).unbind(0)
-        else:
-            q = all_to_all(q, 1, 2, PATCH.ulysses_group)
-            k = all_to_all(k, 1, 2, PATCH.ulysses_group)
-            v = all_to_all(v, 1, 2, PATCH.ulysses_group)
-        first = PATCH.patch * u
-        q_sharded = q.shape[2]
-        qpos = sum((_chunk_positions(qs, n, (first + j,)) for j in range(u)), ()) + _whole_positions(qs)
-        kpos = sum((_chunk_positions(ks, n, (first + j,)) for j in range(u)), ()) + _whole_positions(ks)
-        if q_rep.shape[2]:
-            q = torch.cat([q, q_rep[:, heads_slice]], dim=2)
-        if k_rep.shape[2]:
-            k = torch.cat([k, k_rep[:, heads_slice]], dim=2)
-            v = torch.cat([v, v_rep[:, heads_slice]], dim=2)
-    else:
-        kpos = _positions(tuple(kv_segments), n, p, False)
-    kidx = _index(tuple(kpos), k.device)
-    kbuf, vbuf = runtime.kv_buffer(site, k, v, total)
-    kbuf.index_copy_(2, kidx, k)
-    vbuf.index_copy_(2, kidx, v)
-    kk, vv = kbuf, vbuf
-    if kk.shape[1] != q.shape[1]:  # grouped-query attention
-        kk = kk.repeat_interleave(q.shape[1] // kk.shape[1], dim=1)
-        vv = vv.repeat_interleave(q.shape[1] // vv.shape[1], dim=1)
-    bias = None
-    if attn_mask is not None:
-        bias = _mask_bias(attn_mask, qpos, tuple(range(total)), q.dtype, q.device, heads_slice)
-    out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias, scale=scale)
-    if u > 1:
-        # queries of whole segments: every rank computed its heads; gather them
-        out, whole = out.split([q_sharded, out.shape[2] - q_sharded], dim=2)
-        if whole.shape[2]:
-            whole = all_gather(whole.contiguous(), 1, heads, PATCH.ulysses_group)
-        out = _merge_local(all_to_all(out.contiguous(), 2, 1, PATCH.ulysses_group), whole, tuple(q_segments), n, 1)
-    return out
-
-
-def _pf_ring_attention(q, k, v, attn_mask, site, q_segments, kv_segments, scale):
-    """pipefusion x ring (x ulysses): the patch's chunks of the patched segments are all-to-alled over the
-    U ulysses ranks (to U consecutive chunks, heads/U), their fresh K/V go into this ring rank's buffer (its
-    chunks of every patch, see `_buffer_chunks`), and the queries attend over the buffers of all R ring
-    ranks by ring attention, the mask re-indexed to that key order. Segments every patch computes whole (a
-    time token) stay out of the buffers: their keys are attended locally (this rank's heads) and merged by
-    log-sum-exp; their queries attend like the others, and their outputs are gathered over the heads."""
-    from xdit_fx.ops.collectives import _chunk_attention, merge_partial, ring_attention_lse
-    rr, u, sub = PATCH.ring, PATCH.ulysses, PATCH.sub
-    n = PATCH.patches * sub * rr * u  # chunks per sharded segment
-    heads = q.shape[1]
-    if k.shape[1] != heads:  # grouped-query attention
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)
-        v = v.repeat_interleave(heads // v.shape[1], dim=1)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if kv_segments is None or not any(s for _, s in kv_segments):  # cross-attention to whole keys
-        bias = None
-        if attn_mask is not None:
-            qpos = _local_positions(q_segments, n, _ring_chunks())
-            bias = _mask_bias(attn_mask, qpos, tuple(range(k.shape[2])), q.dtype, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    runtime = PATCH.runtime
-    if runtime is None:
-        raise XditFxError("pf_attention ran outside a PipeFusion runtime (a dump's graph run by hand?); "
-                          "run the model through xdit_fx.parallelize(model, plan).")
-    q_p, q_w = _split_local(q, q_segments, n, sub)
-    k_p, k_w = _split_local(k, kv_segments, n, sub)
-    v_p, v_w = _split_local(v, kv_segments, n, sub)
-    heads_slice = None
-    held = [_ring_chunks()]
-    if u > 1:  # patched tokens: [B, H, chunks, D] -> [B, H/U, U ranks' chunks, D]; whole ones: this rank's heads
-        group = PATCH.ulysses_group
-        heads_slice = slice(PATCH.urank * heads // u, (PATCH.urank + 1) * heads // u)
-        if q_p.shape == k_p.shape == v_p.shape:
-            q_p, k_p, v_p = all_to_all(torch.stack([q_p, k_p, v_p]), 2, 3, group).unbind(0)
-        else:
-            q_p = all_to_all(q_p, 1, 2, group) if q_p.shape[2] else q_p[:, heads_slice]
-            k_p, v_p = all_to_all(k_p, 1, 2, group), all_to_all(v_p, 1, 2, group)
-        q_w, k_w, v_w = q_w[:, heads_slice], k_w[:, heads_slice], v_w[:, heads_slice]
-        held = [_ring_chunks(uu) for uu in range(u)]
-    qpos = sum((_chunk_positions(q_segments, n, c) for c in held), ()) + _whole_positions(q_segments)
-    kpos = sum((_chunk_positions(kv_segments, n, c) for c in held), ())
-    buffer_pos = _chunk_positions(kv_segments, n, _buffer_chunks(PATCH.rrank))
-    kbuf, vbuf = runtime.kv_buffer(site, k_p, v_p, len(buffer_pos))
-    if kpos == buffer_pos:
-        kbuf.copy_(k_p)
-        vbuf.copy_(v_p)
-    else:
-        idx = _index(_slots(buffer_pos, kpos), k.device)
-        kbuf.index_copy_(2, idx, k_p)
-        vbuf.index_copy_(2, idx, v_p)
-    qq = torch.cat([q_p, q_w], dim=2) if q_w.shape[2] else q_p
-    bias = None
-    if attn_mask is not None:
-        ring_pos = sum((_chunk_positions(kv_segments, n, _buffer_chunks(src)) for src in range(rr)), ())
-        bias = _mask_bias(attn_mask, qpos, ring_pos, q.dtype, q.device, heads_slice)
-    out, lse = ring_attention_lse(qq, kbuf, vbuf, bias, scale, PATCH.ring_group)
-    if k_w.shape[2]:  # whole segments' keys, once (they are in no ring buffer)
-        bias = None
-        if attn_mask is not None:
-            bias = _mask_bias(attn_mask, qpos, _whole_positions(kv_segments), q.dtype, q.device, heads_slice)
-        out, lse = merge_partial(out, lse, *_chunk_attention(qq, k_w, v_w, bias, scale))
-    out = out.to(q.dtype)
-    o_p, o_w = out.split([q_p.shape[2], q_w.shape[2]], dim=2)
-    if u > 1:
-        if o_p.shape[2]:
-            o_p = all_to_all(o_p.contiguous(), 2, 1, PATCH.ulysses_group)
-        if o_w.shape[2]:
-            o_w = all_gather(o_w.contiguous(), 1, heads, PATCH.ulysses_group)
-    return _merge_local(o_p, o_w, q_segments, n, sub)
-
-
-def _local_lengths(segments: tuple, n: int, held: int) -> list[int]:
-    """Local tokens of each segment when a rank holds `held` chunks (of n) of every sharded segment."""
-    return [length // n * held if sharded else length for length, sharded in segments]
-
-
-def _local_positions(segments: tuple, n: int, chunks: tuple) -> tuple[int, ...]:
-    """Global positions of a rank's local tokens in local order: its chunks of each sharded segment, whole
-    segments whole."""
-    out, off = [], 0
-    for length, sharded in segments:
-        c = length // n
-        spans = [(off + j * c, off + (j + 1) * c) for j in chunks] if sharded else [(off, off + length)]
-        for lo, hi in spans:
-            out.extend(range(lo, hi))
-        off += length
-    return tuple(out)
-
-
-def _split_local(x: torch.Tensor, segments: tuple, n: int, held: int):
-    """x's local token dim (2) -> (the sharded segments' tokens, the whole segments' tokens); either may
-    have no tokens."""
-    pieces = x.split(_local_lengths(segments, n, held), dim=2)
-    patched = [p for p, (_, s) in zip(pieces, segments) if s]
-    whole = [p for p, (_, s) in zip(pieces, segments) if not s]
-    empty = x.narrow(2, 0, 0)
-    return (torch.cat(patched, dim=2) if patched else empty), (torch.cat(whole, dim=2) if whole else empty)
-
-
-def _merge_local(patched: torch.Tensor, whole: torch.Tensor, segments: tuple, n: int, held: int) -> torch.Tensor:
-    """The inverse of `_split_local`."""
-    if not whole.shape[2]:
-        return patched
-    if not patched.shape[2]:
-        return whole
-    pp = iter(patched.split([length // n * held for length, s in segments if s], dim=2))
-    ww = iter(whole.split([length for length, s in segments if not s], dim=2))
-    return torch.cat([next(pp) if s else next(ww) for _, s in segments], dim=2)
-
-
-def _whole_positions(segments: tuple) -> tuple[int, ...]:
-    out, off = [], 0
-    for length, s in segments:
-        if not s:
-            out.extend(range(off, off + length))
-        off += length
-    return tuple(out)
 
 
 @dataclass
@@ -396,7 +109,7 @@ class PipeFusionRuntime(StepSlots):
 
     # ---- buffers -----------------------------------------------------------------------------------------
     def kv_buffer(self, site: int, k: torch.Tensor, v: torch.Tensor, total: int):
-        key = PATCH.key + (site,)
+        key = current().key + (site,)
         shape_k = k.shape[:2] + (total,) + k.shape[3:]
         shape_v = v.shape[:2] + (total,) + v.shape[3:]
         buf = self.kv.get(key)
@@ -434,19 +147,19 @@ class PipeFusionRuntime(StepSlots):
         exits: list[list[torch.Tensor | None]] = [[None] * m for _ in spec.exits]
         pending = []
         busy, t_start = 0.0, time.perf_counter()
-        PATCH.runtime, PATCH.patches, PATCH.key = self, m, key
-        PATCH.ulysses, PATCH.urank, PATCH.ulysses_group = self.ulysses, self.urank, self.ulysses_group
-        PATCH.ring, PATCH.rrank, PATCH.ring_group = self.ring, self.rrank, self.ring_group
-        PATCH.sub = self.plan.patches // m if self.ring > 1 else 1  # warm-up: one run covers all M patches
-        try:
+        state = PatchState(buffers=self, patches=m, key=key, ulysses=self.ulysses, urank=self.urank,
+                           ulysses_group=self.ulysses_group, ring=self.ring, rrank=self.rrank,
+                           ring_group=self.ring_group,
+                           sub=self.plan.patches // m if self.ring > 1 else 1)  # warm-up: one run covers all M
+        with running(state):
             for p in range(m):
-                PATCH.patch = p
+                state.patch = p
                 received = {}
                 for i in recv_order:  # in crossing order (NCCL matches sends and receives by order)
                     c = spec.crossings[i]
                     buf = torch.empty(c.shape, dtype=c.dtype, device=device)
                     dist.recv(buf, src=self.ranks[c.src], group=pg, tag=p * n_cross + i)
-                    COMM.add(self.group, "pipefusion_p2p", c.nbytes)
+                    comm.record(self.group, "pipefusion_p2p", c.nbytes)
                     received[i] = buf
                 args = [live_ins[i] if kind == "live_in" else received[i] for kind, i in program.inputs]
                 t0 = time.perf_counter()
@@ -459,10 +172,6 @@ class PipeFusionRuntime(StepSlots):
                             pending.append((dist.isend(o, dst=self.ranks[d], group=pg, tag=p * n_cross + i), o))
                     else:
                         exits[i][p] = o
-        finally:
-            PATCH.runtime = None
-            PATCH.ulysses, PATCH.urank, PATCH.ulysses_group = 1, 0, ""
-            PATCH.ring, PATCH.rrank, PATCH.ring_group, PATCH.sub = 1, 0, "", 1
         for work, _ in pending:
             work.wait()
         full = []
@@ -480,7 +189,7 @@ class PipeFusionRuntime(StepSlots):
                 t = t.contiguous()
                 dist.broadcast(t, src=self.ranks[last], group=pg)
                 if me != last:
-                    COMM.add(self.group, "broadcast", t.numel() * t.element_size())
+                    comm.record(self.group, "broadcast", t.numel() * t.element_size())
             full.append(t)
         # wall: until the last stage's output has arrived, so 1 - busy / wall is this stage's bubble
         self.last_busy_s, self.last_wall_s = busy, time.perf_counter() - t_start
@@ -492,7 +201,7 @@ class PipeFusionRuntime(StepSlots):
         mine = torch.stack(pieces).contiguous()
         parts = [torch.empty_like(mine) for _ in range(self.ulysses)]
         dist.all_gather(parts, mine, group=pg)
-        COMM.add(self.ulysses_group, "all_gather", mine.numel() * mine.element_size() * (self.ulysses - 1))
+        comm.record(self.ulysses_group, "all_gather", mine.numel() * mine.element_size() * (self.ulysses - 1))
         return [parts[r][p] for p in range(len(pieces)) for r in range(self.ulysses)]
 
     def _gather_ring(self, pieces: list[torch.Tensor], dim: int, segments, n: int) -> list[torch.Tensor]:
@@ -503,7 +212,7 @@ class PipeFusionRuntime(StepSlots):
         mine = torch.stack(pieces).contiguous()
         parts = [torch.empty_like(mine) for _ in range(size)]
         dist.all_gather(parts, mine, group=pg)
-        COMM.add(self.sp_group, "all_gather", mine.numel() * mine.element_size() * (size - 1))
+        comm.record(self.sp_group, "all_gather", mine.numel() * mine.element_size() * (size - 1))
         sub = self.plan.patches // len(pieces)
         per_rank = [[c for p in range(len(pieces)) for c in _split_sub(parts[s][p], dim, segments, n, sub)]
                     for s in range(size)]
@@ -531,28 +240,6 @@ def _assemble(pieces: list[torch.Tensor], dim: int, segments, m: int) -> torch.T
     for j, (length, sharded) in enumerate(segments):
         out.append(torch.cat([s[j] for s in split], dim=dim) if sharded else split[-1][j])
     return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
-
-
-class PipeFusionRegion(nn.Module):
-    """The per-patch part of the graph, cut into stages. `body` is the whole region (for dumps);
-    `spec.programs[s].body` what stage s runs. `warm_region`: the one-patch version (warm-up calls)."""
-
-    def __init__(self, body, spec) -> None:
-        super().__init__()
-        self.body = body
-        self.spec = spec
-        self.runtime: PipeFusionRuntime | None = None
-        self.warm_region: PipeFusionRegion | None = None
-
-    def bind(self, runtime: PipeFusionRuntime, warm_region: "PipeFusionRegion") -> None:
-        self.runtime = runtime
-        self.warm_region = warm_region
-
-    def forward(self, *live_ins: Any) -> tuple:
-        if self.runtime is None:
-            raise XditFxError("this PipeFusion region is not bound to a runtime (it was built by a dump or a "
-                              "test); run the model through xdit_fx.parallelize(model, plan).")
-        return self.runtime.run(self, live_ins)
 
 
 def parameter_bytes(module: nn.Module) -> int:

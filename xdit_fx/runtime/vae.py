@@ -42,7 +42,7 @@ Memory: a rank holds 1/N of every activation plus 2 * padding rows of halo per c
 copy of the input inside group_norm, and (at attention) the full K/V of that one layer: peak activation
 memory ~ 1/N of single-process decode.
 
-Bytes moved (this rank's receives, counted in `COMM` under ops "vae_halo", "vae_norm_stats",
+Bytes moved (this rank's receives, counted (`xdit_fx.ops.comm`) under ops "vae_halo", "vae_norm_stats",
 "vae_kv_gather", "vae_sizes", "vae_output"): per 3x3 conv, one row of its input from each neighbour; per group
 norm, 2 x [B, groups] float64 sums; per attention, the other ranks' K and V and their two token counts; at the
 end, the other ranks' rows.
@@ -65,7 +65,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from xdit_fx.errors import PlanError, XditFxError
-from xdit_fx.ops.collectives import COMM, all_reduce_received
+from xdit_fx.ops import comm
+from xdit_fx.ops.comm import all_reduce_received
 
 RETURN_ON = ("all", "rank0")
 
@@ -141,7 +142,7 @@ def exchange_halo(x: torch.Tensor, top: int, bottom: int, shard: RowShard, op: s
     if ops:
         for req in dist.batch_isend_irecv(ops):
             req.wait()
-    COMM.add(shard.name, "vae_halo", _nbytes(above) + _nbytes(below))
+    comm.record(shard.name, "vae_halo", _nbytes(above) + _nbytes(below))
     return above, below
 
 
@@ -149,7 +150,7 @@ def all_reduce_sum(x: torch.Tensor, shard: RowShard) -> torch.Tensor:
     """Sum of `x` over the ranks, in place (counted as a ring all-reduce receives: 2 (N-1)/N of it)."""
     x = x.contiguous()
     dist.all_reduce(x, group=shard.group)
-    COMM.add(shard.name, "vae_norm_stats", all_reduce_received(_nbytes(x), shard.size))
+    comm.record(shard.name, "vae_norm_stats", all_reduce_received(_nbytes(x), shard.size))
     return x
 
 
@@ -162,12 +163,12 @@ def gather_rows(x: torch.Tensor, lengths: list[int], shard: RowShard, op: str, t
     if to_rank0:
         dst = shard.global_rank(0)
         dist.gather(padded, parts if shard.rank == 0 else None, dst=dst, group=shard.group)
-        COMM.add(shard.name, op, _nbytes(padded) * (shard.size - 1) if shard.rank == 0 else 0)
+        comm.record(shard.name, op, _nbytes(padded) * (shard.size - 1) if shard.rank == 0 else 0)
         if shard.rank != 0:
             return None
     else:
         dist.all_gather(parts, padded, group=shard.group)
-        COMM.add(shard.name, op, _nbytes(padded) * (shard.size - 1))
+        comm.record(shard.name, op, _nbytes(padded) * (shard.size - 1))
     return torch.cat([p.narrow(-2, 0, n) for p, n in zip(parts, lengths)], dim=-2)
 
 
@@ -321,7 +322,7 @@ def _attention(mode, func, args, kwargs):
     sizes = torch.tensor([k.shape[-2], mode.last_pixels], dtype=torch.int64, device=k.device)
     parts = [torch.empty_like(sizes) for _ in range(shard.size)]
     dist.all_gather(parts, sizes, group=shard.group)
-    COMM.add(shard.name, "vae_sizes", _nbytes(sizes) * (shard.size - 1))
+    comm.record(shard.name, "vae_sizes", _nbytes(sizes) * (shard.size - 1))
     if any(int(tokens) != int(pixels) for tokens, pixels in parts):
         raise UnsupportedVAEOp(
             f"parallel VAE decode: scaled_dot_product_attention over {k.shape[-2]} tokens, but the last "

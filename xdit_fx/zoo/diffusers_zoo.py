@@ -13,7 +13,7 @@ Nothing here is used by the passes: the entries only feed ``xdit-fx coverage`` a
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 

@@ -5,16 +5,10 @@ from __future__ import annotations
 from xdit_fx.compiler.passes.analysis import find_attention, find_transformer_blocks
 from xdit_fx.compiler.passes.cache_regions import insert_cache
 from xdit_fx.compiler.passes.normalize_attention import normalize_attention
-from xdit_fx.compiler.passes.base import (GraphHistory, GraphPass, MeshSpec, PassContext, PassInfo, PassResult, check_pipeline,
+from xdit_fx.compiler.passes.base import (GraphHistory, GraphPass, Mesh, PassContext, PassInfo, PassResult, check_pipeline,
                    graph_pass, run_pipeline)
 from xdit_fx.compiler.passes.sequence_parallel import infer_token_dims, parallelize_attention, shard_sequence
 from xdit_fx.compiler.passes.pipefusion import patch_sequence, pipefusion
-
-ALL_PASSES: tuple[GraphPass, ...] = (
-    normalize_attention, find_attention, find_transformer_blocks, infer_token_dims, shard_sequence, parallelize_attention,
-    insert_cache, patch_sequence, pipefusion,
-)
-
 
 def build_pipeline(plan) -> list[GraphPass]:
     """The passes a plan needs, in order."""
@@ -36,7 +30,7 @@ def build_pipeline(plan) -> list[GraphPass]:
 
 
 __all__ = [
-    "ALL_PASSES", "GraphHistory", "GraphPass", "MeshSpec", "PassContext", "PassInfo", "PassResult",
+    "GraphHistory", "GraphPass", "Mesh", "PassContext", "PassInfo", "PassResult",
     "build_pipeline", "check_pipeline", "graph_pass", "run_pipeline",
     "normalize_attention", "find_attention", "find_transformer_blocks", "infer_token_dims", "parallelize_attention", "shard_sequence",
     "insert_cache", "patch_sequence", "pipefusion",

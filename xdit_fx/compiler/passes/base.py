@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from xdit_fx.errors import PassError, XditFxError, pass_failure_message, with_pass_context
 from xdit_fx.compiler.fx_utils import META_CREATED_BY, count_ops
+from xdit_fx.compiler.mesh import Mesh
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +30,12 @@ class PassInfo:
 
 
 @dataclass(frozen=True)
-class MeshSpec:
-    """Axis names and degrees of the device mesh; no live process groups (so passes run anywhere)."""
-
-    ring: int = 1
-    ulysses: int = 1
-
-    @property
-    def sp(self) -> int:
-        return self.ring * self.ulysses
-
-
-@dataclass
 class PassContext:
     plan: Any
-    mesh: MeshSpec
-    groups: Any = None  # runtime.mesh.ProcessGroups, when running for real; None for dumps/unit tests
+    mesh: Mesh
+    #: PipeFusion's one-patch warm-up graph: the patched graph's patch count, so that both make the same
+    #: token segments whole (patch_sequence)
+    layout_patches: int = 0
     #: PipeFusion's one-patch warm-up graph: the patched graph's patch count, so that both make the same
     #: token segments whole (patch_sequence)
     layout_patches: int = 0

@@ -255,7 +255,7 @@ def insert_cache(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _insert_cache(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], blocks: list[str],
                   members: dict[str, list[fx.Node]]) -> PassResult:
-    from xdit_fx.runtime.cache import CachedRegion, RegionSpec
+    from xdit_fx.ops.regions import CachedRegion, RegionSpec
 
     config = ctx.plan.cache
     fbc = config.kind == "fbc"

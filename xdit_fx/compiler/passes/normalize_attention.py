@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from xdit_fx.compiler.fx_utils import example_value
+from xdit_fx.compiler.fx_utils import example_value, node_arg
 from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
 
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm}
@@ -42,12 +42,6 @@ def _is(node: Any, targets) -> bool:
 
 def _is_method(node: Any, *names: str) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
-
-
-def _arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(name, default)
 
 
 def _ndim(node: Any) -> int | None:
@@ -202,13 +196,13 @@ def _match_manual(scores: fx.Node) -> dict | None:
         cur, nxt = nxt, _single_user(nxt)
     if nxt is None or not (_is(nxt, _SOFTMAX) or _is_method(nxt, "softmax")) or nxt.args[0] is not cur:
         return None
-    dim = _arg(nxt, 1, "dim")
+    dim = node_arg(nxt, 1, "dim")
     if not isinstance(dim, int) or dim % _ndim(cur) != _ndim(cur) - 1 or _dtype(nxt) != _dtype(cur):
         return None
     chain.append(nxt)
     cur, nxt = nxt, _single_user(nxt)
     while nxt is not None and (_is_identity_cast(nxt) or (
-            _is(nxt, {F.dropout, torch.dropout}) and (_arg(nxt, 2, "training", True) is False or _arg(nxt, 1, "p", 0.5) == 0))):
+            _is(nxt, {F.dropout, torch.dropout}) and (node_arg(nxt, 2, "training", True) is False or node_arg(nxt, 1, "p", 0.5) == 0))):
         chain.append(nxt)
         cur, nxt = nxt, _single_user(nxt)
     if nxt is None or not (_is(nxt, _MATMUL) or _is_method(nxt, "matmul", "bmm")) or nxt.args[0] is not cur:

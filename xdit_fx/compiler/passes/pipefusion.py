@@ -48,7 +48,7 @@ from xdit_fx.errors import PlanError, UnsupportedGraph, describe_node
 from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
                         META_TOKEN_DIMS, META_WHOLE, example_value, is_linear, is_param_placeholder, is_sdpa, sdpa_args, shape_of, target_name)
 from xdit_fx.ops import collectives
-from xdit_fx.compiler.passes.base import MeshSpec, PassContext, PassResult, graph_pass
+from xdit_fx.compiler.passes.base import Mesh, PassContext, PassResult, graph_pass
 from xdit_fx.compiler.passes.sequence_parallel import SeqLayout, shard_sequence
 
 META_STAGE = "xfx.stage"            # stage of a node of the PipeFusion region (-1: recomputed where needed)
@@ -141,7 +141,7 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "index keys by global token position, which the per-patch K/V buffers cannot re-index yet.\n"
             "  fix: use the model's SDPA attention backend if it has one, or run it with cfg/dp; to look at the "
             "graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
-    sctx = dataclasses.replace(ctx, mesh=MeshSpec(ring=m), groups=None)
+    sctx = dataclasses.replace(ctx, mesh=Mesh(ring=m))
     odd = _whole_odd_segments(gm, (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree
                               * ctx.plan.ring_degree)
     masks = _whole_masks(gm)
@@ -303,7 +303,7 @@ def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def pf_shard_tokens_target():
-    from xdit_fx.runtime.pipefusion import pf_shard_tokens
+    from xdit_fx.ops.pipefusion import pf_shard_tokens
     return pf_shard_tokens
 
 
@@ -413,7 +413,8 @@ def _is(node: fx.Node, fn) -> bool:
 @graph_pass(reads=[META_LAYOUT, META_BLOCK, META_ATTENTION], writes=[META_STAGE, META_PIPEFUSION])
 def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Cut the block stack into cost-balanced stages and move the per-patch region into a PipeFusionRegion."""
-    from xdit_fx.runtime.pipefusion import PipeFusionRegion, pf_attention, pf_shard_tokens
+    from xdit_fx.ops.pipefusion import pf_attention, pf_shard_tokens
+    from xdit_fx.ops.regions import PipeFusionRegion
 
     plan = ctx.plan
     n_stages, m, u, rr = plan.pipefusion_degree, plan.patches, plan.ulysses_degree, plan.ring_degree

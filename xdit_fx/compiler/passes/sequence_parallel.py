@@ -19,7 +19,8 @@ import torch.fx as fx
 
 from xdit_fx.errors import UnsupportedGraph, describe_node
 from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
-                        META_TOKEN_DIMS, META_WHOLE, example_value, is_sdpa, sdpa_args, shape_of, target_name)
+                        META_TOKEN_DIMS, META_WHOLE, example_value, is_sdpa, sdpa_args, set_unique_name, shape_of,
+                                        target_name)
 from xdit_fx.ops import attention as sp_attn
 from xdit_fx.ops import collectives
 from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
@@ -407,19 +408,6 @@ def _partial_sum(node: fx.Node):
     return None
 
 
-def _unique_name(graph: fx.Graph, node: fx.Node, base: str) -> None:
-    """Give an inserted node a readable name that no other node of the graph has."""
-    taken = {n.name for n in graph.nodes if n is not node}
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}_v{k}"
-    node.name = name
-    used = getattr(getattr(graph, "_graph_namespace", None), "_used_names", None)
-    if isinstance(used, set):  # so that nodes fx names later do not take it
-        used.add(name)
-
-
 def _batch_sharded_sdpa(node: fx.Node) -> bool:
     """An attention whose queries carry the sharded tokens on the batch or head dim, not the sequence."""
     lq = layout_of(sdpa_args(node)["query"])
@@ -549,7 +537,7 @@ class _Rewriter:
         with self.gm.graph.inserting_before(consumer):
             s = self.gm.graph.call_function(collectives.shard_tokens,
                                             (whole, lay.dim, lay.segments, self.group, self.n))
-        _unique_name(self.gm.graph, s, f"shard_{a.name}")
+        set_unique_name(self.gm.graph, s, f"shard_{a.name}")
         s.meta[META_LAYOUT] = lay
         self.local[a] = s
         self.full.setdefault(a, whole)  # still there whole: a later whole use needs no gather
@@ -584,7 +572,7 @@ class _Rewriter:
             if key not in self.aligned:
                 with self.gm.graph.inserting_before(node):
                     s = self.gm.graph.call_function(collectives.shard_tokens, (a, d, lay.segments, self.group, self.n))
-                _unique_name(self.gm.graph, s, f"shard_{a.name}")
+                set_unique_name(self.gm.graph, s, f"shard_{a.name}")
                 s.meta[META_LAYOUT] = SeqLayout(d, lay.segments)
                 self.aligned[key] = s
                 self.sources += 1
@@ -602,17 +590,17 @@ class _Rewriter:
             local = self.local[operand]
             with graph.inserting_before(node):
                 z = graph.call_function(collectives.zero_token_padding, (local, dim, lay.segments, self.group, self.n))
-            _unique_name(graph, z, f"unpad_{operand.name}")
+            set_unique_name(graph, z, f"unpad_{operand.name}")
             node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: z if a is local else a)
         last = node
         if op_name(node) == "mean":  # local mean over ceil(L/n) slots -> its share of the global mean
             total = sum(length for length, _ in lay.segments)
             with graph.inserting_after(node):
                 last = graph.call_function(operator.mul, (node, lay.local_len(self.n) / total))
-            _unique_name(graph, last, f"share_{node.name}")
+            set_unique_name(graph, last, f"share_{node.name}")
         with graph.inserting_after(last):
             ar = graph.call_function(collectives.all_reduce_tokens, (last, self.group))
-        _unique_name(graph, ar, f"allreduce_{node.name}")
+        set_unique_name(graph, ar, f"allreduce_{node.name}")
         ar.meta = {k: v for k, v in node.meta.items() if k in ("example_value", "val", "tensor_meta")}
         keep = {ar, last}
         node.replace_all_uses_with(ar, delete_user_cb=lambda u: u not in keep)
@@ -634,7 +622,7 @@ class _Rewriter:
         graph = self.gm.graph
         with graph.inserting_before(node):
             h = graph.call_function(collectives.halo_rows, (node.args[0], lay.dim, p, self.group))
-        _unique_name(graph, h, f"halo_{original.name}")
+        set_unique_name(graph, h, f"halo_{original.name}")
         padding[lay.dim - 2] = 0
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         defaults = (None, None, None, 1, 0, 1, 1)
@@ -653,7 +641,7 @@ class _Rewriter:
         with self.gm.graph.inserting_before(consumer):
             g = self.gm.graph.call_function(collectives.gather_tokens,
                                             (loc, lay.dim, lay.segments, self.group, self.n))
-        _unique_name(self.gm.graph, g, f"gather_{a.name}")
+        set_unique_name(self.gm.graph, g, f"gather_{a.name}")
         kind = kind or ("fallback" if META_BLOCK in consumer.meta else "exit")
         g.meta[META_GATHER] = f"{kind}: needed by {consumer.name} ({target_name(consumer)})"
         if kind == "fallback":
@@ -675,8 +663,7 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     on local q/k/v, marked META_SP_ATTENTION for parallelize_attention.
     """
     n = ctx.mesh.sp
-    group = ctx.groups.names["sp"] if ctx.groups is not None else "sp"
-    rw = _Rewriter(gm, n, group)
+    rw = _Rewriter(gm, n, ctx.mesh.group("sp"))
     propagated = 0
     for node in list(gm.graph.nodes):
         if node.op in ("placeholder", "get_attr"):
@@ -778,7 +765,6 @@ def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Replace each attention on local shards with sp_attention: Ulysses all-to-all over "ulysses",
     ring attention over "ring", both for USP. Cross-attention to replicated keys stays local."""
     mesh = ctx.mesh
-    names = ctx.groups.names if ctx.groups is not None else {}
     sites = {"self": 0, "joint": 0, "cross": 0}
     for node in list(gm.graph.nodes):
         spec = node.meta.get(META_SP_ATTENTION)
@@ -798,8 +784,7 @@ def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         kwargs = dict(
             q_segments=spec["q_segments"], kv_segments=spec["kv_segments"],
             scale=sa["scale"], ulysses=mesh.ulysses, ring=mesh.ring,
-            sp_group=names.get("sp", "sp"), ulysses_group=names.get("ulysses", "ulysses"),
-            ring_group=names.get("ring", "ring"),
+            sp_group=mesh.group("sp"), ulysses_group=mesh.group("ulysses"), ring_group=mesh.group("ring"),
         )
         if sa["is_causal"]:
             kwargs["is_causal"] = True
@@ -808,7 +793,7 @@ def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         new.meta = {k2: v2 for k2, v2 in node.meta.items() if k2 != "xfx.created_by"}
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        _unique_name(gm.graph, new, f"sp_attention_{site.index}")
+        set_unique_name(gm.graph, new, f"sp_attention_{site.index}")
         sites[site.kind if site.kind in sites else "self"] += 1
     total = sum(sites.values())
     how = "+".join(a for a, d in (("ulysses", mesh.ulysses), ("ring", mesh.ring)) if d > 1) or "local"
