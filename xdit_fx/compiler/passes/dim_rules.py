@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_fx.compiler.fx_utils import example_value, sdpa_args
+from xdit_fx.compiler.fx_utils import example_value, node_arg, sdpa_args
 
 # A "slot" is one tensor value: (node, index) with index None for tensor-valued nodes and i for the i-th
 # element of a tuple-valued node (split, chunk, unbind). A "dim slot" adds the dim: (node, index, dim).
@@ -120,12 +120,6 @@ def tensor_slots(node: fx.Node) -> list[Slot]:
     return []
 
 
-def _arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(name, default)
-
-
 def _norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
 
@@ -154,23 +148,32 @@ def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[in
     groups, i, j = [], 0, 0
     while i < len(src) or j < len(dst):
         if i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
-            groups.append(([i], [])); i += 1; continue
+            groups.append(([i], []))
+            i += 1
+            continue
         if j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
-            groups.append(([], [j])); j += 1; continue
+            groups.append(([], [j]))
+            j += 1
+            continue
         if i >= len(src) or j >= len(dst):
             return None
         gi, gj = [i], [j]
         pi, pj = src[i], dst[j]
-        i += 1; j += 1
+        i += 1
+        j += 1
         while pi != pj:
             if pi < pj:
                 if i >= len(src):
                     return None
-                pi *= src[i]; gi.append(i); i += 1
+                pi *= src[i]
+                gi.append(i)
+                i += 1
             else:
                 if j >= len(dst):
                     return None
-                pj *= dst[j]; gj.append(j); j += 1
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
         groups.append((gi, gj))
     return groups
 
@@ -352,7 +355,7 @@ def _linear(node: fx.Node, name: str) -> Rule | None:
 @dim_rule("layer_norm", "rms_norm")
 def _norm_last(node: fx.Node, name: str) -> Rule | None:
     x, xs, _ = _io(node)
-    ns = _arg(node, 1, "normalized_shape")
+    ns = node_arg(node, 1, "normalized_shape")
     k = len(ns) if isinstance(ns, (tuple, list)) else 1
     return Rule(links=[((x, None), d, (node, None), d) for d in range(len(xs) - k)])
 
@@ -415,18 +418,22 @@ def _permutation(node: fx.Node, name: str, nd: int) -> list[int]:
         dims = dims if dims else node.kwargs.get("dims")
         return [_norm_dim(int(d), nd) for d in dims]
     if name in ("movedim", "moveaxis"):
-        src = _arg(node, 1, "source"); dst = _arg(node, 2, "destination")
+        src = node_arg(node, 1, "source")
+        dst = node_arg(node, 2, "destination")
         src = [src] if isinstance(src, int) else list(src)
         dst = [dst] if isinstance(dst, int) else list(dst)
-        src = [_norm_dim(s, nd) for s in src]; dst = [_norm_dim(d, nd) for d in dst]
+        src = [_norm_dim(s, nd) for s in src]
+        dst = [_norm_dim(d, nd) for d in dst]
         rest = [d for d in range(nd) if d not in src]
         perm = [None] * nd
         for s, d in zip(src, dst):
             perm[d] = s
         it = iter(rest)
         return [p if p is not None else next(it) for p in perm]
-    d0 = _norm_dim(int(_arg(node, 1, "dim0")), nd); d1 = _norm_dim(int(_arg(node, 2, "dim1")), nd)
-    perm = list(range(nd)); perm[d0], perm[d1] = perm[d1], perm[d0]
+    d0 = _norm_dim(int(node_arg(node, 1, "dim0")), nd)
+    d1 = _norm_dim(int(node_arg(node, 2, "dim1")), nd)
+    perm = list(range(nd))
+    perm[d0], perm[d1] = perm[d1], perm[d0]
     return perm
 
 
@@ -502,14 +509,14 @@ def _expand(node: fx.Node, name: str) -> Rule | None:
 def _reduction(node: fx.Node, name: str) -> Rule | None:
     x, xs, _ = _io(node)
     out, rule = (node, None), Rule()
-    if name in ("max", "min") and _is_tensor_node(_arg(node, 1, "other")):
+    if name in ("max", "min") and _is_tensor_node(node_arg(node, 1, "other")):
         _broadcast_links(rule, [a for a in node.args if _is_tensor_node(a)], out)
         return rule
     pos = 2 if name == "norm" else 1  # x.norm(p, dim, keepdim)
-    dim = _arg(node, pos, "dim")
+    dim = node_arg(node, pos, "dim")
     if dim is None:
         return None  # a full reduction: nothing survives
-    keepdim = bool(_arg(node, pos + 1, "keepdim", False))
+    keepdim = bool(node_arg(node, pos + 1, "keepdim", False))
     nd = len(xs)
     dims = _dims(dim, nd)
     outs = [out] if name not in ("max", "min") else [(node, 0), (node, 1)]
@@ -526,14 +533,14 @@ def _reduction(node: fx.Node, name: str) -> Rule | None:
 
 def _along_dim_arg(node: fx.Node, name: str) -> Any:
     if name == "repeat_interleave":
-        return _arg(node, 2, "dim")
+        return node_arg(node, 2, "dim")
     if name == "roll":
-        return _arg(node, 2, "dims")
+        return node_arg(node, 2, "dims")
     if name == "flip":
-        return _arg(node, 1, "dims")
+        return node_arg(node, 1, "dims")
     if name == "normalize":
-        return _arg(node, 2, "dim", 1)  # F.normalize(x, p, dim)
-    return _arg(node, 1, "dim", -1 if name in ("sort", "argsort", "softmax", "log_softmax") else None)
+        return node_arg(node, 2, "dim", 1)  # F.normalize(x, p, dim)
+    return node_arg(node, 1, "dim", -1 if name in ("sort", "argsort", "softmax", "log_softmax") else None)
 
 
 @dim_rule(*ALONG_DIM)
@@ -557,10 +564,10 @@ def _along_dim(node: fx.Node, name: str) -> Rule | None:
 def _concat(node: fx.Node, name: str) -> Rule | None:
     out, rule = (node, None), Rule()
     os_ = slot_shape(out)
-    tensors = _arg(node, 0, "tensors")
+    tensors = node_arg(node, 0, "tensors")
     if not isinstance(tensors, (list, tuple)) or os_ is None:
         return None
-    dim = _norm_dim(int(_arg(node, 1, "dim", 0)), len(os_))
+    dim = _norm_dim(int(node_arg(node, 1, "dim", 0)), len(os_))
     tensors = [t for t in tensors if _is_tensor_node(t)]
     if name == "stack":
         for t in tensors:
@@ -583,11 +590,11 @@ def _split(node: fx.Node, name: str) -> Rule | None:
     x, xs, _ = _io(node)
     rule = Rule()
     nd = len(xs)
-    dim = _norm_dim(int(_arg(node, 2 if name != "unbind" and name != "chunk" else 1, "dim", 0)), nd)
+    dim = _norm_dim(int(node_arg(node, 2 if name != "unbind" and name != "chunk" else 1, "dim", 0)), nd)
     if name == "chunk":
-        dim = _norm_dim(int(_arg(node, 2, "dim", 0)), nd)
+        dim = _norm_dim(int(node_arg(node, 2, "dim", 0)), nd)
     if name == "unbind":
-        dim = _norm_dim(int(_arg(node, 1, "dim", 0)), nd)
+        dim = _norm_dim(int(node_arg(node, 1, "dim", 0)), nd)
     value = example_value(node)
     if not isinstance(value, (list, tuple)):
         return None
@@ -654,7 +661,7 @@ def _conv(node: fx.Node, name: str) -> Rule | None:
 @dim_rule("pad")
 def _pad(node: fx.Node, name: str) -> Rule | None:
     x, xs, _ = _io(node)
-    pad = _arg(node, 1, "pad")
+    pad = node_arg(node, 1, "pad")
     nd = len(xs)
     padded = {nd - 1 - i // 2 for i, p in enumerate(pad) if p}
     return Rule(links=[((x, None), d, (node, None), d) for d in range(nd) if d not in padded])
