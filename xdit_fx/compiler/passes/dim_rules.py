@@ -241,6 +241,8 @@ def dim_rule(*ops: str, tensor_input: bool = True) -> Callable[[DimRule], DimRul
     otherwise the op gets no rule. The function is called as `fn(node, name)` with `name = op_name(node)`."""
 
     def register(fn: DimRule) -> DimRule:
+        if "RULES" in globals():
+            raise RuntimeError(f"{fn.__name__}: dim rules are registered in dim_rules.py only, while it is imported")
         apply = _on_tensor_input(fn) if tensor_input else fn
         for op in ops:
             if op in _table:
