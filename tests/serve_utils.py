@@ -39,7 +39,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def worker_pids(self) -> dict[int, int]:

@@ -107,6 +107,34 @@ def test_64_concurrent_requests_batched_seeded_and_correct(server):
     assert worst <= PIXEL_TOL, worst
 
 
+def test_request_arriving_mid_batch_joins_at_a_step_boundary(server):
+    """Step-level batching over 2 ranks (cfg=2): a request sent while a 50-step one runs joins it at a step
+    boundary, is answered first, and its image equals the one it gets alone (PIXEL_TOL)."""
+    import numpy as np
+
+    assert httpx.get(f"{server.url}/health").json()["batching"] == "step"
+    long_body = {"prompt": "3", "seed": 21, "num_inference_steps": MAX_STEPS}
+    short_body = {"prompt": "six", "seed": 22, "num_inference_steps": 8}
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120) as client:
+            first = asyncio.ensure_future(client.post("/v1/images/generations", json=long_body))
+            while metric_value((await client.get("/metrics")).text, "xdit_fx_running_requests") < 1:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # past the first steps
+            second = await client.post("/v1/images/generations", json=short_body)
+            first_done = first.done()
+            return await first, second, first_done
+
+    first, second, first_done = asyncio.run(scenario())
+    assert first.status_code == second.status_code == 200 and not first_done
+    assert second.headers["x-batch-images"] == "2"
+    alone = post(server, short_body)
+    assert alone.headers["x-batch-images"] == "1"
+    a, b = (decode_png(r.json()["data"][0]["b64_json"]).astype(int) for r in (alone, second))
+    assert np.abs(a - b).max() <= PIXEL_TOL
+
+
 BAD = [
     # (case, path/method, headers, raw body or json, status, param)
     ("missing key", "POST", {}, {"prompt": "1"}, 401, None),

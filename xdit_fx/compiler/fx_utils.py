@@ -168,3 +168,13 @@ def set_unique_name(graph: fx.Graph, node: fx.Node, base: str) -> None:
     used = getattr(getattr(graph, "_graph_namespace", None), "_used_names", None)
     if isinstance(used, set):  # so that nodes fx names later do not take it
         used.add(name)
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of gm's graph (same node names, node facts copied shallowly) on the same module, with gm's
+    `meta`: passes can rewrite it independently of gm."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    out = fx.GraphModule(gm, graph)
+    out.meta.update(gm.meta)
+    return out

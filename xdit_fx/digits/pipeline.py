@@ -7,12 +7,21 @@ wrappers - wraps this one the same way.
 Sampling is rectified flow: ``x_sigma = (1 - sigma) * x0 + sigma * noise``, the transformer predicts the
 velocity ``noise - x0`` at timestep ``sigma * 1000``, and ``FlowMatchEulerDiscreteScheduler.step`` takes the
 Euler step ``x += (sigma_next - sigma) * velocity`` from sigma = 1 (noise) to 0 (image).
+
+Besides ``__call__`` (one generation, all its steps), the pipeline exposes its loop one step at a time, for
+step-level (continuous) batching in the service: ``start_denoising`` makes a request's `DenoisingState`
+(its labels, seed-drawn latents and own schedule), ``denoise_step`` advances any set of states by one step
+each in one transformer call (each at its own step index and timestep), and ``finish_denoising`` turns a
+finished state into images. A state gives the image ``__call__`` gives, whichever states it shares its steps
+with (up to the float reassociation of batched matrix products).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,6 +34,29 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 2.0
 CFG_MODES = ("batched", "two_call")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@dataclass
+class DenoisingState:
+    """One request's place in sampling: what ``denoise_step`` needs to advance it by one step.
+
+    ``sigmas`` (``steps + 1`` values, ending at 0) and ``timesteps`` are the scheduler's for this request's own
+    step count, so requests with different step counts can share a transformer call."""
+
+    labels: torch.Tensor        # (n,) class ids
+    latents: torch.Tensor       # (n, C, H, W)
+    sigmas: torch.Tensor        # (steps + 1,) float32
+    timesteps: torch.Tensor     # (steps,)
+    guidance_scale: float
+    step: int = 0               # steps taken
+
+    @property
+    def total(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
 
 
 class DigitsPipeline(DiffusionPipeline):
@@ -111,6 +143,67 @@ class DigitsPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
+    # ---- the loop one step at a time (step-level batching) ---------------------------------------------------
+    @property
+    def supports_step_batching(self) -> bool:
+        """Whether ``denoise_step`` reproduces the scheduler: a deterministic flow-match Euler scheduler."""
+        config = self.scheduler.config
+        return isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler) and not config.get("stochastic_sampling")
+
+    def start_denoising(self, class_labels: list[int], num_inference_steps: int = DEFAULT_STEPS,
+                        guidance_scale: float = DEFAULT_GUIDANCE, generator=None,
+                        latents: torch.Tensor | None = None) -> DenoisingState:
+        """A request's initial state: the latents ``__call__`` would draw with the same generator(s), and the
+        schedule ``__call__`` would run for ``num_inference_steps`` (from a copy of the scheduler)."""
+        if not self.supports_step_batching:
+            raise ValueError(f"step-level denoising needs a deterministic FlowMatchEulerDiscreteScheduler, "
+                             f"not {type(self.scheduler).__name__}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        labels = self._check_labels(class_labels)
+        x = self._initial_latents(len(labels), generator, latents)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return DenoisingState(labels=labels, latents=x, sigmas=scheduler.sigmas.clone(),
+                              timesteps=scheduler.timesteps.clone(), guidance_scale=float(guidance_scale))
+
+    @torch.no_grad()
+    def denoise_step(self, states: Sequence[DenoisingState]) -> None:
+        """Advance every state by one Euler step, all of them in one (CFG-doubled) transformer call.
+
+        Each sample gets its own state's timestep; the guidance combination and the Euler update are the
+        ``__call__`` ones, applied per state. States that are already done are refused."""
+        states = list(states)
+        if not states:
+            return
+        if any(s.done for s in states):
+            raise ValueError("denoise_step got a state that has taken all its steps")
+        x = torch.cat([s.latents for s in states])
+        labels = torch.cat([s.labels for s in states])
+        t = torch.cat([s.timesteps[s.step].expand(len(s.labels)) for s in states])
+        guided = any(s.guidance_scale > 1.0 for s in states)
+        if guided:
+            null = torch.full_like(labels, self.null_class)
+            cond, uncond = self._predict(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+        else:
+            cond = uncond = self._predict(x, t, labels)
+        at = 0
+        for s in states:
+            n = len(s.labels)
+            c, u = cond[at:at + n], uncond[at:at + n]
+            velocity = u + s.guidance_scale * (c - u) if s.guidance_scale > 1.0 else c
+            # FlowMatchEulerDiscreteScheduler.step: upcast, x + (sigma_next - sigma) * v, back to v's dtype
+            dt = s.sigmas[s.step + 1] - s.sigmas[s.step]
+            s.latents = (s.latents.to(torch.float32) + dt * velocity).to(velocity.dtype)
+            s.step += 1
+            at += n
+
+    def finish_denoising(self, state: DenoisingState, output_type: str = "pil"):
+        """The images of a finished state, as ``__call__(output_type=...)`` returns them."""
+        if not state.done:
+            raise ValueError(f"the state has taken {state.step} of its {state.total} steps")
+        return self._postprocess(state.latents, output_type)
+
     def _check_labels(self, class_labels) -> torch.Tensor:
         labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= self.null_class:
@@ -127,9 +220,8 @@ class DigitsPipeline(DiffusionPipeline):
         return latents.to(device=self.device, dtype=self.transformer.dtype)
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.transformer(
-            hidden_states=x, timestep=t.expand(x.shape[0]), class_labels=labels, return_dict=False
-        )[0]
+        timestep = t.expand(x.shape[0]) if t.dim() == 0 else t  # one timestep, or one per sample
+        return self.transformer(hidden_states=x, timestep=timestep, class_labels=labels, return_dict=False)[0]
 
     def _velocity(self, x, t, labels, null, guidance_scale: float, cfg_mode: str) -> torch.Tensor:
         """The (guided) velocity ``uncond + g * (cond - uncond)``; plain conditional when g <= 1."""

@@ -8,6 +8,7 @@ the forward into several graphs, each is parallelized on its own: whole tensors 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from xdit_fx.compiler.fx_utils import copy_graph
 from xdit_fx.compiler.mesh import Mesh
 from xdit_fx.compiler.passes import GraphHistory
 from xdit_fx.compiler.rewrite import rewrite
@@ -27,6 +29,8 @@ from xdit_fx.compiler.passes.cache_regions import REFUSAL
 from xdit_fx.ops.regions import CachedRegion
 from xdit_fx.runtime.cache import CacheRuntime
 from xdit_fx.ops.comm import counting
+from xdit_fx.runtime.attention_census import Census
+from xdit_fx.runtime.graph_errors import with_node_names
 from xdit_fx.runtime.groups import ProcessGroups
 from xdit_fx.runtime.inductor import InductorPiece
 
@@ -64,7 +68,7 @@ class ParallelModule(nn.Module):
         batch_only = plan.batch_degree > 1 and plan.sequence_parallel_degree == 1 and not plan.compile \
             and plan.cache is None and plan.pipefusion_degree == 1
         self._compiled = model if batch_only else \
-            torch.compile(model, backend=self._backend, dynamic=False, fullgraph=False)
+            torch.compile(model, backend=self._counted_backend, dynamic=False, fullgraph=False)
         self.batch = BatchSplitter(plan, groups) if plan.batch_degree > 1 else None
         self.cache = CacheRuntime(plan.cache, self._sp_groups) if plan.cache is not None else None
         self.pipefusion = None
@@ -72,6 +76,9 @@ class ParallelModule(nn.Module):
             from xdit_fx.runtime.pipefusion import PipeFusionRuntime
             self.pipefusion = PipeFusionRuntime(plan, groups)
         self._to_free: list[torch.Tensor] = []
+        #: the first call's count of attention calls vs sequence-parallel runs (graph breaks; attention_census.py)
+        self.census = Census() if plan.sequence_parallel_degree > 1 and plan.pipefusion_degree == 1 else None
+        self._census_pending = self.census is not None
 
     def _sp_groups(self) -> list[str]:
         return [self.groups.names["sp"]] if self.groups is not None and self.plan.sequence_parallel_degree > 1 else []
@@ -88,10 +95,14 @@ class ParallelModule(nn.Module):
         if self.pipefusion is not None:
             self.pipefusion.reset()
 
+    def _counted_backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
+        fn = self._backend(gm, example_inputs)
+        return self.census.wrap(len(self.graphs) - 1, fn) if self.census is not None else fn
+
     def _backend(self, gm: fx.GraphModule, example_inputs: list[Any]):
         plan, mesh = self.plan, self.mesh
         history = GraphHistory()
-        warm_gm = _copy_graph(gm) if plan.pipefusion_degree > 1 else None
+        warm_gm = copy_graph(gm) if plan.pipefusion_degree > 1 else None
         dump_dir = self.dump_dir
         render = None
         if dump_dir:
@@ -122,7 +133,7 @@ class ParallelModule(nn.Module):
         if plan.compile and not regions:
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(gm, example_inputs)
-        return gm.forward
+        return with_node_names(gm, plan, gm.forward)
 
     def _bind_pipefusion(self, gm: fx.GraphModule, warm_gm: fx.GraphModule, example_inputs: list[Any]) -> None:
         """Build the one-patch (warm-up) version of the graph, bind both regions to the runtime, and free
@@ -164,8 +175,14 @@ class ParallelModule(nn.Module):
             self.pipefusion.next_call()
         if self.cache is not None:
             self.cache.next_call()
-        with counting(axes=self.groups.axes() if self.groups is not None else None) as counter:
+        census = contextlib.nullcontext()
+        if self._census_pending:
+            census = self.census.first_call(self.model, args, kwargs)
+        with census, counting(axes=self.groups.axes() if self.groups is not None else None) as counter:
             out = self.batch(self._run, args, kwargs) if self.batch is not None else self._run(*args, **kwargs)
+        if self._census_pending:
+            self._census_pending = False
+            self.census.finish(self.graphs)
         self.last_comm = counter.snapshot()
         if self._to_free:  # parameters only other pipeline stages read (the next call recaptures once)
             from xdit_fx.runtime.pipefusion import free_parameters
@@ -206,10 +223,3 @@ def _recompile_limits(limit: int = 64):
     return cfg.patch(recompile_limit=max(cfg.recompile_limit, limit),
                      accumulated_recompile_limit=max(cfg.accumulated_recompile_limit, 4 * limit))
 
-
-def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of a captured graph (node facts copied shallowly) that passes can rewrite independently."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return fx.GraphModule(gm, graph)

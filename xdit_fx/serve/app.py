@@ -177,11 +177,43 @@ def _pydantic_error(e: ValidationError) -> ApiError:
 
 
 def encode_gif(frames, fps: int = 8) -> bytes:
-    """A video's PIL frames as an animated GIF (Pillow only; no video codec needed)."""
+    """A video's PIL frames as an animated GIF (Pillow only: the fallback when PyAV is not installed)."""
     buf = io.BytesIO()
     frames = [f.convert("RGB") for f in frames]
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
     return buf.getvalue()
+
+
+def encode_mp4(frames, fps: int = 8) -> bytes:
+    """A video's PIL frames as H.264 in MP4 (PyAV, whose wheels bundle FFmpeg and libx264). yuv420p needs even
+    sides: an odd width or height is padded by repeating the last column or row."""
+    import av
+    import numpy as np
+
+    arrays = [np.asarray(f.convert("RGB")) for f in frames]
+    h, w = arrays[0].shape[:2]
+    pad = ((0, h % 2), (0, w % 2), (0, 0))
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+        stream.options = {"crf": "18"}
+        for array in arrays:
+            frame = av.VideoFrame.from_ndarray(np.pad(array, pad, mode="edge"), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def video_encoder() -> tuple[Callable[[list], bytes], str]:
+    """(encode, media type) of video content: MP4 when PyAV with libx264 is installed, else animated GIF."""
+    try:
+        import av
+        if "libx264" in av.codecs_available:
+            return encode_mp4, "video/mp4"
+    except ImportError:
+        pass
+    return encode_gif, "image/gif"
 
 
 def encode_png(image) -> str:
@@ -204,17 +236,21 @@ class Service:
         self.busy_since: Callable[[], float | None] = lambda: None
         self.progress: Callable[[], Any] = lambda: None   # the engine's Progress of the running batch
         self.videos: dict[int, VideoJob] = {}
+        self.step_batching = False              # requests join a running batch at step boundaries (engine.py)
+        self.video_encoder = video_encoder() if caps.video else (encode_gif, "image/gif")
         self.metrics = Metrics(batcher, lambda: len(self.running))
         self.created = int(time.time())
 
     # ---- called from the engine thread ----------------------------------------------------------------
-    def on_batch(self, jobs: list[Job], seconds: float) -> None:
+    def on_batch(self, jobs: list[Job], seconds: float, call_images: int | None = None) -> None:
+        """`jobs` finished together after `seconds`. `call_images`: the images of the pipeline call they ran
+        in, when it held more than theirs (step-level batching: the running batch they joined)."""
         images = sum(j.n for j in jobs)
-        self.metrics.batch_size.observe(images)
+        self.metrics.batch_size.observe(call_images or images)
         self.metrics.images.inc(images)
         self.metrics.batch_seconds.observe(seconds)
         prev = self.batcher.seconds_per_image
-        per_image = seconds / max(images, 1)
+        per_image = seconds / max(call_images or images, 1)
         self.batcher.seconds_per_image = per_image if prev == 0 else 0.8 * prev + 0.2 * per_image
         for job in jobs:
             if job.started is not None:
@@ -229,7 +265,7 @@ class Service:
         if since is not None and time.monotonic() - since > self.wedged_after_s:
             return 503, {"status": "wedged", "error": f"one pipeline call has run for over {self.wedged_after_s:.0f} s"}
         return 200, {"status": "ok", "ranks": self.world_size, "plan": self.plan, "model": self.caps.model_id,
-                     "queue_depth": self.batcher.depth(), "running_requests": len(self.running)}
+                     "batching": "step" if self.step_batching else "request", "queue_depth": self.batcher.depth(), "running_requests": len(self.running)}
 
     # ---- request validation ---------------------------------------------------------------------------
     def check_auth(self, request: Request) -> None:
@@ -340,9 +376,11 @@ class Service:
                          guidance=guidance if caps.default_guidance is not None else None,
                          size=size if caps.sizes is None else None, negative_prompt=req.negative_prompt)
 
-    @staticmethod
-    def batch_key(spec: BatchSpec) -> tuple:
-        return (spec.steps, spec.guidance, spec.size, spec.negative_prompt, tuple(sorted(spec.extra.items())))
+    def batch_key(self, spec: BatchSpec) -> tuple:
+        """Requests with equal keys can share pipeline calls. Under step-level batching each request carries its
+        own schedule, so the step count is not part of the key."""
+        steps = None if self.step_batching else spec.steps
+        return (steps, spec.guidance, spec.size, spec.negative_prompt, tuple(sorted(spec.extra.items())))
 
     # ---- video jobs -----------------------------------------------------------------------------------
     def video_object(self, video: VideoJob) -> dict[str, Any]:
@@ -534,10 +572,11 @@ def build_app(service: Service) -> FastAPI:
             raise ApiError(404 if video.job.finished else 409,
                            f"video {video_id!r} is {video.status()}; its content exists once it is completed",
                            param="video_id", code="video_not_ready")
+        encode, media_type = service.video_encoder
         if video.content is None:
             frames = video.job.result[0]
-            video.content = await asyncio.to_thread(encode_gif, frames)
-        return Response(video.content, media_type="image/gif")
+            video.content = await asyncio.to_thread(encode, frames)
+        return Response(video.content, media_type=media_type)
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(video_id: str, request: Request):

@@ -5,6 +5,12 @@ share its forward (the same `Job.key`: size, steps, guidance, ...) until the bat
 or `window_s` has passed since the oldest job arrived. Jobs that do not fit stay queued, in order, for the
 next batch; the oldest job always goes first, so none waits behind a stream of others.
 
+With step-level batching (engine.py) a batch keeps running while requests leave it, and `take_joinable`
+hands the engine, at each step boundary, the queued jobs that can join it: jobs of its key, in arrival
+order, as long as the running images stay within `max_batch`. It stops at the first queued job that cannot
+join (another key, or too many images), so that job is not overtaken: once the running batch has drained,
+it goes first.
+
 A job's outcome is delivered through a callback (the HTTP side wraps an asyncio future in it). A job is
 answered exactly once: `Job.finish` ignores every call after the first, so a timeout, a disconnect and the
 engine can race without sending two answers.
@@ -144,6 +150,21 @@ class Batcher:
                 self._queue.remove(job)
                 job.status = "running"
             return batch
+
+    def take_joinable(self, key: Hashable, capacity: int) -> list[Job]:
+        """Queued jobs that join a running batch of `key` now (no window wait): from the head of the queue, in
+        order, while they have `key` and their images fit in `capacity`."""
+        taken: list[Job] = []
+        with self._cond:
+            for job in self._queue:
+                if job.key != key or job.n > capacity:
+                    break
+                taken.append(job)
+                capacity -= job.n
+            for job in taken:
+                self._queue.remove(job)
+                job.status = "running"
+        return taken
 
     def _compatible(self, first: Job) -> list[Job]:
         batch, images = [first], first.n

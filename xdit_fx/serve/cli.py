@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="most images merged into one pipeline call")
     p.add_argument("--batch-window-ms", type=float, default=20.0,
                    help="how long the oldest queued request waits for others to share its call")
+    p.add_argument("--batching", choices=("step", "request"), default="step",
+                   help="step (default): a request joins the running batch at the next denoising step and leaves "
+                        "when its own steps end, where the pipeline exposes its steps (the digits model; other "
+                        "pipelines fall back to request); request: one pipeline call per batch, all its steps")
     p.add_argument("--max-queue", type=int, default=256, help="queued requests beyond which new ones get 429")
     p.add_argument("--request-timeout", type=float, default=300.0,
                    help="seconds from arrival after which a request is answered 504")
@@ -95,7 +99,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     threads = args.threads or max(1, (os.cpu_count() or 1) // nproc)
     return {
         "model": args.model, "plan": plan.to_string(), "nproc": nproc, "host": args.host, "port": args.port,
-        "port_file": args.port_file, "max_batch": args.max_batch, "batch_window_ms": args.batch_window_ms,
+        "port_file": args.port_file, "max_batch": args.max_batch, "batching": args.batching, "batch_window_ms": args.batch_window_ms,
         "max_queue": args.max_queue, "request_timeout": args.request_timeout, "api_key": api_key,
         "max_n": args.max_n, "max_steps": args.max_steps, "max_size": args.max_size,
         "max_body_bytes": args.max_body_bytes, "drain_timeout": args.drain_timeout,

@@ -11,6 +11,18 @@ class: `prompt` or `class_labels` (with ``get_label_ids`` turning text into labe
 `negative_prompt`, the default steps and guidance, and whether it returns `.images` or `.frames`.
 Every image gets its own ``torch.Generator`` seeded from the request, so a seeded request gives the same
 image whether it runs alone or merged with others.
+
+Two ways to run requests:
+
+* **step-level** (`Engine.step`), when the pipeline exposes its loop one step at a time (``start_denoising``,
+  ``denoise_step``, ``finish_denoising``: the digits pipeline) and the plan keeps no state across steps (no
+  cache, no PipeFusion): every rank holds the same set of running requests, each with its own latents,
+  step index and schedule. Rank 0 broadcasts one message per denoising step naming the requests that join
+  at this step boundary; all ranks take one step of every running request in one transformer call, and a
+  request leaves the set when its own steps end. So a request that arrives while others run starts at the
+  next step, not after them.
+* **request-level** (`Engine.run`), for every other pipeline (diffusers pipelines run their own loop inside
+  ``__call__``): one pipeline call per batch of requests, all their steps.
 """
 
 from __future__ import annotations
@@ -142,13 +154,46 @@ class Progress:
     jobs: tuple = ()
 
 
+STEP_API = ("start_denoising", "denoise_step", "finish_denoising")
+
+
+def supports_step_batching(pipe: Any) -> bool:
+    """Whether requests can join and leave the running batch at step boundaries: the pipeline exposes its loop
+    one step at a time (see STEP_API) and the plan keeps no per-generation state across steps (a cache's
+    residuals or PipeFusion's stale activations belong to one fixed batch)."""
+    inner = getattr(pipe, "pipe", pipe)
+    if not all(callable(getattr(inner, name, None)) for name in STEP_API):
+        return False
+    if not getattr(inner, "supports_step_batching", False):
+        return False
+    if "class_labels" not in inspect.signature(inner.start_denoising).parameters:
+        return False
+    plan = getattr(pipe, "plan", None)
+    return plan is None or (plan.cache is None and plan.pipefusion_degree == 1)
+
+
+@dataclass
+class StepOutcome:
+    """Rank 0's view of one denoising step of the running set."""
+
+    images: int = 0                                   # images in this step's transformer call
+    finished: dict[int, list[Any]] = field(default_factory=dict)   # job id -> its output items
+    refused: dict[int, GenerationError] = field(default_factory=dict)  # jobs whose start raised (not admitted)
+    failed: list[int] = field(default_factory=list)   # the running set, dropped because the step raised
+    error: GenerationError | None = None              # why the step raised
+
+
 class Engine:
     """Runs BatchSpecs on the pipeline, on every rank in lockstep."""
 
-    def __init__(self, pipe: Any, world_size: int, rank: int) -> None:
+    def __init__(self, pipe: Any, world_size: int, rank: int, step_batching: bool = True) -> None:
         self.pipe, self.world_size, self.rank = pipe, world_size, rank
         self.caps: Capabilities | None = None
         self.text_arg = text_argument(pipe)
+        self.stepwise = step_batching and supports_step_batching(pipe)
+        self._inner = getattr(pipe, "pipe", pipe)
+        self._active: list[tuple[int, Any]] = []   # (job id, DenoisingState) of the running set, every rank
+        self.output_type = "pil"                   # of step-level outputs ("pt" in tests that compare floats)
         self.default_extra: dict[str, Any] = {}   # served defaults for pipeline-specific arguments
         self.progress = Progress()
         self.busy_since: float | None = None    # monotonic start of the running call (rank 0)
@@ -199,6 +244,103 @@ class Engine:
     def generate(self, spec: BatchSpec) -> Any:
         with torch.no_grad():
             return self.pipe(**self.call_kwargs(spec))
+
+    def warm(self, spec: BatchSpec) -> None:
+        """One start-up generation the way requests will run (captures the graphs of its batch size)."""
+        if not self.stepwise:
+            self.generate(spec)
+            return
+        state = self._start(spec)
+        while not state.done:
+            self._denoise([state])
+
+    # ---- step-level batching ---------------------------------------------------------------------------
+    def _start(self, spec: BatchSpec) -> Any:
+        kwargs: dict[str, Any] = {"class_labels": self.pipe.get_label_ids(list(spec.texts)),
+                                  "num_inference_steps": spec.steps,
+                                  "generator": [torch.Generator().manual_seed(s) for s in spec.seeds]}
+        if spec.guidance is not None:
+            kwargs["guidance_scale"] = spec.guidance
+        kwargs.update(self.default_extra)
+        kwargs.update(spec.extra)
+        return self._inner.start_denoising(**kwargs)
+
+    def _denoise(self, states: list[Any]) -> None:
+        pair_state = getattr(self.pipe, "pair_state", None)
+        if pair_state is not None:  # no scheduler.step hook runs here: every step is a first step
+            pair_state.reset()
+        with torch.no_grad():
+            self._inner.denoise_step(states)
+
+    def step(self, admit: list[tuple[int, BatchSpec]]) -> StepOutcome:
+        """Rank 0: admit `admit` (job id, spec) into the running set at this step boundary, send the step to every
+        rank, take one denoising step of the whole set; finished requests leave it with their images."""
+        self._send({"op": "step", "admit": admit})
+        self.busy_since = time.monotonic()
+        try:
+            return self._step_local(admit)
+        finally:
+            self.busy_since = None
+
+    def _step_local(self, admit: list[tuple[int, BatchSpec]]) -> StepOutcome:
+        refused: dict[int, tuple[str, bool]] = {}
+        for job_id, spec in admit:
+            try:
+                self._active.append((job_id, self._start(spec)))
+            except Exception as e:  # noqa: BLE001 - this request's own fault (bad label, ...); the set goes on
+                refused[job_id] = (f"{type(e).__name__}: {e}", isinstance(e, (ValueError, TypeError)))
+        if admit and self.world_size > 1:  # every rank must step the same set: take every rank's refusals
+            for other in self._gather(refused):
+                for job_id, why in other.items():
+                    refused.setdefault(job_id, why)
+            self._active = [(j, s) for j, s in self._active if j not in refused]
+        outcome = StepOutcome(refused={j: GenerationError(m, bad_input=b) for j, (m, b) in refused.items()})
+        if not self._active:
+            return outcome
+        outcome.images = sum(len(s.labels) for _, s in self._active)
+        err, bad, finished = None, False, {}
+        try:
+            self._denoise([s for _, s in self._active])
+            for job_id, state in self._active:
+                if state.done and self.rank == 0:
+                    finished[job_id] = list(self._inner.finish_denoising(state, self.output_type))
+        except Exception as e:  # noqa: BLE001 - reported to rank 0, which retries each request alone
+            err, bad = f"{type(e).__name__}: {e}", isinstance(e, (ValueError, TypeError))
+        errors = self._step_status(err, bad)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, (message, bad) = failed[0]
+            where = "" if rank == 0 else f" (on rank {rank})"
+            outcome.failed = [j for j, _ in self._active]
+            outcome.error = GenerationError(f"{message}{where}", bad_input=bad)
+            self._active = []
+            return outcome
+        outcome.finished = finished
+        self._active = [(j, s) for j, s in self._active if not s.done]
+        return outcome
+
+    def _step_status(self, err: str | None, bad_input: bool) -> list[tuple[str, bool] | None]:
+        """Every rank's error of this step: one small all-reduce, and the messages only when one failed."""
+        if self.world_size == 1:
+            return [None if err is None else (err, bad_input)]
+        import torch.distributed as dist
+        flag = torch.tensor([0 if err is None else 1], dtype=torch.int32)
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        except Exception as e:  # noqa: BLE001
+            raise EngineDead(f"a rank stopped answering ({type(e).__name__}: {e})") from e
+        if not int(flag.item()):
+            return [None] * self.world_size
+        return self._gather_status(err, bad_input)
+
+    def _gather(self, value: Any) -> list[Any]:
+        import torch.distributed as dist
+        gathered: list[Any] = [None] * self.world_size
+        try:
+            dist.all_gather_object(gathered, value)
+        except Exception as e:  # noqa: BLE001
+            raise EngineDead(f"a rank stopped answering ({type(e).__name__}: {e})") from e
+        return gathered
 
     def _run_local(self, spec: BatchSpec) -> tuple[Any, str | None, bool]:
         try:
@@ -266,7 +408,9 @@ class Engine:
             message = box[0]
             if message["op"] == "stop":
                 return
-            if message["op"] == "run":
+            if message["op"] == "step":
+                self._step_local(message["admit"])
+            elif message["op"] == "run":
                 _, err, bad = self._run_local(message["spec"])
                 gathered: list[Any] = [None] * self.world_size
                 dist.all_gather_object(gathered, None if err is None else (err, bad))

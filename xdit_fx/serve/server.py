@@ -56,10 +56,25 @@ def merge(jobs: list) -> Any:
     return dataclasses.replace(first, texts=texts, seeds=seeds)
 
 
+def _watch_stop(stop: dict, service, batcher, drain_started: float | None) -> float | None:
+    """Start draining on a signal (or when the launcher is gone); returns when the drain started."""
+    if stop.get("parent") and os.getppid() != stop["parent"] and stop["signal"] is None:
+        stop["signal"] = "the launcher is gone"  # killed outright: drain rather than serve orphaned
+    if stop["signal"] is not None and drain_started is None:
+        log.info("signal %s: draining %d queued request(s)", stop["signal"], batcher.depth())
+        drain_started = time.monotonic()
+        service.draining = True
+        batcher.stop_accepting()
+    return drain_started
+
+
 def engine_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) -> int:
     """Rank 0's loop: form batches, run them (a failed merged batch is retried request by request),
     heartbeat while idle, drain on a signal. Returns 0 after a drain, DEAD_EXIT_CODE when the engine died
-    (every running and queued request is then answered 503)."""
+    (every running and queued request is then answered 503). Step-level batching when the engine offers it
+    (`step_loop`), else one pipeline call per batch."""
+    if getattr(engine, "stepwise", False):
+        return step_loop(engine, service, batcher, stop, drain_timeout_s)
     from xdit_fx.serve.batcher import run_batch_with_retry
     from xdit_fx.serve.engine import EngineDead
 
@@ -78,13 +93,7 @@ def engine_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) ->
     drain_started = None
     try:
         while True:
-            if stop.get("parent") and os.getppid() != stop["parent"] and stop["signal"] is None:
-                stop["signal"] = "the launcher is gone"  # killed outright: drain rather than serve orphaned
-            if stop["signal"] is not None and drain_started is None:
-                log.info("signal %s: draining %d queued request(s)", stop["signal"], batcher.depth())
-                drain_started = time.monotonic()
-                service.draining = True
-                batcher.stop_accepting()
+            drain_started = _watch_stop(stop, service, batcher, drain_started)
             if drain_started is not None:
                 if batcher.depth() == 0:
                     break
@@ -109,6 +118,134 @@ def engine_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) ->
         service.dead = str(e)
         batcher.stop_accepting()
         for job in list(service.running) + batcher.drain_all():
+            job.finish(status="failed", error=e)
+        return DEAD_EXIT_CODE
+
+
+@dataclasses.dataclass
+class _Group:
+    """Jobs that joined the running batch at the same step boundary (for metrics and progress logs)."""
+
+    jobs: list
+    started: float
+    images: int = 0              # images of the transformer call they joined
+    steps: int = 0               # steps taken since they joined
+    done: list = dataclasses.field(default_factory=list)
+    pending: int = 0
+
+    @property
+    def total(self) -> int:
+        return max(j.payload.steps for j in self.jobs)
+
+
+def _count_step(running: dict, images: int) -> None:
+    """One step of the running set is done: count it per group, log progress (step i of n) at quarters."""
+    groups = {id(g): g for _, g in running.values()}
+    for job, _ in running.values():
+        job.batch_images = max(job.batch_images, images)
+    for group in groups.values():
+        group.images = group.images or images
+        group.steps += 1
+        quarter = max(1, group.total // 4)
+        if group.steps % quarter == 0 or group.steps == group.total:
+            log.info("request(s) %s: step %d/%d (%d image(s) in the call)", [j.id for j in group.jobs],
+                     group.steps, group.total, images)
+
+
+def step_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) -> int:
+    """Rank 0's loop under step-level batching (engine.step): one denoising step of the running set per turn.
+
+    At each step boundary, queued jobs that share the running set's key join it (`Batcher.take_joinable`,
+    up to --max-batch images); an idle engine waits for a first batch as the request-level loop does (the
+    batch window). A job leaves the set when its own steps end and is answered at once. When a step of a
+    merged set raises, the set is dropped and each of its jobs is run again alone from its first step (no
+    other job joins meanwhile), so one bad request fails only itself. A job that fails alone is answered
+    with its error. Running jobs are never interrupted (a cancelled or timed-out one finishes unseen)."""
+    from xdit_fx.serve.engine import EngineDead
+
+    running: dict[int, tuple[Any, _Group]] = {}   # job id -> (job, its group), in admission order
+    retry_alone: list = []                          # jobs of a failed merged set, to run one at a time
+    alone = False                                   # the running set is one job being retried alone
+    key = None
+    drain_started = None
+
+    def publish():
+        service.running = [job for job, _ in running.values()]
+
+    def leave(job_id: int, finished: bool) -> None:
+        job, group = running.pop(job_id)
+        group.pending -= 1
+        if finished:
+            group.done.append(job)
+        if group.pending == 0 and group.done:
+            service.on_batch(group.done, time.monotonic() - group.started, group.images)
+
+    try:
+        while True:
+            drain_started = _watch_stop(stop, service, batcher, drain_started)
+            if drain_started is not None:
+                if time.monotonic() - drain_started > drain_timeout_s:
+                    for job in batcher.drain_all():  # what is running still finishes
+                        job.finish(status="cancelled")
+                if batcher.depth() == 0 and not running and not retry_alone:
+                    break
+            if running:
+                admit = [] if alone else batcher.take_joinable(
+                    key, batcher.max_batch - sum(job.n for job, _ in running.values()))
+            elif retry_alone:
+                job = retry_alone.pop(0)
+                if job.finished:  # timed out or cancelled meanwhile: not run again
+                    continue
+                admit, alone = [job], True
+            else:
+                admit, alone = batcher.next_batch(idle_timeout_s=1.0), False
+                if not admit:
+                    engine.heartbeat()
+                    continue
+                key = admit[0].key
+            if admit:
+                group = _Group(jobs=admit, started=time.monotonic(), pending=len(admit))
+                for job in admit:
+                    job.started = job.started or group.started
+                    running[job.id] = (job, group)
+                publish()
+                if len(running) > len(admit):
+                    log.info("request(s) %s joined a running batch of %d request(s) at a step boundary",
+                             [j.id for j in admit], len(running) - len(admit))
+            outcome = engine.step([(job.id, job.payload) for job in admit])
+            for job_id, error in outcome.refused.items():
+                job = running[job_id][0]
+                leave(job_id, finished=False)
+                job.finish(error=error, status="failed")
+            if outcome.error is not None:
+                jobs = [running[j][0] for j in outcome.failed]
+                for job_id in outcome.failed:
+                    leave(job_id, finished=False)
+                if len(jobs) == 1:
+                    jobs[0].finish(error=outcome.error, status="failed")
+                else:
+                    service.metrics.retries.inc()
+                    log.warning("a step of %d merged requests failed (%s); retrying each alone", len(jobs),
+                                outcome.error)
+                    retry_alone.extend(jobs)
+                publish()
+                alone = alone and bool(running)
+                continue
+            _count_step(running, outcome.images)
+            for job_id, images in outcome.finished.items():
+                job = running[job_id][0]
+                leave(job_id, finished=True)
+                job.finish(result=images)
+            publish()
+            alone = alone and bool(running)
+        engine.stop()
+        log.info("drained; stopped")
+        return 0
+    except EngineDead as e:
+        log.error("%s; answering 503 and exiting", e)
+        service.dead = str(e)
+        batcher.stop_accepting()
+        for job in [job for job, _ in running.values()] + retry_alone + batcher.drain_all():
             job.finish(status="failed", error=e)
         return DEAD_EXIT_CODE
 
@@ -140,13 +277,14 @@ def serve_worker(cfg: dict[str, Any]) -> int:
         pipe = xdit_fx.parallelize(pipe, plan)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # rank 0 logs progress instead (engine.Progress)
-    engine = Engine(pipe, world, rank)
+    engine = Engine(pipe, world, rank, step_batching=cfg.get("batching", "step") == "step")
     t0 = time.perf_counter()
     size = tuple(cfg["size"]) if cfg.get("size") else None
     warm = warmup_spec(pipe, size, cfg.get("num_frames"))
     out = engine.generate(warm)
-    for extra in range(2, cfg["warmup_batch"] + 1):  # capture the graphs of larger batches before serving
-        engine.generate(dataclasses.replace(warm, texts=warm.texts * extra, seeds=list(range(extra))))
+    for extra in range(1 if engine.stepwise else 2, cfg["warmup_batch"] + 1):
+        # capture the graphs of larger batches before serving (under step-level batching, through the steps)
+        engine.warm(dataclasses.replace(warm, texts=warm.texts * extra, seeds=list(range(extra))))
     log.info("warm-up done in %.1f s", time.perf_counter() - t0)
     engine.default_extra = dict(warm.extra)  # e.g. the served num_frames: every rank must call alike
     if rank != 0:
@@ -174,6 +312,12 @@ def _serve_rank0(cfg: dict[str, Any], engine, plan, world: int, stop: dict) -> i
                     max_body_bytes=cfg["max_body_bytes"], request_timeout_s=cfg["request_timeout"])
     service = Service(engine.caps, batcher, limits, world, plan.to_string(), api_key=cfg["api_key"],
                       wedged_after_s=cfg["wedged_after"])
+    service.step_batching = engine.stepwise
+    if engine.caps.video and service.video_encoder[1] != "video/mp4":
+        log.warning("PyAV (with libx264) is not installed: videos are returned as animated GIF, not MP4 "
+                    "(pip install 'xdit_fx[serve]')")
+    log.info("batching: %s", "step-level (requests join the running batch at step boundaries)" if engine.stepwise
+             else "request-level (one pipeline call per batch)")
     service.busy_since = lambda: engine.busy_since
     service.progress = lambda: engine.progress
     app = build_app(service)

@@ -25,7 +25,6 @@ the body's nodes under ``%xfx_cache.*``.
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections import deque
 
@@ -35,6 +34,7 @@ import torch.fx as fx
 from xdit_fx.errors import UnsupportedGraph, describe_node
 from xdit_fx.compiler.fx_utils import META_BLOCK, META_CACHE, META_CREATED_BY, example_value, is_linear, is_param_placeholder
 from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
+from xdit_fx.compiler.regions import boundary, extract, splice_call
 
 REGION_NAME = "xfx_cache"
 
@@ -90,20 +90,6 @@ def _closure(nodes: list[fx.Node], seeds: set[fx.Node]) -> set[fx.Node]:
     return seeds | {n for n in desc & anc if n.op not in ("placeholder", "output", "get_attr")}
 
 
-def _boundary(nodes: list[fx.Node], region: set[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
-    live_ins: dict[fx.Node, None] = {}
-    live_outs: list[fx.Node] = []
-    for n in nodes:
-        if n not in region:
-            continue
-        for a in n.all_input_nodes:
-            if a not in region:
-                live_ins.setdefault(a, None)
-        if any(u not in region for u in n.users):
-            live_outs.append(n)
-    return list(live_ins), live_outs
-
-
 def _same_kind(a: fx.Node, b: fx.Node) -> bool:
     va, vb = example_value(a), example_value(b)
     return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and tuple(va.shape) == tuple(vb.shape) \
@@ -156,7 +142,7 @@ def _stream(nodes: list[fx.Node], region: set[fx.Node]) -> tuple[set[fx.Node], f
     from xdit_fx.compiler.fx_utils import target_name
     region = set(region)
     for _ in range(4):
-        live_ins, live_outs = _boundary(nodes, region)
+        live_ins, live_outs = boundary(nodes, region)
         tensor_outs = [o for o in live_outs if isinstance(example_value(o), torch.Tensor)]
         if not tensor_outs:
             return region, None, None
@@ -178,7 +164,7 @@ def _stream(nodes: list[fx.Node], region: set[fx.Node]) -> tuple[set[fx.Node], f
                 grown = True
         if not grown:
             return region, out, None
-    live_ins, live_outs = _boundary(nodes, region)
+    live_ins, live_outs = boundary(nodes, region)
     out = max((o for o in live_outs if isinstance(example_value(o), torch.Tensor)), key=_numel)
     return region, out, _partner(out, region, live_ins)
 
@@ -273,50 +259,13 @@ def _insert_cache(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], bl
     skipped = blocks[main + 1:] if fbc else blocks[main:]
     region = _closure(nodes, {n for b in skipped for n in members[b]})
     region, stream_out, stream_in = _stream(nodes, region)
-    live_ins, live_outs = _boundary(nodes, region)
+    live_ins, live_outs = boundary(nodes, region)
 
     if fbc:
-        # the first block's residual: its output on the stream minus that stream's value before the block
-        first_region = _closure(nodes, set(first))
-        first_ins, _ = _boundary(nodes, first_region)
-        # the first block's output on the stream: what the region reads in place of the stack's input
-        from_first = _descendants(nodes, first_region)
-        first_out = stream_in if stream_in is not None and stream_in in first_region else max(
-            (a for a in live_ins if a in from_first and isinstance(example_value(a), torch.Tensor)),
-            key=_numel, default=None)
-        if first_out is None:
-            raise UnsupportedGraph(f"insert_cache: the blocks {_block_span(skipped)} read no tensor from "
-                                   f"{blocks[main]}; First-Block-Cache has no first-block output to watch.")
-        first_in = _partner(first_out, first_region, first_ins)
-        probe = [first_out] + ([first_in] if first_in is not None else [])
-        probe_text = (f"residual %{first_out.name} - %{first_in.name}" if first_in is not None
-                      else f"%{first_out.name}")
+        probe, probe_text = _fbc_probe(nodes, first, blocks[main], skipped, live_ins, stream_in)
     else:
-        # the first linear layer of the first block that reads the token stream: its input is the
-        # normalised (and, in adaLN blocks, timestep-modulated) stream
-        stream_anc = _descendants(nodes, {stream_in}) if stream_in is not None else set()
-        linear = next((n for n in first if is_linear(n) and isinstance(n.args[0], fx.Node)
-                       and n.args[0] in stream_anc and isinstance(example_value(n.args[0]), torch.Tensor)), None)
-        if linear is None and stream_in is None:
-            raise UnsupportedGraph(
-                f"insert_cache: TeaCache needs the first block's modulated input, the input of a linear layer "
-                f"of {blocks[main]} that reads the token stream, or the stream itself; there is neither. Use "
-                "FirstBlockCache.\n  to look at the graph: xdit-fx dump MODEL --plan ... --out DIR")
-        # without such a linear (the stream is reshaped before the first one), the stack's input itself
-        target = linear.args[0] if linear is not None else stream_in
-        ancestors: set[fx.Node] = set()
-        todo = [target]
-        while todo:
-            n = todo.pop()
-            if n in ancestors:
-                continue
-            ancestors.add(n)
-            todo.extend(n.all_input_nodes)
-        region -= ancestors
-        live_ins, live_outs = _boundary(nodes, region)
-        probe = [target]
-        probe_text = (f"%{target.name} (input of %{linear.name})" if linear is not None
-                      else f"%{target.name} (the stack's input: no linear of {blocks[main]} reads the stream)")
+        probe, probe_text, region = _teacache_probe(nodes, first, blocks[main], region, stream_in)
+        live_ins, live_outs = boundary(nodes, region)
 
     residual_of = []
     for o in live_outs:
@@ -332,35 +281,12 @@ def _insert_cache(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], bl
         if n in after and any(u in region for u in n.users):
             raise UnsupportedGraph(f"insert_cache: {describe_node(n)}\n  reads a block output and feeds a later "
                                    "block from outside the block stack; the stack cannot be cut into one region.")
-
-    # moving nodes across the region is only safe if no in-place write changes places with a read of the
-    # tensor it writes (a view of it taken earlier still sees the write, so views may move)
-    from xdit_fx.compiler.fx_utils import target_name
-    order = {n: i for i, n in enumerate(nodes)}
-    lo, hi = min(order[n] for n in region), max(order[n] for n in region)
-    moved = [n for n in nodes if (n not in region and n not in after and order[n] > lo and n.op != "output")
-             or (n in after and order[n] < hi)]
-    if moved:
-        def new_key(n: fx.Node) -> tuple[int, int]:
-            return (3 if n.op == "output" else 1 if n in region else 2 if n in after else 0), order[n]
-
-        def swapped(w: fx.Node) -> fx.Node | None:
-            return next((m for m in _alias_family(w) if m is not w
-                         and (new_key(m) < new_key(w)) != (order[m] < order[w])
-                         and target_name(m).split(".")[-1] not in _VIEW_OPS), None)
-
-        writer = next((n for n in nodes if _writes_in_place(n) and swapped(n) is not None), None)
-        if writer is not None:
-            raise UnsupportedGraph(
-                f"insert_cache: {describe_node(writer)}\n  writes a tensor in place, and cutting the blocks "
-                f"{_block_span(skipped)} out as one region would move '{swapped(writer).name}', which reads "
-                "that tensor, to the other side of the write.\n"
-                "  to look at the graph: xdit-fx dump MODEL --plan ... --out DIR")
+    _check_moves(nodes, region, after, skipped)
 
     description = (f"{'first-block-cache' if fbc else 'teacache'}: skips {_block_span(skipped)} "
                    f"({len(skipped)} of {len(blocks)} blocks); probe {probe_text}; "
                    f"{len(live_outs)} outputs, {sum(r is not None for r in residual_of)} as residuals")
-    body = _body(gm, nodes, region, live_ins, live_outs)
+    body = extract(gm, nodes, region, live_ins, live_outs)
     # the parameters the region reads: the main stack is the costliest region when there are several graphs
     weights = [example_value(a) if a.op == "placeholder" else _attr(gm, a.target) for a in live_ins
                if is_param_placeholder(a) or a.op == "get_attr"]
@@ -371,33 +297,89 @@ def _insert_cache(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], bl
     gm.add_submodule(REGION_NAME, CachedRegion(body, spec))
 
     # in place: the call goes after the last node the region does not depend on; what reads the region's
-    # outputs moves after it; the region's nodes leave the graph
-    graph = gm.graph
-    last_head = [n for n in nodes if n not in region and n not in after and n.op != "output"][-1]
-    with graph.inserting_after(last_head):
-        call = graph.create_node("call_module", REGION_NAME, tuple(probe) + tuple(live_ins), name=REGION_NAME)
-    call.meta["example_value"] = tuple(example_value(o) for o in live_outs)
-    call.meta[META_CACHE] = description
-    anchor, items = call, []
-    for i, o in enumerate(live_outs):
-        with graph.inserting_after(anchor):
-            item = graph.create_node("call_function", operator.getitem, (call, i))
-        item.meta.update({k: v for k, v in o.meta.items() if k not in (META_CREATED_BY, META_BLOCK)})
-        o.replace_all_uses_with(item, delete_user_cb=lambda user: user not in region)
-        anchor = item
-        items.append((item, o.name))
-    for n in nodes:
-        if n in after and n.op != "output":
-            anchor.append(n)
-            anchor = n
-    for n in reversed(nodes):
-        if n in region:
-            graph.erase_node(n)
-    for item, name in items:  # the outputs keep the names the rest of the graph knew them by
-        if hasattr(item, "_rename"):
-            item._rename(name)
+    # outputs moves after it; the region's nodes leave the graph; the outputs keep their names
+    splice_call(gm.graph, nodes, REGION_NAME, tuple(probe) + tuple(live_ins), live_outs, remove=region, tail=after,
+                meta={"example_value": tuple(example_value(o) for o in live_outs), META_CACHE: description},
+                drop_meta=(META_CREATED_BY, META_BLOCK), keep_names=True)
     return PassResult(gm, changed=True, summary=description,
                       counts={"cache_regions": 1, "cached_blocks": len(skipped)})
+
+
+def _fbc_probe(nodes: list[fx.Node], first: list[fx.Node], first_block: str, skipped: list[str],
+               live_ins: list[fx.Node], stream_in: fx.Node | None) -> tuple[list[fx.Node], str]:
+    """First-Block-Cache's probe: the first block's residual, its output on the stream minus that stream's
+    value before the block. Returns (probe nodes, description)."""
+    first_region = _closure(nodes, set(first))
+    first_ins, _ = boundary(nodes, first_region)
+    # the first block's output on the stream: what the region reads in place of the stack's input
+    from_first = _descendants(nodes, first_region)
+    first_out = stream_in if stream_in is not None and stream_in in first_region else max(
+        (a for a in live_ins if a in from_first and isinstance(example_value(a), torch.Tensor)),
+        key=_numel, default=None)
+    if first_out is None:
+        raise UnsupportedGraph(f"insert_cache: the blocks {_block_span(skipped)} read no tensor from "
+                               f"{first_block}; First-Block-Cache has no first-block output to watch.")
+    first_in = _partner(first_out, first_region, first_ins)
+    probe = [first_out] + ([first_in] if first_in is not None else [])
+    probe_text = (f"residual %{first_out.name} - %{first_in.name}" if first_in is not None
+                  else f"%{first_out.name}")
+    return probe, probe_text
+
+
+def _teacache_probe(nodes: list[fx.Node], first: list[fx.Node], first_block: str, region: set[fx.Node],
+                    stream_in: fx.Node | None) -> tuple[list[fx.Node], str, set[fx.Node]]:
+    """TeaCache's probe: the input of the first linear layer of the first block that reads the token stream
+    (the normalised and, in adaLN blocks, timestep-modulated stream). The probe and what it is computed from
+    leave the region. Returns (probe nodes, description, region)."""
+    stream_anc = _descendants(nodes, {stream_in}) if stream_in is not None else set()
+    linear = next((n for n in first if is_linear(n) and isinstance(n.args[0], fx.Node)
+                   and n.args[0] in stream_anc and isinstance(example_value(n.args[0]), torch.Tensor)), None)
+    if linear is None and stream_in is None:
+        raise UnsupportedGraph(
+            f"insert_cache: TeaCache needs the first block's modulated input, the input of a linear layer "
+            f"of {first_block} that reads the token stream, or the stream itself; there is neither. Use "
+            "FirstBlockCache.\n  to look at the graph: xdit-fx dump MODEL --plan ... --out DIR")
+    # without such a linear (the stream is reshaped before the first one), the stack's input itself
+    target = linear.args[0] if linear is not None else stream_in
+    ancestors: set[fx.Node] = set()
+    todo = [target]
+    while todo:
+        n = todo.pop()
+        if n in ancestors:
+            continue
+        ancestors.add(n)
+        todo.extend(n.all_input_nodes)
+    probe_text = (f"%{target.name} (input of %{linear.name})" if linear is not None
+                  else f"%{target.name} (the stack's input: no linear of {first_block} reads the stream)")
+    return [target], probe_text, region - ancestors
+
+
+def _check_moves(nodes: list[fx.Node], region: set[fx.Node], after: set[fx.Node], skipped: list[str]) -> None:
+    """Moving nodes across the region is only safe if no in-place write changes places with a read of the
+    tensor it writes (a view of it taken earlier still sees the write, so views may move)."""
+    from xdit_fx.compiler.fx_utils import target_name
+    order = {n: i for i, n in enumerate(nodes)}
+    lo, hi = min(order[n] for n in region), max(order[n] for n in region)
+    moved = [n for n in nodes if (n not in region and n not in after and order[n] > lo and n.op != "output")
+             or (n in after and order[n] < hi)]
+    if not moved:
+        return
+
+    def new_key(n: fx.Node) -> tuple[int, int]:
+        return (3 if n.op == "output" else 1 if n in region else 2 if n in after else 0), order[n]
+
+    def swapped(w: fx.Node) -> fx.Node | None:
+        return next((m for m in _alias_family(w) if m is not w
+                     and (new_key(m) < new_key(w)) != (order[m] < order[w])
+                     and target_name(m).split(".")[-1] not in _VIEW_OPS), None)
+
+    writer = next((n for n in nodes if _writes_in_place(n) and swapped(n) is not None), None)
+    if writer is not None:
+        raise UnsupportedGraph(
+            f"insert_cache: {describe_node(writer)}\n  writes a tensor in place, and cutting the blocks "
+            f"{_block_span(skipped)} out as one region would move '{swapped(writer).name}', which reads "
+            "that tensor, to the other side of the write.\n"
+            "  to look at the graph: xdit-fx dump MODEL --plan ... --out DIR")
 
 
 def _attr(gm: fx.GraphModule, target: str):
@@ -406,18 +388,3 @@ def _attr(gm: fx.GraphModule, target: str):
         obj = getattr(obj, part, None)
     return obj
 
-
-def _body(gm: fx.GraphModule, nodes: list[fx.Node], region: set[fx.Node], live_ins: list[fx.Node],
-          live_outs: list[fx.Node]) -> fx.GraphModule:
-    """The region's nodes, copied with their names and facts, as a GraphModule of the live-ins."""
-    body_graph = fx.Graph()
-    benv: dict[fx.Node, fx.Node] = {}
-    for a in live_ins:
-        ph = body_graph.placeholder(a.name)
-        ph.meta = copy.copy(a.meta)
-        benv[a] = ph
-    for n in nodes:
-        if n in region:
-            benv[n] = body_graph.node_copy(n, lambda a: benv[a])
-    body_graph.output(tuple(benv[o] for o in live_outs))
-    return fx.GraphModule(gm, body_graph)

@@ -19,7 +19,6 @@ they replace.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 from typing import Any
@@ -30,6 +29,8 @@ import torch.nn.functional as F
 
 from xdit_fx.compiler.fx_utils import example_value, node_arg
 from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
+from xdit_fx.compiler.passes.library_attention import normalize_library
+from xdit_fx.compiler.passes.node_builder import Builder as _Builder
 
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm}
 _SOFTMAX = {torch.softmax, F.softmax}
@@ -88,42 +89,6 @@ def _is_identity_cast(node: fx.Node) -> bool:
 
 def _scalar(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-
-class _Builder:
-    """Insert nodes before `anchor`, computing each new node's fake value and copying provenance meta."""
-
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, like: fx.Node):
-        self.g, self.anchor, self.like = gm.graph, anchor, like
-
-    def _meta(self, node: fx.Node) -> fx.Node:
-        for k in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-            if k in self.like.meta:
-                node.meta[k] = self.like.meta[k]
-
-        def val(a):
-            return example_value(a) if isinstance(a, fx.Node) else a
-
-        args = fx.node.map_aggregate(node.args, val)
-        kwargs = fx.node.map_aggregate(node.kwargs, val)
-        fakes = [x for x in fx.node.map_aggregate((args, kwargs), lambda x: x) if False]
-        modes = []
-        fx.node.map_aggregate((args, kwargs), lambda x: modes.append(x.fake_mode) if hasattr(x, "fake_mode") else None)
-        del fakes
-        with modes[0] if modes else contextlib.nullcontext():
-            if node.op == "call_method":
-                node.meta["example_value"] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                node.meta["example_value"] = node.target(*args, **kwargs)
-        return node
-
-    def fn(self, target, *args, **kwargs) -> fx.Node:
-        with self.g.inserting_before(self.anchor):
-            return self._meta(self.g.call_function(target, args, kwargs))
-
-    def method(self, name: str, *args, **kwargs) -> fx.Node:
-        with self.g.inserting_before(self.anchor):
-            return self._meta(self.g.call_method(name, args, kwargs))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,6 +286,7 @@ def normalize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     Runs first, so every later pass sees attention in one form: a scaled_dot_product_attention node.
     """
     manual = mha = 0
+    library = normalize_library(gm, ctx)  # flash-attn, xformers (library_attention.py)
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):
             continue
@@ -333,7 +299,9 @@ def normalize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if m is not None:
                 _rewrite_manual(gm, m)
                 manual += 1
-    n = manual + mha
-    summary = (f"{manual} hand-written attention, {mha} nn.MultiheadAttention -> scaled_dot_product_attention"
+    n = manual + mha + sum(library.values())
+    summary = (f"{manual} hand-written attention, {mha} nn.MultiheadAttention"
+               + "".join(f", {c} {what}" for what, c in library.items()) + " -> scaled_dot_product_attention"
                if n else "no attention outside SDPA")
-    return PassResult(gm, changed=bool(n), summary=summary, counts={"normalized_attention": n})
+    return PassResult(gm, changed=bool(n), summary=summary,
+                      counts={"normalized_attention": n, "library_attention": sum(library.values())})

@@ -10,120 +10,54 @@ to its latest node that needs the whole sequence (a gather or a token sum a bloc
 writes count as uses), the nodes that only build attention masks, and token segments that do not split
 into the patches' chunks when another segment does.
 
-``pipefusion`` then, from the graph alone:
+``pipefusion`` then, from the graph alone (a short driver over one module per step):
 
 1. **Region.** The nodes that run per patch: everything downstream of a patch slice up to the exit gathers,
    plus the nodes of a block that read no token (adaLN modulation of the timestep embedding), which move to
    the block's stage. What runs before (embeddings, timestep, RoPE tables) runs whole on every rank; what
    runs after the exit gathers (final norm, unpatchify) too, on the assembled output.
+   (`pipefusion_region.find_region`)
 2. **Cost per block** from the fake-tensor shapes: 2*M*N*K FLOPs per linear/matmul, 4*B*H*Lq*Lkv*D per
-   attention, 2*out*Cin*k per convolution.
+   attention, 2*out*Cin*k per convolution (`xdit_fx.compiler.cost`, the cost model a planner reuses).
 3. **Stage cut**: contiguous runs of blocks (in graph order) into ``pipefusion_degree`` stages minimising the
    most expensive stage (a linear-partition DP), so Flux's double blocks weigh more than its single ones.
+   (`pipefusion_stages.cut_stages`, `assign_stages`)
 4. **Crossing values**: on a networkx DiGraph of the region, every edge from a node of stage s to a node of
    stage t > s is a value sent s -> t once per patch (the token stream, an MMDiT's text stream, a U-ViT's
    long skip, a rotary table slice computed on stage 0...). Nodes that read only whole values (a slice of a
    RoPE table) belong to no stage and are recomputed where needed; exits go to the last stage.
+   (`pipefusion_stages.find_crossings`, `find_exits`, `stage_programs`)
 5. **Attention**: every attention on patch queries becomes ``pf_attention``: the patch writes its fresh K/V
    into its slice of a full-sequence buffer kept per site, and attends over the whole buffer (the other
    patches' K/V are from the previous call: stale).
 
 The rewrite moves the region into a `PipeFusionRegion` submodule (``xfx_pipefusion``) that holds one
-GraphModule per stage and the whole region as ``body`` for the dump (each node tagged ``xfx.stage``).
+GraphModule per stage and the whole region as ``body`` for the dump (each node tagged ``xfx.stage``); the
+body and the call that replaces it are cut out with `xdit_fx.compiler.regions`, as insert_cache does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import operator
-from dataclasses import dataclass, field
-from typing import Any
 
-import networkx as nx
-import torch
 import torch.fx as fx
 
 from xdit_fx.errors import PlanError, UnsupportedGraph, describe_node
-from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
-                        META_TOKEN_DIMS, META_WHOLE, example_value, is_linear, is_param_placeholder, is_sdpa, sdpa_args, shape_of, target_name)
+from xdit_fx.compiler.cost import block_costs, node_flops  # noqa: F401  (node_flops: re-exported)
+from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT,
+                                       META_SP_ATTENTION, META_TOKEN_DIMS, META_WHOLE, copy_graph, is_sdpa, sdpa_args)
+from xdit_fx.compiler.regions import extract, region_inputs, splice_call
 from xdit_fx.ops import collectives
 from xdit_fx.compiler.passes.base import Mesh, PassContext, PassResult, graph_pass
+from xdit_fx.compiler.passes.pipefusion_region import find_region
+from xdit_fx.compiler.passes.pipefusion_stages import (  # noqa: F401  (records re-exported)
+    META_STAGE, Crossing, Exit, PipeFusionSpec, StageProgram, assign_stages, cut_stages, find_crossings, find_exits,
+    global_value, in_place_writers, stage_programs)
+from xdit_fx.compiler.passes.pipefusion_stages import global_value as _global_value  # noqa: F401
 from xdit_fx.compiler.passes.sequence_parallel import SeqLayout, shard_sequence
 
-META_STAGE = "xfx.stage"            # stage of a node of the PipeFusion region (-1: recomputed where needed)
 META_PIPEFUSION = "xfx.pipefusion"  # on the call of the region: the stage cut, costs, crossings, KV sites
 REGION_NAME = "xfx_pipefusion"
-
-
-# ---- cost and cut ------------------------------------------------------------------------------------
-
-def node_flops(node: fx.Node) -> float:
-    """Estimated FLOPs of one node from its fake shapes (0 for what is cheap next to matmuls)."""
-    if node.op != "call_function" and node.op != "call_method":
-        return 0.0
-    out = shape_of(node)
-    if is_linear(node):
-        w = shape_of(node.args[1]) if len(node.args) > 1 else shape_of(node.kwargs.get("weight"))
-        if out is None or not w:
-            return 0.0
-        return 2.0 * math.prod(out) * (w[-1] if len(w) > 1 else 1)
-    if is_sdpa(node):
-        a = sdpa_args(node)
-        q, k = shape_of(a["query"]), shape_of(a["key"])
-        if not q or not k:
-            return 0.0
-        return 4.0 * math.prod(q[:-1]) * k[-2] * q[-1]
-    name = target_name(node).split(".")[-1]
-    if name in ("matmul", "bmm", "mm", "baddbmm", "addmm", "einsum") or node.target is operator.matmul:
-        ins = [shape_of(a) for a in node.args if isinstance(a, fx.Node)]
-        ins = [s for s in ins if s]
-        if out is None or not ins:
-            return 0.0
-        k = ins[0][-1] if name != "einsum" else max(max(s) for s in ins)
-        return 2.0 * math.prod(out) * k
-    if name.startswith("conv") and out is not None:
-        w = shape_of(node.args[1]) if len(node.args) > 1 else None
-        return 2.0 * math.prod(out) * (math.prod(w[1:]) if w else 1)
-    return 0.0
-
-
-def block_costs(nodes, blocks: list[str]) -> list[float]:
-    cost = {b: 0.0 for b in blocks}
-    for n in nodes:
-        b = n.meta.get(META_BLOCK)
-        if b in cost:
-            cost[b] += node_flops(n)
-    return [max(cost[b], 1.0) for b in blocks]
-
-
-def cut_stages(costs: list[float], n: int) -> list[int]:
-    """Stage of each block: contiguous runs, n non-empty stages, minimising the most expensive one."""
-    k = len(costs)
-    if n > k:
-        raise PlanError(f"pipefusion_degree={n} but the block stack has only {k} blocks; use pipefusion <= {k}.")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[s][i]: the smallest max-stage-cost of the first i blocks in s stages
-    best = [[inf] * (k + 1) for _ in range(n + 1)]
-    arg = [[0] * (k + 1) for _ in range(n + 1)]
-    best[0][0] = 0.0
-    for s in range(1, n + 1):
-        for i in range(s, k + 1):
-            for j in range(s - 1, i):
-                v = max(best[s - 1][j], prefix[i] - prefix[j])
-                if v < best[s][i] - 1e-9 * abs(v):
-                    best[s][i], arg[s][i] = v, j
-    stages = [0] * k
-    i = k
-    for s in range(n, 0, -1):
-        j = arg[s][i]
-        for b in range(j, i):
-            stages[b] = s - 1
-        i = j
-    return stages
 
 
 # ---- pass 1: the graph of one patch ---------------------------------------------------------------------
@@ -145,7 +79,7 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     odd = _whole_odd_segments(gm, (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree
                               * ctx.plan.ring_degree)
     masks = _whole_masks(gm)
-    base = _copy_graph_module(gm)
+    base = copy_graph(gm)
     result = shard_sequence(gm, sctx)
     gm, result, whole = _whole_prefix(gm, base, result, sctx)
     # collectives that need every rank's tokens of the same call: across patches, those tokens are computed
@@ -200,7 +134,7 @@ def _whole_prefix(gm: fx.GraphModule, base: fx.GraphModule, result: PassResult, 
             break  # inside the block stack: patch_sequence (or pipefusion) refuses it by name
         # the same place in the graph before shard_sequence (which renames the nodes it replaces): up to
         # the last node there that is still before the cut
-        trial = _copy_graph_module(base)
+        trial = copy_graph(base)
         names = {n.name for n in prefix_nodes}
         originals = list(trial.graph.nodes)
         last = max((i for i, n in enumerate(originals) if n.name in names), default=-1)
@@ -293,118 +227,12 @@ def _needs_whole_before_blocks(gm: fx.GraphModule) -> tuple[fx.Node, str] | None
     return found
 
 
-def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of gm's graph (same node names, node facts copied shallowly) on the same module."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    out = fx.GraphModule(gm, graph)
-    out.meta.update(gm.meta)
-    return out
-
-
 def pf_shard_tokens_target():
     from xdit_fx.ops.pipefusion import pf_shard_tokens
     return pf_shard_tokens
 
 
 # ---- pass 2: region, stages, crossings ----------------------------------------------------------------
-
-@dataclass
-class Crossing:
-    value: str          # node name
-    src: int
-    dsts: tuple[int, ...]
-    shape: tuple[int, ...]  # per patch
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-@dataclass
-class Exit:
-    value: str                   # the local (per patch) node gathered
-    dim: int
-    segments: tuple
-    shape: tuple[int, ...]       # full (assembled) shape
-    dtype: torch.dtype
-    src: int                     # stage that computes it
-
-
-@dataclass
-class StageProgram:
-    """What one stage runs per patch."""
-
-    body: fx.GraphModule
-    inputs: list[tuple[str, object]]   # per body placeholder: ("live_in", index) or ("recv", crossing index)
-    outputs: list[tuple[str, int]]     # per body output: ("send", crossing index) or ("exit", exit index)
-    params: list[str]                  # placeholder names of the parameters it reads
-    compiled: Any = None               # with Plan(compile=True): `body` split at the pf ops, pieces by Inductor
-
-
-@dataclass
-class PipeFusionSpec:
-    stages: int
-    patches: int
-    blocks: list[str]
-    block_stage: list[int]
-    block_cost: list[float]
-    crossings: list[Crossing]
-    exits: list[Exit]
-    kv_sites: list[int]
-    live_ins: list[str]
-    programs: list[StageProgram] = field(default_factory=list)
-    ulysses: int = 1  # U: each patch is split over U ranks per stage (chunk p*U + r), attention all-to-alls
-    ring: int = 1  # R: each patch is split over R ranks per stage (chunk p*R + r), ring attention over K/V buffers
-
-    def stage_costs(self) -> list[float]:
-        out = [0.0] * self.stages
-        for s, c in zip(self.block_stage, self.block_cost):
-            out[s] += c
-        return out
-
-    def bytes_received(self, stage: int) -> int:
-        """Bytes of crossing values a stage receives in one patched call (all patches)."""
-        return self.patches * sum(c.nbytes for c in self.crossings if stage in c.dsts)
-
-    def describe(self) -> str:
-        spans = []
-        for s in range(self.stages):
-            bs = [b for b, st in zip(self.blocks, self.block_stage) if st == s]
-            spans.append(f"stage {s}: {_span(bs)} ({self.stage_costs()[s] / 1e6:.3g} MFLOP)")
-        cross = ", ".join(f"%{c.value} {c.src}->{'/'.join(map(str, c.dsts))} {list(c.shape)}" for c in self.crossings)
-        return (f"{self.stages} stages x {self.patches} patches"
-                + (f" x ulysses {self.ulysses}" if self.ulysses > 1 else "")
-                + (f" x ring {self.ring}" if self.ring > 1 else "") + "; " + "; ".join(spans)
-                + f"; crossing per patch: {cross or 'none'}; KV buffers at {len(self.kv_sites)} attention sites")
-
-
-def _span(blocks: list[str]) -> str:
-    stacks: dict[str, list[str]] = {}
-    for b in blocks:
-        stack, _, idx = b.rpartition(".")
-        stacks.setdefault(stack, []).append(idx)
-    return ", ".join(f"{s}.{i[0]}" + (f"..{i[-1]}" if len(i) > 1 else "") for s, i in stacks.items()) or "none"
-
-
-def _global_value(node: fx.Node):
-    """The fake value (global shape) of a node; slices inserted by patch_sequence have their input's."""
-    v = example_value(node)
-    while v is None and node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-        v = example_value(node)
-    return v
-
-
-def _local_shape(node: fx.Node, m: int) -> tuple[int, ...]:
-    v = _global_value(node)
-    shape = list(v.shape) if isinstance(v, torch.Tensor) else []
-    lay = node.meta.get(META_LAYOUT)
-    if isinstance(lay, SeqLayout):
-        shape[lay.dim] = lay.local_len(m)
-    return tuple(shape)
-
 
 def _is(node: fx.Node, fn) -> bool:
     return node.op == "call_function" and node.target is fn
@@ -421,98 +249,47 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     chunks = m * u * rr  # per patch and rank: chunk p*U + u (ulysses), (p*R + r)*U + u (ring) of every segment
     graph = gm.graph
     nodes = list(graph.nodes)
-    dag = nx.DiGraph()
-    dag.add_nodes_from(nodes)
-    dag.add_edges_from((a, n) for n in nodes for a in n.all_input_nodes)
-
     shards = [n for n in nodes if _is(n, pf_shard_tokens)]
     gathers = [n for n in nodes if _is(n, collectives.gather_tokens)]
     if not shards:
         return PassResult(gm, changed=False, summary="no token sequence in this graph: it runs whole on every rank")
-    post: set[fx.Node] = set(gathers)
-    for g in gathers:
-        later = nx.descendants(dag, g)
-        block = next((n for n in nodes if n in later and META_BLOCK in n.meta), None)
-        if block is not None:
-            raise UnsupportedGraph(
-                f"pipefusion: %{g.name} gathers the whole token sequence ({g.meta.get(META_GATHER, 'exit')}) and "
-                f"{describe_node(block)}\n  in {block.meta[META_BLOCK]} depends on it: a value computed per patch "
-                "is needed whole before (or inside) the block stack (e.g. a text refiner whose pooled output "
-                "conditions every block), so the patches cannot flow through the stages independently.\n"
-                "  fix: run this model with ulysses/ring (sequence parallel handles it with the same gather), "
-                "or cfg/dp; to look at the graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
-        post |= later
-    again = next((n for n in nodes if n in post and n not in gathers and (
-        _is(n, pf_shard_tokens) or _is(n, collectives.gather_tokens))), None) or next(
-        (g for g in gathers if g.args[0] in post), None)
-    if again is not None:
-        raise UnsupportedGraph(
-            f"pipefusion: {describe_node(again)}\n  slices or gathers the token sequence again after an earlier "
-            "gather: the graph goes back to per-patch tokens after it needed them whole, so the part after the "
-            "per-patch region cannot run once on the assembled output.\n"
-            "  fix: run this model with ulysses/ring, or cfg/dp; to look at the graph: xdit-fx dump MODEL "
-            "--plan pipefusion=2 --out DIR")
-    region: set[fx.Node] = set(shards)
-    for s in shards:
-        region |= nx.descendants(dag, s)
-    region -= post
-    region = {n for n in region if n.op != "output"}
-    stateful, depth = None, 0
-    for n in nodes:  # a torch.func.vmap section: between _vmap_increment_nesting and _vmap_decrement_nesting
-        name = target_name(n) if n.op == "call_function" else ""
-        depth += ("vmap_increment" in name) - ("vmap_decrement" in name)
-        if (depth > 0 or "batch_dim" in name) and (n in region or n in post) and stateful is None:
-            stateful = n
-    if stateful is not None:
-        raise UnsupportedGraph(
-            f"pipefusion: {describe_node(stateful)}\n  is part of a torch.func.vmap section on the token sequence; "
-            "its nesting state cannot be split between pipeline stages or patches.\n"
-            "  fix: run this model with ulysses/ring, or cfg/dp; to look at the graph: xdit-fx dump MODEL "
-            "--plan pipefusion=2 --out DIR")
-    bad = next((n for n in nodes if n in region and any(a in post for a in n.all_input_nodes)), None)
-    if bad is not None:
-        g = next(a for a in nx.ancestors(dag, bad) if a in gathers)
-        raise UnsupportedGraph(
-            f"pipefusion: {describe_node(bad)}\n  reads %{g.name}, a gather of the whole token sequence "
-            f"({g.meta.get(META_GATHER, 'exit')}), inside the per-patch region: a patch cannot wait for the "
-            "others' current values. The op without a token rule must get one (xdit_fx/compiler/passes/dim_rules.py).\n"
-            "  to look at the graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
-    # blocks that run per patch; their nodes that read no token value (adaLN modulation) join their stage
-    blocks = list(dict.fromkeys(n.meta[META_BLOCK] for n in nodes if n in region and META_BLOCK in n.meta))
-    if not blocks:
-        raise UnsupportedGraph("pipefusion: no transformer block runs on the token sequence in this graph; "
-                               "there is nothing to cut into stages. Look at it with: xdit-fx dump MODEL "
-                               "--plan pipefusion=2 --out DIR")
-    staged = set(blocks)
-    for n in reversed(nodes):
-        if n in region or n in post or n.op not in ("call_function", "call_method"):
-            continue
-        if n.meta.get(META_BLOCK) in staged and n.users and all(u in region for u in n.users):
-            region.add(n)
+    found = find_region(nodes, shards, gathers,
+                        lambda n: _is(n, pf_shard_tokens) or _is(n, collectives.gather_tokens))
+    region, blocks = found.nodes, found.blocks
     costs = block_costs(nodes, blocks)
     block_stage = cut_stages(costs, n_stages)
-    stage_of_block = dict(zip(blocks, block_stage))
+    stage = assign_stages(nodes, region, dict(zip(blocks, block_stage)))
+    kv_sites = _rewrite_attention(graph, nodes, region, stage, u, pf_attention)
+    nodes = list(graph.nodes)
+    _check_patch_split(nodes, region, m, u, rr)
 
-    # stage of every region node: its block's, else the latest of its inputs', else -1 (recomputed)
-    stage: dict[fx.Node, int] = {}
-    for n in nodes:
-        if n not in region:
-            continue
-        ins = [stage[a] for a in n.all_input_nodes if a in region]
-        s_in = max(ins, default=-1)
-        if n.meta.get(META_BLOCK) in stage_of_block:
-            s = stage_of_block[n.meta[META_BLOCK]]
-            if s_in > s:
-                src = next(a for a in n.all_input_nodes if a in region and stage[a] == s_in)
-                raise UnsupportedGraph(
-                    f"pipefusion: {describe_node(n)}\n  in {n.meta[META_BLOCK]} (stage {s}) reads %{src.name} of "
-                    f"stage {s_in}: the blocks do not run in graph order, so no contiguous stage cut exists.")
-        else:
-            s = s_in
-        stage[n] = s
-        n.meta[META_STAGE] = s
+    exits = find_exits(gathers, region, stage, n_stages - 1)
+    crossings = find_crossings(nodes, region, stage, exits, n_stages - 1, chunks)
+    writers = in_place_writers(nodes, region, stage)
+    live_ins = region_inputs(nodes, region)
+    programs = stage_programs(gm, nodes, region, stage, n_stages, crossings, exits, live_ins, writers)
+    spec = PipeFusionSpec(n_stages, m, blocks, block_stage, costs, crossings, exits, kv_sites,
+                          [a.name for a in live_ins], programs, ulysses=u, ring=rr)
+    description = spec.describe()
 
-    # attention on patch queries -> pf_attention with a KV buffer per site
+    # the whole region as one body, for the dump
+    by_name = {n.name: n for n in nodes}
+    body = extract(gm, nodes, region, live_ins, [by_name[e.value] for e in exits])
+    gm.add_submodule(REGION_NAME, PipeFusionRegion(body, spec))
+    # the call goes after the last node outside the region that does not read it; gathers become its outputs
+    splice_call(graph, nodes, REGION_NAME, live_ins, gathers, remove=region | set(gathers),
+                tail=found.post - set(gathers),
+                meta={"example_value": tuple(global_value(g.args[0]) for g in gathers), META_PIPEFUSION: description},
+                drop_meta=(META_CREATED_BY, META_GATHER))
+    return PassResult(gm, changed=True, summary=description,
+                      counts={"pipefusion_stages": n_stages, "pipefusion_crossings": len(crossings),
+                              "kv_buffers": len(kv_sites)})
+
+
+def _rewrite_attention(graph: fx.Graph, nodes: list[fx.Node], region: set[fx.Node], stage: dict[fx.Node, int],
+                       u: int, pf_attention) -> list[int]:
+    """Every attention on patch queries becomes `pf_attention` with a K/V buffer per site (the new nodes
+    replace the old in `region` and `stage`). Returns the sites whose keys are patched (they keep a buffer)."""
     kv_sites = []
     for n in nodes:
         spec = n.meta.get(META_SP_ATTENTION)
@@ -547,9 +324,13 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stage[new] = stage.pop(n)
         if kv_sharded:
             kv_sites.append(site.index)
-    nodes = list(graph.nodes)
+    return kv_sites
 
-    # every sharded token segment must split into M equal patches (M x U equal chunks with ulysses)
+
+def _check_patch_split(nodes: list[fx.Node], region: set[fx.Node], m: int, u: int, rr: int) -> None:
+    """Every sharded token segment must split into M equal patches (M x U x R equal chunks with ulysses and
+    ring); refused naming the node and the patch counts that would."""
+    chunks = m * u * rr
     for n in nodes:
         lay = n.meta.get(META_LAYOUT)
         if n in region and isinstance(lay, SeqLayout):
@@ -572,153 +353,3 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                         f"pipefusion: {describe_node(n)}\n  has a token segment of {length} tokens, which does not "
                         f"split into pipefusion_patches={m} x ulysses={u} equal chunks; use patches in {ok} "
                         "(or a ulysses degree that divides the segment with the patches).")
-
-    last = n_stages - 1
-    exits: list[Exit] = []
-    for g in gathers:
-        loc, dim, segments = g.args[0], g.args[1], g.args[2]
-        src = stage.get(loc, -1) if loc in region else -1
-        full = _global_value(loc)
-        exits.append(Exit(loc.name, dim, tuple(tuple(s) for s in segments), tuple(full.shape),
-                          full.dtype, last if src < 0 else src))
-
-    # crossings: values of stage s read at stage t > s (exits are read by the last stage)
-    readers: dict[fx.Node, set[int]] = {}
-    for n in nodes:
-        if n not in region:
-            continue
-        for a in n.all_input_nodes:
-            if a in region and stage[a] >= 0 and stage[n] > stage[a]:
-                readers.setdefault(a, set()).add(stage[n])
-    by_name = {n.name: n for n in nodes}
-    for e in exits:
-        loc = by_name[e.value]
-        if loc in region and 0 <= stage[loc] < last:
-            readers.setdefault(loc, set()).add(last)
-    crossings = []
-    for n in nodes:
-        if n in readers:
-            v = _global_value(n)
-            if not isinstance(v, torch.Tensor):
-                raise UnsupportedGraph(f"pipefusion: {describe_node(n)}\n  crosses from stage {stage[n]} to "
-                                       f"{sorted(readers[n])} and is not a tensor ({type(v).__name__}).")
-            crossings.append(Crossing(n.name, stage[n], tuple(sorted(readers[n])), _local_shape(n, chunks), v.dtype))
-
-    # in-place writes: a write into a value recomputed per stage (a mask built by x[:, a:b] = 1) goes with
-    # every copy of that value; a write that other stages would have to see is refused
-    from xdit_fx.compiler.passes.cache_regions import _writes_in_place
-    writers: dict[fx.Node, list[fx.Node]] = {}
-    for n in nodes:
-        if n in region and _writes_in_place(n) and n.args and isinstance(n.args[0], fx.Node):
-            target = n.args[0]
-            readers_of_target = {stage[u] for u in target.users if u in region and u is not n}
-            if stage[n] >= 0 and (target not in region or stage[target] not in (-1, stage[n])
-                                  or readers_of_target - {stage[n], -1}):
-                raise UnsupportedGraph(
-                    f"pipefusion: {describe_node(n)}\n  writes %{target.name} in place on stage {stage[n]}, and "
-                    "another stage (or the graph outside the per-patch region) reads it: the write would not reach "
-                    "the other rank. Look at it with: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
-            if stage[n] < 0:
-                writers.setdefault(target, []).append(n)
-
-    # stage programs
-    live_in_nodes = list(dict.fromkeys(a for n in nodes if n in region for a in n.all_input_nodes
-                                       if a not in region))
-    live_index = {a: i for i, a in enumerate(live_in_nodes)}
-    cross_index = {c.value: i for i, c in enumerate(crossings)}
-    programs = []
-    for s in range(n_stages):
-        wanted = {n for n in region if stage[n] == s}
-        outs: list[tuple[str, int]] = []
-        out_nodes: list[fx.Node] = []
-        for i, c in enumerate(crossings):
-            if c.src == s:
-                outs.append(("send", i))
-                out_nodes.append(by_name[c.value])
-        if s == last:
-            for i, e in enumerate(exits):
-                outs.append(("exit", i))
-                out_nodes.append(by_name[e.value])
-        # recomputed (stage -1) nodes this stage needs
-        todo = [a for n in list(wanted) + out_nodes for a in n.all_input_nodes]
-        todo += [n for n in out_nodes if n in region and stage[n] < 0]
-        while todo:
-            a = todo.pop()
-            if a in region and stage[a] < 0 and a not in wanted:
-                wanted.add(a)
-                todo.extend(a.all_input_nodes)
-                for w in writers.get(a, ()):  # its in-place writes come with it
-                    todo.append(w)
-        g = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        inputs: list[tuple[str, object]] = []
-        params: list[str] = []
-
-        def arg(a: fx.Node) -> fx.Node:
-            if a in env:
-                return env[a]
-            ph = g.placeholder(a.name)
-            ph.meta = dict(a.meta)
-            env[a] = ph
-            if a in region:
-                inputs.append(("recv", cross_index[a.name]))
-            else:
-                inputs.append(("live_in", live_index[a]))
-                if is_param_placeholder(a):
-                    params.append(a.name)
-            return ph
-
-        body_nodes = [n for n in nodes if n in wanted]
-        for n in body_nodes:  # placeholders first, in order of first use
-            for a in n.all_input_nodes:
-                if a not in wanted:
-                    arg(a)
-        for n in out_nodes:
-            if n not in wanted:
-                arg(n)
-        for n in body_nodes:
-            env[n] = g.node_copy(n, lambda a: env[a])
-        g.output(tuple(env[n] for n in out_nodes))
-        programs.append(StageProgram(fx.GraphModule(gm, g), inputs, outs, params))
-
-    spec = PipeFusionSpec(n_stages, m, blocks, block_stage, costs, crossings, exits, kv_sites,
-                          [a.name for a in live_in_nodes], programs, ulysses=u, ring=rr)
-    description = spec.describe()
-
-    # the whole region as one body, for the dump
-    body_graph = fx.Graph()
-    benv: dict[fx.Node, fx.Node] = {}
-    for a in live_in_nodes:
-        ph = body_graph.placeholder(a.name)
-        ph.meta = dict(a.meta)
-        benv[a] = ph
-    for n in nodes:
-        if n in region:
-            benv[n] = body_graph.node_copy(n, lambda a: benv[a])
-    body_graph.output(tuple(benv[by_name[e.value]] for e in exits))
-    gm.add_submodule(REGION_NAME, PipeFusionRegion(fx.GraphModule(gm, body_graph), spec))
-
-    # the call goes after the last node outside the region that does not read it; gathers become its outputs
-    outside_before = [n for n in nodes if n not in region and n not in post and n.op != "output"]
-    with graph.inserting_after(outside_before[-1]):
-        call = graph.create_node("call_module", REGION_NAME,
-                                 tuple(live_in_nodes), name=REGION_NAME)
-    call.meta["example_value"] = tuple(_global_value(g.args[0]) for g in gathers)
-    call.meta[META_PIPEFUSION] = description
-    anchor = call
-    for i, gnode in enumerate(gathers):
-        with graph.inserting_after(anchor):
-            item = graph.create_node("call_function", operator.getitem, (call, i))
-        item.meta.update({k: v for k, v in gnode.meta.items() if k not in (META_CREATED_BY, META_GATHER)})
-        gnode.replace_all_uses_with(item)
-        anchor = item
-    for n in nodes:
-        if n in post and n not in gathers and n.op != "output":
-            anchor.append(n)
-            anchor = n
-    for n in reversed(nodes):
-        if n in region or n in gathers:
-            graph.erase_node(n)
-    return PassResult(gm, changed=True, summary=description,
-                      counts={"pipefusion_stages": n_stages, "pipefusion_crossings": len(crossings),
-                              "kv_buffers": len(kv_sites)})

@@ -756,6 +756,22 @@ def shard_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 # ---- pass 3: attention over the whole sequence from local shards -----------------------------------
 
+def _same_strides(gm: fx.GraphModule, new: fx.Node, original: fx.Node) -> fx.Node:
+    """`new` laid out in memory like the attention it replaces returned its output (SDPA: [B, L, H, D]), so that
+    views after it (`.transpose(1, 2).view(B, L, C)`) keep working."""
+    from xdit_fx.ops.layout import in_memory_order, memory_order
+
+    value = example_value(original)
+    if not isinstance(value, torch.Tensor) or memory_order(value) == tuple(range(value.dim())):
+        return new
+    with gm.graph.inserting_after(new):
+        laid = gm.graph.call_function(in_memory_order, (new, memory_order(value)))
+    laid.meta = {k: v for k, v in new.meta.items() if k in ("example_value", "val", "nn_module_stack", "stack_trace",
+                                                             META_LAYOUT)}
+    set_unique_name(gm.graph, laid, f"strides_{original.name}")
+    return laid
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -791,7 +807,7 @@ def parallelize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(sp_attn.sp_attention, (q, k, v, mask), kwargs)
         new.meta = {k2: v2 for k2, v2 in node.meta.items() if k2 != "xfx.created_by"}
-        node.replace_all_uses_with(new)
+        node.replace_all_uses_with(_same_strides(gm, new, node))
         gm.graph.erase_node(node)
         set_unique_name(gm.graph, new, f"sp_attention_{site.index}")
         sites[site.kind if site.kind in sites else "self"] += 1

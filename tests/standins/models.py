@@ -1,0 +1,192 @@
+"""From-scratch DiT-style models written the way published DiT code is written: attention through flash-attn /
+xformers, sequences packed with cu_seqlens, a view after the attention's transpose. Used by
+tests/test_real_code.py (stand-in libraries: tests/standins)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS, HEAD_DIM = 4, 8
+DIM = HEADS * HEAD_DIM
+
+
+class Block(nn.Module):
+    """Pre-norm attention + MLP; `attend(q, k, v)` gets q, k, v [B, S, H, D] (or the packed forms)."""
+
+    def __init__(self, attend):
+        super().__init__()
+        self.attend = attend
+        self.norm1 = nn.LayerNorm(DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = nn.Linear(DIM, DIM)
+        self.norm2 = nn.LayerNorm(DIM)
+        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+
+    def forward(self, x, extra=None):
+        shape = x.shape
+        qkv = self.qkv(self.norm1(x)).view(*shape[:-1], 3, HEADS, HEAD_DIM)
+        o = self.attend(qkv, extra)
+        x = x + self.proj(o.reshape(shape))
+        return x + self.mlp(self.norm2(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, attends, in_dim=8):
+        super().__init__()
+        self.proj_in = nn.Linear(in_dim, DIM)
+        self.blocks = nn.ModuleList([Block(a) for a in attends])
+        self.proj_out = nn.Linear(DIM, in_dim)
+
+    def forward(self, x, extra=None):
+        h = self.proj_in(x)
+        for blk in self.blocks:
+            h = blk(h, extra)
+        return self.proj_out(h)
+
+
+# ---- flash-attn ------------------------------------------------------------------------------------------
+
+def flash_dense(qkv, extra):  # [B, S, 3, H, D]
+    from flash_attn import flash_attn_func
+    q, k, v = qkv.unbind(2)
+    b, s = q.shape[:2]
+    return flash_attn_func(q, k, v).view(b, s, DIM)  # a view: the output is contiguous [B, S, H, D]
+
+
+def flash_qkvpacked_causal(qkv, extra):
+    from flash_attn import flash_attn_qkvpacked_func
+    return flash_attn_qkvpacked_func(qkv, causal=True, softmax_scale=0.3)
+
+
+def flash_kvpacked(qkv, extra):
+    from flash_attn import flash_attn_kvpacked_func
+    return flash_attn_kvpacked_func(qkv[:, :, 0], qkv[:, :, 1:])
+
+
+def flash_varlen(qkv, cu_seqlens):  # [T, 3, H, D], sequences packed along T
+    from flash_attn import flash_attn_varlen_func
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, 16, 16)
+
+
+def flash_varlen_qkvpacked_causal(qkv, cu_seqlens):
+    from flash_attn import flash_attn_varlen_qkvpacked_func
+    return flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, 16, causal=True)
+
+
+# ---- xformers --------------------------------------------------------------------------------------------
+
+def xformers_dense(qkv, bias):
+    import xformers.ops as xops
+    q, k, v = qkv.unbind(2)
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias)  # a tensor bias [B, H, S, S]
+
+
+def xformers_block_diagonal(seqlens, causal=False):
+    def attend(qkv, extra):  # [1, total, 3, H, D]: the prompts' tokens side by side (PixArt's batch folding)
+        import xformers.ops as xops
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+        q, k, v = qkv.unbind(2)
+        mask = BlockDiagonalMask.from_seqlens(seqlens)
+        return xops.memory_efficient_attention(q, k, v, attn_bias=mask.make_causal() if causal else mask)
+    return attend
+
+
+# ---- SDPA with a view after the transpose (issue point 5) --------------------------------------------------
+
+def sdpa_view(qkv, extra):
+    b, n = qkv.shape[:2]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).view(b, n, DIM)
+
+
+def cases():
+    """name -> (model, inputs, attention sites the model calls)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 21, 8)
+    packed = torch.randn(37, 8)  # three sequences of 9, 16 and 12 tokens
+    cu = torch.tensor([0, 9, 25, 37], dtype=torch.int32)
+    folded = torch.randn(1, 30, 8)
+    out = {
+        "flash_dense": (Stack([flash_dense, flash_dense]), {"x": x}),
+        "flash_packed": (Stack([flash_qkvpacked_causal, flash_kvpacked]), {"x": x}),
+        "flash_varlen": (Stack([flash_varlen, flash_varlen_qkvpacked_causal]), {"x": packed, "extra": cu}),
+        "xformers_bias": (Stack([xformers_dense, xformers_dense]), {"x": x, "extra": torch.randn(2, HEADS, 21, 21)}),
+        "xformers_block_diagonal": (Stack([xformers_block_diagonal([7, 11, 12]),
+                                           xformers_block_diagonal([7, 11, 12], causal=True)]), {"x": folded}),
+        "sdpa_view": (Stack([sdpa_view, sdpa_view]), {"x": x}),
+    }
+    return out
+
+
+# ---- graph breaks (issue point 1): a RoPE helper that loops over grid_sizes.tolist() ----------------------
+
+def rope_table(grid_sizes: torch.Tensor, dim: int = HEAD_DIM) -> torch.Tensor:
+    """Per-token rotary angles [L, dim // 2] for a (frames, height, width) grid, built in a Python loop over
+    grid_sizes.tolist() (Wan-style): a graph break under dynamo."""
+    tables = []
+    for f, h, w in grid_sizes.tolist():
+        n = f * h * w
+        pos = torch.arange(n, dtype=torch.float32)
+        freqs = 1.0 / (100.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        tables.append(torch.outer(pos, freqs))
+    return tables[0]
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:  # x [B, L, H, D]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class RopeBlock(nn.Module):
+    """SDPA self-attention with RoPE; with `inner`, the block computes the RoPE table itself (the break sits
+    inside the attention's forward)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner  # False: table passed in; True: built here; "item": built here, and a .item() too
+        self.norm = nn.LayerNorm(DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.proj = nn.Linear(DIM, DIM)
+
+    def forward(self, x, rope_or_grid):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, HEADS, HEAD_DIM).unbind(2)
+        # inner: the break sits between the qkv projection and the SDPA
+        if self.inner is False:
+            angles = rope_or_grid
+        else:
+            angles = rope_table(rope_or_grid)
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        scale = None
+        if self.inner == "item":  # a size read back from a tensor right before the attention: q, k, v cross
+            scale = HEAD_DIM ** -0.5 * (int(rope_or_grid.prod()) / n)  # the break as separate graph inputs
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        return x + self.proj(o.transpose(1, 2).reshape(b, n, DIM))
+
+
+class RopeDiT(nn.Module):
+    def __init__(self, inner, depth: int = 2):
+        super().__init__()
+        self.inner = inner
+        self.proj_in = nn.Linear(8, DIM)
+        self.blocks = nn.ModuleList([RopeBlock(inner) for _ in range(depth)])
+        self.proj_out = nn.Linear(DIM, 8)
+
+    def forward(self, x, grid_sizes):
+        h = self.proj_in(x)
+        for blk in self.blocks:
+            h = blk(h, rope_table(grid_sizes) if self.inner is False else grid_sizes)  # False: the break in the loop
+        return self.proj_out(h)
+
+
+def break_cases():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2 * 3 * 4, 8)
+    grid = torch.tensor([[2, 3, 4]])
+    return {"rope_in_loop": (RopeDiT(inner=False), {"x": x, "grid_sizes": grid}),
+            "rope_in_attention": (RopeDiT(inner=True), {"x": x, "grid_sizes": grid}),
+            "item_before_sdpa": (RopeDiT(inner="item"), {"x": x, "grid_sizes": grid})}
