@@ -280,3 +280,14 @@ def test_cat_with_an_empty_piece_still_links_the_other_dims():
     rest = next(n for n in gm.graph.nodes if n.op != "output" and isinstance(example_value(n), torch.Tensor)
                 and example_value(n).shape[-1] == 0)
     assert linked(td, rest, 1, out, 1)
+
+
+def test_rule_table_is_read_only_after_import():
+    from xdit_fx.compiler.passes.dim_rules import ELEMENTWISE, RULES, dim_rule
+
+    assert all(name in RULES for name in ELEMENTWISE)
+    with pytest.raises(TypeError):
+        RULES["my_op"] = RULES["add"]  # type: ignore[index]
+    with pytest.raises(RuntimeError):
+        dim_rule("my_op")(lambda node, name: None)
+    assert "my_op" not in RULES

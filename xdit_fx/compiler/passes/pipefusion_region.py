@@ -54,7 +54,7 @@ def find_region(nodes: list[fx.Node], shards: list[fx.Node], gathers: list[fx.No
         raise UnsupportedGraph(
             f"pipefusion: {describe_node(bad)}\n  reads %{g.name}, a gather of the whole token sequence "
             f"({g.meta.get(META_GATHER, 'exit')}), inside the per-patch region: a patch cannot wait for the "
-            "others' current values. The op without a token rule must get one (xdit_fx/compiler/passes/token_dims.py).\n"
+            "others' current values. The op without a token rule must get one (xdit_fx/compiler/passes/dim_rules.py).\n"
             f"  to look at the graph: {_DUMP_HINT}")
     # blocks that run per patch; their nodes that read no token value (adaLN modulation) join their stage
     blocks = list(dict.fromkeys(n.meta[META_BLOCK] for n in nodes if n in region and META_BLOCK in n.meta))
