@@ -35,14 +35,6 @@ class Mesh:
         """Sequence-parallel degree (ring x ulysses)."""
         return self.ring * self.ulysses
 
-    @property
-    def batch(self) -> int:
-        """Batch-split degree (dp x cfg)."""
-        return self.dp * self.cfg
-
-    def degree(self, axis: str) -> int:
-        return {"sp": self.sp, "batch": self.batch}.get(axis) or getattr(self, axis)
-
     def group(self, axis: str) -> str:
         """The c10d group name of `axis` (the axis name itself when no process group exists)."""
         return dict(self.group_names).get(axis, axis)

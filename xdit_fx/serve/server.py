@@ -114,12 +114,7 @@ def engine_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) ->
         log.info("drained; stopped")
         return 0
     except EngineDead as e:
-        log.error("%s; answering 503 and exiting", e)
-        service.dead = str(e)
-        batcher.stop_accepting()
-        for job in list(service.running) + batcher.drain_all():
-            job.finish(status="failed", error=e)
-        return DEAD_EXIT_CODE
+        return _engine_died(e, service, batcher, list(service.running))
 
 
 @dataclasses.dataclass
@@ -136,6 +131,16 @@ class _Group:
     @property
     def total(self) -> int:
         return max(j.payload.steps for j in self.jobs)
+
+
+def _engine_died(error, service, batcher, running: list) -> int:
+    """A rank is dead: answer every running and queued request 503, accept no more, exit non-zero."""
+    log.error("%s; answering 503 and exiting", error)
+    service.dead = str(error)
+    batcher.stop_accepting()
+    for job in running + batcher.drain_all():
+        job.finish(status="failed", error=error)
+    return DEAD_EXIT_CODE
 
 
 def _count_step(running: dict, images: int) -> None:
@@ -242,12 +247,7 @@ def step_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) -> i
         log.info("drained; stopped")
         return 0
     except EngineDead as e:
-        log.error("%s; answering 503 and exiting", e)
-        service.dead = str(e)
-        batcher.stop_accepting()
-        for job in [job for job, _ in running.values()] + retry_alone + batcher.drain_all():
-            job.finish(status="failed", error=e)
-        return DEAD_EXIT_CODE
+        return _engine_died(e, service, batcher, [job for job, _ in running.values()] + retry_alone)
 
 
 def serve_worker(cfg: dict[str, Any]) -> int:
