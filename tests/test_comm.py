@@ -15,6 +15,7 @@ import torch
 
 import xdit_fx
 from xdit_fx import zoo
+from dist_utils import spawn_gloo
 
 F32 = 4
 
