@@ -390,13 +390,7 @@ class Engine:
         status = None if err is None else (err, bad_input)
         if self.world_size == 1:
             return [status]
-        import torch.distributed as dist
-        gathered: list[Any] = [None] * self.world_size
-        try:
-            dist.all_gather_object(gathered, status)
-        except Exception as e:  # noqa: BLE001
-            raise EngineDead(f"a rank stopped answering ({type(e).__name__}: {e})") from e
-        return gathered
+        return self._gather(status)
 
     # ---- ranks > 0 ------------------------------------------------------------------------------------
     def follow(self) -> None:
