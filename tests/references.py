@@ -29,15 +29,30 @@ def _sdpa_args(args, kwargs) -> dict:
 
 
 def patch_positions(segments: tuple[int, ...], patches: int, p: int) -> torch.Tensor:
-    """Token positions of patch p: chunk p of every segment of the attention sequence."""
+    """Token positions of patch p: chunk p of every segment of the attention sequence. A segment that does
+    not split into `patches` equal chunks (a short text, a register token) is computed whole by every patch,
+    as long as another segment splits (PipeFusion's documented rule)."""
+    if all(length % patches for length in segments):
+        raise ValueError(f"reference: no segment of {segments} splits into {patches} patches")
     out, off = [], 0
     for length in segments:
         if length % patches:
-            raise ValueError(f"reference: a segment of {length} tokens does not split into {patches} patches")
-        c = length // patches
-        out.extend(range(off + p * c, off + (p + 1) * c))
+            out.extend(range(off, off + length))
+        else:
+            c = length // patches
+            out.extend(range(off + p * c, off + (p + 1) * c))
         off += length
     return torch.tensor(out)
+
+
+def _site_segments(segments: tuple[int, ...], length: int) -> tuple[int, ...]:
+    """The segments of an attention sequence of `length` tokens: all of them (joint attention), or the one
+    segment of that length (an image-only self-attention beside the joint one, as in SD3.5's dual blocks)."""
+    if sum(segments) == length:
+        return segments
+    if length in segments:
+        return (length,)
+    raise ValueError(f"reference: an attention over {length} tokens is none of the segments {segments}")
 
 
 class _StaleAttention(TorchFunctionMode):
@@ -48,7 +63,8 @@ class _StaleAttention(TorchFunctionMode):
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.mode = "fill"
-        self.rows: torch.Tensor | None = None
+        self.segments: tuple[int, ...] = ()
+        self.patches, self.patch = 1, 0
         self.assembled: dict[int, torch.Tensor] = {}
         self.site = 0
 
@@ -65,11 +81,12 @@ class _StaleAttention(TorchFunctionMode):
             return func(q, k, v, **a)
         if self.mode == "assemble":
             return self.assembled[site]
-        self.k[site][..., self.rows, :] = k[..., self.rows, :]
-        self.v[site][..., self.rows, :] = v[..., self.rows, :]
+        rows = patch_positions(_site_segments(self.segments, q.shape[-2]), self.patches, self.patch)
+        self.k[site][..., rows, :] = k[..., rows, :]
+        self.v[site][..., rows, :] = v[..., rows, :]
         out = func(q, self.k[site], self.v[site], **a)
         acc = self.assembled.setdefault(site, torch.zeros_like(out))
-        acc[..., self.rows, :] = out[..., self.rows, :]
+        acc[..., rows, :] = out[..., rows, :]
         return out
 
 
@@ -95,8 +112,9 @@ class StaleKVReference:
                 mode.mode, mode.site = "fill", 0
                 return self.forward(*args, **kwargs)
             mode.assembled = {}
-            for p in range(self.patches):
-                mode.mode, mode.site, mode.rows = "patch", 0, patch_positions(self.segments, self.patches, p)
+            mode.segments, mode.patches = self.segments, self.patches
+            for p in range(self.patches):  # in order: a whole segment's rows come from the last patch
+                mode.mode, mode.site, mode.patch = "patch", 0, p
                 self.forward(*args, **kwargs)
             mode.mode, mode.site = "assemble", 0
             return self.forward(*args, **kwargs)

@@ -925,8 +925,103 @@ def test_pipefusion_with_ring_refusals_name_the_node(model, plan, match):
         _region(model, plan)
 
 
+# ---- token segments the patch count does not split ---------------------------------------------------------
+
+def _mmdit_inputs(n_img: int, n_txt: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, n_img, 16, generator=g), text=torch.randn(1, n_txt, 24, generator=g),
+                text_mask=(torch.arange(n_txt) < n_txt - 3)[None])
+
+
+def _uneven_cases() -> dict:
+    """name -> (zoo model, inputs, patches, the attention sequence's segments in order). The text segment does
+    not split into the patches: every patch computes it whole. scratch_mmdit: 7 text tokens, a register token
+    and 16 image tokens; flux: 5 text tokens beside 64 image tokens; sd3: the stock pipeline's 333 text tokens
+    (77 + 256) after 16 image tokens, and an image-only self-attention in block 0. mmdit_refused_fix: 9 image
+    tokens do not split into 2 patches (refused, see the test below); 3 patches, the fix the refusal suggests."""
+    from xdit_fx.zoo import flux_inputs
+    from xdit_fx.zoo import get
+    sd3 = get("sd3").inputs()
+    sd3["encoder_hidden_states"] = torch.randn(1, 333, 32, generator=torch.Generator().manual_seed(3))
+    return {"scratch_mmdit": ("scratch_mmdit", _mmdit_inputs(16, 7), 2, (7, 1, 16)),
+            "flux": ("flux", flux_inputs(8, 8, 5), 2, (5, 64)),
+            "sd3": ("sd3", sd3, 2, (16, 333)),
+            "mmdit_refused_fix": ("scratch_mmdit", _mmdit_inputs(9, 8), 3, (8, 1, 9))}
+
+
+def _uneven_runs(rank, world):
+    from xdit_fx.zoo import get
+    out = {}
+    for name, (model, inputs, patches, _) in _uneven_cases().items():
+        pm = xdit_fx.parallelize(get(model).build(), f"pipefusion=2,patches={patches},warmup=1")
+        with torch.no_grad():
+            outs = [_first(pm(**s)) for s in _steps(inputs, CALLS)]
+        summary = next(s.summary for s in pm.histories[0].snapshots if s.name == "patch_sequence")
+        out[name] = outs, [r.warm for r in pm.pipefusion.records], summary
+    return out
+
+
+@pytest.mark.parametrize("name", ["scratch_mmdit", "flux", "sd3", "mmdit_refused_fix"])
+def test_a_segment_the_patches_do_not_split_is_computed_whole_by_every_patch(name):
+    """2 processes: the text segment the patch count does not divide is computed whole by every patch (its
+    K/V fresh in every patch), the image tokens are patched; equal to the independent stale-K/V reference
+    with that rule (tests/references.py), and the warm-up call to the single process."""
+    from references import pipefusion_reference
+    from xdit_fx.zoo import get
+    model, inputs, patches, segments = _uneven_cases()[name]
+    steps = _steps(inputs, CALLS)
+    with torch.no_grad():
+        serial = [_first(o) for o in (get(model).build()(**s) for s in steps)]
+    stale_ref = [_first(o) for o in pipefusion_reference(get(model).build(), steps, segments, patches)]
+    for outs, warm, summary in (r[name] for r in TWO_RANKS.results("uneven")):
+        whole = [n for n in segments if n % patches and n > 1]
+        assert f"token segments of {', '.join(map(str, whole))} tokens do not split" in summary, summary
+        assert warm == [True] + [False] * (CALLS - 1)
+        assert (outs[0] - serial[0]).abs().max().item() <= EXACT_ATOL
+        print(f"{name}: max |pipefusion - stale reference| per call",
+              [f"{(o - sr).abs().max().item():.1e}" for o, sr in zip(outs, stale_ref)],
+              "relative L2 to the whole-sequence output", [f"{(o - r).norm().item() / r.norm().item():.2e}"
+                                                          for o, r in zip(outs, serial)])
+        for t, (o, sr, r) in enumerate(zip(outs, stale_ref, serial)):
+            assert (o - sr).abs().max().item() <= STALE_REF_ATOL, (t, (o - sr).abs().max().item())
+            if t:  # stale keys move the output a little
+                assert 1e-6 < (o - r).norm().item() / r.norm().item() < STALE_MAX_REL
+
+
+def test_a_segment_the_model_returns_that_does_not_split_is_refused_with_checked_patch_counts():
+    """9 image tokens (what the model returns) beside 8 text tokens under pipefusion=2: computing the image
+    whole in every patch would leave nothing to pipeline, so the plan is refused naming the segment, with
+    the patch counts that pass on this graph; the first of them runs at parity in the test above."""
+    import re
+    with pytest.raises(PlanError, match="token segment of 9 tokens, which does not split into "
+                                        "pipefusion_patches=2 equal patches") as err:
+        _region(get_model("scratch_mmdit"), "pipefusion=2", **_mmdit_inputs(9, 8))
+    assert "text refiner" not in str(err.value) and "token refiner" not in str(err.value)
+    fixes = [int(d) for d in re.search(r"use patches in \[([0-9, ]+)\]", str(err.value)).group(1).split(",")]
+    assert fixes == [3, 9], fixes
+    for d in fixes:
+        spec, _ = _region(get_model("scratch_mmdit"), f"pipefusion=2,patches={d}", **_mmdit_inputs(9, 8))
+        assert spec.patches == d
+
+
+def test_flux_image_segment_that_does_not_split_is_refused_with_checked_patch_counts():
+    """Flux at 68x68 pixels: 289 image tokens do not split into 2 patches; the refusal suggests 17 patches,
+    which pass (checked here again)."""
+    from xdit_fx.zoo import build_flux, flux_inputs
+    with pytest.raises(PlanError, match=r"token segment of 289 tokens.*use patches in \[17\] \(each checked"):
+        _region(build_flux(), "pipefusion=2", **flux_inputs(17, 17, 8))
+    spec, _ = _region(build_flux(), "pipefusion=2,patches=17", **flux_inputs(17, 17, 8))
+    assert spec.patches == 17
+
+
+def get_model(name: str):
+    from xdit_fx.zoo import get
+    return get(name).build()
+
+
 #: the default run's 2-process workers in one spawn, and its 4-process workers in another
 TWO_RANK_NAMES = ["flux", "scratch_dit"]
 TWO_RANKS = SharedSpawn(2, {"runs": (_runs, (TWO_RANK_NAMES,)), "two_call": (_two_call_pipeline, ()),
-                            "packed": (_packed_and_causal_runs, ()), "compiled": (_compiled_runs, ())})
+                            "packed": (_packed_and_causal_runs, ()), "compiled": (_compiled_runs, ()),
+                            "uneven": (_uneven_runs, ())})
 FOUR_RANKS = SharedSpawn(4, {"masked": (_masked_hybrid, ()), "ring": (_ring_small, ("ring=2",))})
