@@ -44,9 +44,10 @@ def run_all(rank, world, plans):
 
     results = {}
     for plan in plans:
-        for name in [*models.cases(), *models.break_cases()]:
+        every = {**models.cases(), **models.break_cases(), **models.flex_cases()}
+        for name in every:
             torch._dynamo.reset()
-            model, inputs = {**models.cases(), **models.break_cases()}[name]
+            model, inputs = every[name]
             model.eval()
             with torch.no_grad():
                 ref = model(**inputs)
@@ -89,6 +90,42 @@ def test_matches_single_process(results, plan, name):
         assert c.get("mask_gathers", 0) == 0, f"{name} {plan}: {c}"
         assert r["census"] == (2, 2, None), f"{name} {plan}: eager calls, sharded runs, warning: {r['census']}"
         check(r["rec"], plan)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("name", ["flex_causal", "flex_document"])
+def test_flex_attention_is_sharded_with_its_masks_over_global_positions(results, plan, name):
+    """flex_attention becomes SDPA with its block mask and score_mod as a mask over the whole sequence's
+    positions, which Ulysses and ring re-index to each rank's tokens: exact, both sites sharded, no gather."""
+    from parallel_checks import check
+
+    for rank, per_rank in enumerate(results):
+        r = per_rank[(plan, name)]
+        c = r["counts"]
+        assert r["max_abs"] <= ATOL, f"{name} {plan} rank {rank}: max abs {r['max_abs']:.3g} (ref max {r['ref_max']:.3g})"
+        assert r["graphs"] == 1, f"{name} {plan}: {r['graphs']} graphs"
+        assert c.get("library_attention", 0) == 2 and c.get("sp_attention_sites", 0) == 2, f"{name} {plan}: {c}"
+        assert c.get("fallback_gathers", 0) == 0 and c.get("mask_gathers", 0) == 0, f"{name} {plan}: {c}"
+        check(r["rec"], plan)
+
+
+def test_flex_attention_with_a_score_mod_that_is_not_a_bias_is_refused_naming_the_node():
+    """A soft-capping score_mod (tanh of the score) cannot be re-expressed as a bias over global positions:
+    a plan that splits the sequence refuses it, naming the flex_attention node and why."""
+    from standins import models
+    from xdit_fx import Plan, UnsupportedGraph
+    from xdit_fx.compiler.capture import capture_graphs
+    from xdit_fx.compiler.passes import Mesh, PassContext, build_pipeline, run_pipeline
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 5.0 * torch.tanh(score / 5.0)
+
+    model, inputs = models.FlexStack("causal", softcap).eval(), models.flex_cases()["flex_causal"][1]
+    gm = capture_graphs(model, **inputs)[0]
+    plan = Plan.from_string("pipefusion=2")
+    with pytest.raises(UnsupportedGraph, match=r"(?s)normalize_attention: node 'flex_attention' \(blocks.0\).*"
+                                               r"score_mod that is not score \+ f\(b, h, q_idx, kv_idx\)"):
+        run_pipeline(gm, build_pipeline(plan), PassContext(plan=plan, mesh=Mesh()))
 
 
 BREAKS = {"rope_in_loop": (2, 2), "rope_in_attention": (3, 2), "item_before_sdpa": (4, 0)}  # graphs, sharded

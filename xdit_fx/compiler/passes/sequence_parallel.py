@@ -757,7 +757,9 @@ def shard_over(gm: fx.GraphModule, n: int, group: str) -> PassResult:
             node.meta[META_LAYOUT] = lay
         propagated += 1
     # fx counts no method call as impure: keep in-place writes (x.copy_(...)) whose result is unused
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutated_arg(n) is not None)
+    # nor the enter/exit of a torch.func.vmap section (create_block_mask's), whose results are unused
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutated_arg(n) is not None
+                                 or "vmap_increment" in target_name(n) or "vmap_decrement" in target_name(n))
     changed = propagated > 0 or rw.sources > 0
     extra = {"partial_sums": rw.partial_sums, "halo_exchanges": rw.halos}
     summary = (f"{propagated} nodes run on local tokens, {rw.sources} values sliced, "
