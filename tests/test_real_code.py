@@ -44,7 +44,7 @@ def run_all(rank, world, plans):
 
     results = {}
     for plan in plans:
-        every = {**models.cases(), **models.break_cases(), **models.flex_cases()}
+        every = {**models.cases(), **models.break_cases(), **models.flex_cases(), **models.folded_cases()}
         for name in every:
             torch._dynamo.reset()
             model, inputs = every[name]
@@ -61,7 +61,39 @@ def run_all(rank, world, plans):
             results[(plan, name)] = {"max_abs": (out - ref).abs().max().item(), "ref_max": ref.abs().max().item(),
                                      "counts": counts, "rec": finish(rec), "graphs": len(pm.graphs),
                                      "census": (pm.census.eager_calls, pm.census.sharded_runs, pm.census.warning)}
+    results["pipefusion"] = _folded_pipefusion()
     return results
+
+
+PF_CALLS = 3
+
+
+def _folded_pipefusion():
+    """folded_cross under pipefusion=2: warm-up on every call (exact), and stale K/V with 2 patches."""
+    import xdit_fx
+    from references import pipefusion_reference
+    from standins import models
+
+    out = {}
+    for label, plan in [("exact", f"pipefusion=2,warmup={PF_CALLS}"), ("stale", "pipefusion=2,patches=2,warmup=1")]:
+        torch._dynamo.reset()
+        model, inputs = models.folded_cases()["folded_cross"]
+        model.eval()
+        steps = [{k: v + 0.05 * t * torch.randn(v.shape, generator=torch.Generator().manual_seed(t)) for k, v in inputs.items()}
+                 for t in range(PF_CALLS)]
+        with torch.no_grad():
+            ref = [model(**s) for s in steps]
+            stale_ref = pipefusion_reference(model, steps, (16,), 2)
+            pm = xdit_fx.parallelize(model, plan)
+            outs = [pm(**s) for s in steps]
+        counts = {}
+        for h in pm.histories:
+            for k, v in h.counts().items():
+                counts[k] = counts.get(k, 0) + v
+        out[label] = {"err": [(o - r).abs().max().item() for o, r in zip(outs, ref)],
+                      "err_stale_ref": [(o - r).abs().max().item() for o, r in zip(outs, stale_ref)],
+                      "warm": [r.warm for r in pm.pipefusion.records], "counts": counts}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +158,35 @@ def test_flex_attention_with_a_score_mod_that_is_not_a_bias_is_refused_naming_th
     with pytest.raises(UnsupportedGraph, match=r"(?s)normalize_attention: node 'flex_attention' \(blocks.0\).*"
                                                r"score_mod that is not score \+ f\(b, h, q_idx, kv_idx\)"):
         run_pipeline(gm, build_pipeline(plan), PassContext(plan=plan, mesh=Mesh()))
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_batch_folded_into_the_cross_attention_sequence_stays_sharded(results, plan):
+    """PixArt's q_linear(x).view(1, -1, H, D) folds the batch into the sequence: the folded queries are the
+    images' sharded tokens side by side (B copies of the sequence), so the cross-attention runs on local
+    queries against the prompts' keys under the block-diagonal mask re-indexed to them: exact, no gather."""
+    from parallel_checks import check
+
+    for rank, per_rank in enumerate(results):
+        r = per_rank[(plan, "folded_cross")]
+        c = r["counts"]
+        assert r["max_abs"] <= ATOL, f"{plan} rank {rank}: max abs {r['max_abs']:.3g} (ref max {r['ref_max']:.3g})"
+        assert c.get("sp_attention_sites", 0) == 4 and c.get("cross_sites", 0) == 2, c
+        assert c.get("fallback_gathers", 0) == 0 and c.get("mask_gathers", 0) == 0, c
+        assert r["census"] == (4, 4, None), r["census"]
+        check(r["rec"], plan)
+
+
+def test_batch_folded_into_the_cross_attention_sequence_runs_under_pipefusion(results):
+    """pipefusion=2 on the folded model: warm-up on every call equals the single process; stale K/V equal the
+    independent stale-K/V reference (tests/references.py)."""
+    for per_rank in results:
+        pf = per_rank["pipefusion"]
+        assert pf["exact"]["warm"] == [True] * PF_CALLS and max(pf["exact"]["err"]) <= ATOL, pf["exact"]
+        assert pf["exact"]["counts"].get("fallback_gathers", 0) == 0, pf["exact"]["counts"]
+        assert pf["stale"]["warm"] == [True] + [False] * (PF_CALLS - 1), pf["stale"]
+        assert max(pf["stale"]["err_stale_ref"]) <= ATOL, pf["stale"]
+        assert pf["stale"]["err"][0] <= ATOL and 0 < max(pf["stale"]["err"][1:]), pf["stale"]
 
 
 BREAKS = {"rope_in_loop": (2, 2), "rope_in_attention": (3, 2), "item_before_sdpa": (4, 0)}  # graphs, sharded
