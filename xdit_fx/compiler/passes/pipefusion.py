@@ -77,17 +77,23 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             "  fix: use the model's SDPA attention backend if it has one, or run it with cfg/dp; to look at the "
             "graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
     entry = copy_graph(gm)  # as it came: a suggested patch count is tried on it before it is suggested
-    odd = _whole_odd_segments(gm, (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree
-                              * ctx.plan.ring_degree)
-    if odd is None:  # no segment splits: refused here when a patch count that passes exists, else below
+    chunks = (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree * ctx.plan.ring_degree
+    # PipeFusion alone splits a segment the patches do not divide unevenly (ceil(L/M) per patch, the last ones
+    # padded) when it must stay patched; with ulysses/ring the chunk arithmetic needs equal chunks
+    can_pad = ctx.plan.ulysses_degree * ctx.plan.ring_degree == 1
+    padded: list[int] = []
+    odd = _whole_odd_segments(gm, chunks)
+    if odd is None and can_pad:  # no segment splits: all of them split unevenly
+        padded, odd = sorted(_segment_lengths(gm, chunks)[1]), []
+    elif odd is None:  # refused here when a patch count that passes exists, else below
         _refuse_split(entry, ctx, *_unsplit_segment(gm, ctx), only_with_fix=True)
-    masks = _whole_masks(gm)
-    base = copy_graph(gm)
-    result = shard_over(gm, m, ctx.mesh.group("sp"))
-    gm, result, whole = _whole_prefix(gm, base, result, m, ctx.mesh.group("sp"))
+    gm, result, whole, masks = _patch(gm, m, ctx)
     if odd and not any(n.op == "call_function" and n.target is collectives.gather_tokens for n in gm.graph.nodes):
-        # the segments left patched never reach an output: what the model returns is computed whole
-        _refuse_split(entry, ctx, *_unsplit_segment(gm, ctx, odd, exits=True))
+        # the segments left patched never reach an output: what the model returns would be computed whole
+        if not can_pad:
+            _refuse_split(entry, ctx, *_unsplit_segment(gm, ctx, odd, exits=True))
+        padded, odd = odd, []
+        gm, result, whole, masks = _patch(copy_graph(entry), m, ctx)
     # collectives that need every rank's tokens of the same call: across patches, those tokens are computed
     # at other times (or on other stages), so the per-patch graph cannot run them
     for node in gm.graph.nodes:
@@ -111,7 +117,20 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if odd:
         summary += (f"; token segments of {', '.join(map(str, odd))} tokens do not split into the patches' equal "
                     "chunks: every patch computes them whole")
+    if padded:
+        summary += (f"; token segments of {', '.join(map(str, padded))} tokens do not split into the patches' equal "
+                    f"chunks: each patch takes ceil(L/{m}) of them, the last ones zero-padded")
     return PassResult(gm, changed=result.changed or bool(whole), summary=summary, counts=dict(result.counts))
+
+
+def _patch(gm: fx.GraphModule, m: int, ctx: PassContext):
+    """shard_over for `m` patches, with the nodes that only build masks and a whole prefix left whole.
+    Returns (gm, result, summary note of the prefix, mask nodes)."""
+    masks = _whole_masks(gm)
+    base = copy_graph(gm)
+    result = shard_over(gm, m, ctx.mesh.group("sp"))
+    gm, result, whole = _whole_prefix(gm, base, result, m, ctx.mesh.group("sp"))
+    return gm, result, whole, masks
 
 
 #: collectives over the ranks of one call that a per-patch graph cannot run (the other patches are elsewhere)
@@ -340,7 +359,8 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     stage = assign_stages(nodes, region, dict(zip(blocks, block_stage)))
     kv_sites = _rewrite_attention(graph, nodes, region, stage, u, pf_attention)
     nodes = list(graph.nodes)
-    _check_patch_split(nodes, region, m, u, rr)
+    if u * rr > 1:  # alone, a segment M does not divide is split unevenly (padded)
+        _check_patch_split(nodes, region, m, u, rr)
 
     exits = find_exits(gathers, region, stage, n_stages - 1)
     crossings = find_crossings(nodes, region, stage, exits, n_stages - 1, chunks)
