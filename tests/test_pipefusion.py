@@ -199,6 +199,61 @@ def test_token_sums_and_cross_row_convolutions_are_refused_naming_the_node(case,
         _region(model, "pipefusion=2", **inputs)
 
 
+class _CumsumBlock(_Block):
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        x = x + self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        x = x + 0.01 * x.cumsum(dim=1)  # a running sum over the tokens: no token rule keeps it per patch
+        return x + self.mlp(x)
+
+
+def test_a_gather_inside_the_blocks_is_refused_naming_the_op_that_needs_it():
+    """A running sum over the tokens inside a block needs every patch's tokens: the refusal names that op
+    and its block (not a text refiner, which has nothing to do with it)."""
+    from xdit_fx import UnsupportedGraph
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([_CumsumBlock(32, 32) for _ in range(2)])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedGraph, match=r"(?s)in blocks\.0 depends on it: %cumsum \(cumsum\) reads the "
+                                               r"tokens in a way no token rule keeps per patch") as err:
+        _region(Model().eval(), "pipefusion=2", x=torch.randn(1, 16, 32))
+    assert "refiner" not in str(err.value)
+
+
+class _CumsumFirstBlock(_Block):
+    def forward(self, x):
+        return super().forward(x + 0.01 * x.cumsum(dim=1))
+
+
+def test_blocks_that_run_whole_before_the_patches_are_named_with_the_reason():
+    """The running sum at the start of each block makes the part before the patches run whole up to it (a
+    whole prefix), so too few blocks are left for the stages: the refusal says which blocks run whole and
+    which node's gather made them."""
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([_CumsumFirstBlock(32, 32) for _ in range(2)])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch.manual_seed(0)
+    with pytest.raises(PlanError, match=r"only 1 blocks.*Blocks blocks\.0 run whole before the patches because "
+                                        r"%gather_\w+ gathers the sequence for %cumsum"):
+        _region(Model().eval(), "pipefusion=2", x=torch.randn(1, 16, 32))
+
+
 def test_degree_above_block_count_is_refused():
     with pytest.raises(PlanError, match="only 2 blocks"):
         _region("scratch_dit", "pipefusion=3")

@@ -355,7 +355,14 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                         lambda n: _is(n, pf_shard_tokens) or _is(n, collectives.gather_tokens))
     region, blocks = found.nodes, found.blocks
     costs = block_costs(nodes, blocks)
-    block_stage = cut_stages(costs, n_stages)
+    try:
+        block_stage = cut_stages(costs, n_stages)
+    except PlanError as e:  # blocks that run whole before the patches count for no stage: say why they do
+        why = next((n.meta[META_WHOLE] for n in nodes if n.meta.get(META_WHOLE) and META_BLOCK in n.meta), None)
+        if why is None:
+            raise
+        ahead = sorted({n.meta[META_BLOCK] for n in nodes if n.meta.get(META_WHOLE) and META_BLOCK in n.meta})
+        raise PlanError(f"{e} Blocks {', '.join(ahead)} run whole before the patches because {why}.") from e
     stage = assign_stages(nodes, region, dict(zip(blocks, block_stage)))
     kv_sites = _rewrite_attention(graph, nodes, region, stage, u, pf_attention)
     nodes = list(graph.nodes)
