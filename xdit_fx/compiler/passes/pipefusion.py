@@ -66,16 +66,9 @@ REGION_NAME = "xfx_pipefusion"
 @graph_pass(reads=["xfx.token_dims", META_BLOCK], writes=[META_LAYOUT, META_SP_ATTENTION])
 def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """shard_sequence over the M patches instead of ranks: the graph computes one patch of the token stream."""
-    from xdit_fx.compiler.passes.analysis import _is_flex_attention
     # with ulysses: M x U chunks, patch p on rank u is p*U + u; with ring (x ulysses): (p*R + r)*U + u
+    # (flex_attention is SDPA with a mask over global positions by now, or normalize_attention refused it)
     m = ctx.plan.patches * ctx.plan.ulysses_degree * ctx.plan.ring_degree
-    flex = next((n for n in gm.graph.nodes if _is_flex_attention(n)), None)
-    if flex is not None:
-        raise UnsupportedGraph(
-            f"patch_sequence: {describe_node(flex)}\n  is flex_attention: its block mask and score/mask functions "
-            "index keys by global token position, which the per-patch K/V buffers cannot re-index yet.\n"
-            "  fix: use the model's SDPA attention backend if it has one, or run it with cfg/dp; to look at the "
-            "graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
     entry = copy_graph(gm)  # as it came: a suggested patch count is tried on it before it is suggested
     chunks = (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree * ctx.plan.ring_degree
     # PipeFusion alone splits a segment the patches do not divide unevenly (ceil(L/M) per patch, the last ones
