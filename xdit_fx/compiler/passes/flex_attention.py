@@ -7,7 +7,9 @@ block mask a tuple of tensors computed in the graph. The call becomes SDPA over 
 ``attn_mask`` computed in the graph by `xdit_fx.ops.flex.flex_dense_mask` over the whole sequence's
 positions (the block structure, mask_mod, and score_mod as an additive bias), so every later pass sees an
 ordinary masked attention site: Ulysses, ring and PipeFusion re-index that mask to each rank's queries and
-keys, which re-expresses the mods over global token positions.
+keys, which re-expresses the mods over global token positions. Only under a plan that splits the sequence
+(sequence parallel, PipeFusion): the dense mask costs [B, H, Lq, Lk] memory and SDPA in place of flex's
+kernel, so cfg and dp plans keep the call as it is.
 
 Left as it is, with the reason (a plan that splits the sequence refuses it, naming the node):
 
@@ -128,7 +130,11 @@ def _null():
 
 def normalize_flex(gm: fx.GraphModule, ctx) -> int:
     """normalize_attention's part: rewrite every flex_attention call that SDPA with a dense mask expresses;
-    under a plan that splits the sequence, one left as it is is refused naming the node and why."""
+    under a plan that splits the sequence, one left as it is is refused naming the node and why. A plan that
+    does not split the sequence (cfg, dp) keeps flex_attention and its kernel as they are."""
+    splits = ctx.mesh.sp > 1 or getattr(ctx.plan, "pipefusion_degree", 1) > 1
+    if not splits:
+        return 0
     done, left = 0, []
     for node in list(gm.graph.nodes):
         if not is_flex(node):
@@ -139,7 +145,7 @@ def normalize_flex(gm: fx.GraphModule, ctx) -> int:
             done += 1
         else:
             left.append((node, why))
-    if left and (ctx.mesh.sp > 1 or getattr(ctx.plan, "pipefusion_degree", 1) > 1):
+    if left:
         from xdit_fx.errors import UnsupportedGraph, describe_node
         node, why = left[0]
         more = f"\n  ({len(left) - 1} more such calls)" if len(left) > 1 else ""
