@@ -8,6 +8,11 @@
   xformers_block_diagonal  memory_efficient_attention with a BlockDiagonalMask (and its causal form) over
                            prompts packed into one sequence
   sdpa_view                sdpa(q, k, v).transpose(1, 2).view(B, N, C): the output's strides must be SDPA's
+  flex_causal              flex_attention with a causal block mask and an additive relative-position score_mod
+  flex_document            flex_attention with a document mask over three packed sequences
+  folded_cross             PixArt's cross-attention: q_linear(x).view(1, -1, H, D) over every image's tokens,
+                           a BlockDiagonalMask over the prompts (a batch folded into the sequence); also run
+                           under pipefusion=2, like the flex cases
 
 and graph breaks (a RoPE helper looping over grid_sizes.tolist()): the first call counts the attention calls the
 model makes in eager and the attention runs that were sequence parallel, and warns (naming the graphs, dynamo's
