@@ -28,16 +28,33 @@ def _sdpa_args(args, kwargs) -> dict:
     return bound
 
 
-def patch_positions(segments: tuple[int, ...], patches: int, p: int) -> torch.Tensor:
-    """Token positions of patch p: chunk p of every segment of the attention sequence."""
+def patch_positions(segments: tuple[int, ...], patches: int, p: int, uneven: str = "whole") -> torch.Tensor:
+    """Token positions of patch p: chunk p of every segment of the attention sequence. A segment that does
+    not split into `patches` equal chunks is, with uneven="whole", computed whole by every patch (a short
+    text, a register token; as long as another segment splits), with uneven="pad" split into chunks of
+    ceil(length / patches), the last ones shorter (PipeFusion's documented rules). A one-token segment (a
+    time or register token) is never split: every patch computes it."""
+    if uneven == "whole" and all(length % patches for length in segments):
+        raise ValueError(f"reference: no segment of {segments} splits into {patches} patches")
     out, off = [], 0
     for length in segments:
-        if length % patches:
-            raise ValueError(f"reference: a segment of {length} tokens does not split into {patches} patches")
-        c = length // patches
-        out.extend(range(off + p * c, off + (p + 1) * c))
+        if length % patches and (uneven == "whole" or length == 1):
+            out.extend(range(off, off + length))
+        else:
+            c = -(-length // patches)
+            out.extend(range(off + min(p * c, length), off + min((p + 1) * c, length)))
         off += length
     return torch.tensor(out)
+
+
+def _site_segments(segments: tuple[int, ...], length: int) -> tuple[int, ...]:
+    """The segments of an attention sequence of `length` tokens: all of them (joint attention), or the one
+    segment of that length (an image-only self-attention beside the joint one, as in SD3.5's dual blocks)."""
+    if sum(segments) == length:
+        return segments
+    if length in segments:
+        return (length,)
+    raise ValueError(f"reference: an attention over {length} tokens is none of the segments {segments}")
 
 
 class _StaleAttention(TorchFunctionMode):
@@ -48,7 +65,8 @@ class _StaleAttention(TorchFunctionMode):
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.mode = "fill"
-        self.rows: torch.Tensor | None = None
+        self.segments: tuple[int, ...] = ()
+        self.patches, self.patch, self.uneven = 1, 0, "whole"
         self.assembled: dict[int, torch.Tensor] = {}
         self.site = 0
 
@@ -65,11 +83,12 @@ class _StaleAttention(TorchFunctionMode):
             return func(q, k, v, **a)
         if self.mode == "assemble":
             return self.assembled[site]
-        self.k[site][..., self.rows, :] = k[..., self.rows, :]
-        self.v[site][..., self.rows, :] = v[..., self.rows, :]
+        rows = patch_positions(_site_segments(self.segments, q.shape[-2]), self.patches, self.patch, self.uneven)
+        self.k[site][..., rows, :] = k[..., rows, :]
+        self.v[site][..., rows, :] = v[..., rows, :]
         out = func(q, self.k[site], self.v[site], **a)
         acc = self.assembled.setdefault(site, torch.zeros_like(out))
-        acc[..., self.rows, :] = out[..., self.rows, :]
+        acc[..., rows, :] = out[..., rows, :]
         return out
 
 
@@ -82,8 +101,10 @@ class StaleKVReference:
     whole forward whose attention uses the buffer, and only its rows are kept; a last forward whose
     attention returns the assembled rows gives every token its value."""
 
-    def __init__(self, forward, segments: tuple[int, ...], patches: int, warmup: int = 1) -> None:
+    def __init__(self, forward, segments: tuple[int, ...], patches: int, warmup: int = 1,
+                 uneven: str = "whole") -> None:
         self.forward, self.segments, self.patches, self.warmup = forward, segments, patches, warmup
+        self.uneven = uneven
         self.mode = _StaleAttention()
         self.calls = 0
 
@@ -95,17 +116,18 @@ class StaleKVReference:
                 mode.mode, mode.site = "fill", 0
                 return self.forward(*args, **kwargs)
             mode.assembled = {}
-            for p in range(self.patches):
-                mode.mode, mode.site, mode.rows = "patch", 0, patch_positions(self.segments, self.patches, p)
+            mode.segments, mode.patches, mode.uneven = self.segments, self.patches, self.uneven
+            for p in range(self.patches):  # in order: a whole segment's rows come from the last patch
+                mode.mode, mode.site, mode.patch = "patch", 0, p
                 self.forward(*args, **kwargs)
             mode.mode, mode.site = "assemble", 0
             return self.forward(*args, **kwargs)
 
 
 def pipefusion_reference(model, calls: list[dict], segments: tuple[int, ...], patches: int,
-                         warmup: int = 1) -> list:
+                         warmup: int = 1, uneven: str = "whole") -> list:
     """The outputs PipeFusion with `patches` patches and `warmup` warm-up calls gives for `calls` (one slot)."""
-    ref = StaleKVReference(model, segments, patches, warmup)
+    ref = StaleKVReference(model, segments, patches, warmup, uneven)
     return [ref(**inputs) for inputs in calls]
 
 

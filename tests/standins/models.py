@@ -190,3 +190,99 @@ def break_cases():
     return {"rope_in_loop": (RopeDiT(inner=False), {"x": x, "grid_sizes": grid}),
             "rope_in_attention": (RopeDiT(inner=True), {"x": x, "grid_sizes": grid}),
             "item_before_sdpa": (RopeDiT(inner="item"), {"x": x, "grid_sizes": grid})}
+
+
+# ---- flex_attention with a block mask and a score_mod (issue point 2) --------------------------------------
+
+def _relative_bias(score, b, h, q_idx, kv_idx):
+    """An ALiBi-like additive score_mod: a per-head slope times the distance between the positions."""
+    return score - (h + 1) * 0.05 * (q_idx - kv_idx).abs()
+
+
+def flex_attend(score_mod):
+    def attend(qkv, block_mask):  # [B, S, 3, H, D]
+        from torch.nn.attention.flex_attention import flex_attention
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask).transpose(1, 2)
+    return attend
+
+
+class FlexStack(Stack):
+    """Two blocks attending through flex_attention under a block mask made once in the forward (as published
+    code does): causal, or a document mask over packed sequences (token i sees token j of its own document)."""
+
+    def __init__(self, mask: str, score_mod=None):
+        super().__init__([flex_attend(score_mod), flex_attend(score_mod)])
+        self.mask = mask
+
+    def forward(self, x, extra=None):
+        from torch.nn.attention.flex_attention import create_block_mask
+        length = x.shape[1]
+        if self.mask == "causal":
+            def mask_mod(b, h, q_idx, kv_idx):
+                return q_idx >= kv_idx
+        else:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return extra[q_idx] == extra[kv_idx]
+        block_mask = create_block_mask(mask_mod, None, None, length, length, device=x.device)
+        h = self.proj_in(x)
+        for blk in self.blocks:
+            h = blk(h, block_mask)
+        return self.proj_out(h)
+
+
+def flex_cases():
+    """flex_causal: a causal block mask and an additive relative-position score_mod; flex_document: a document
+    mask over three sequences of 7, 9 and 5 tokens packed into one (21 tokens: an uneven split over 2 ranks)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 21, 8)
+    docs = torch.tensor([0] * 7 + [1] * 9 + [2] * 5)
+    return {"flex_causal": (FlexStack("causal", _relative_bias), {"x": x}),
+            "flex_document": (FlexStack("document"), {"x": x, "extra": docs})}
+
+
+# ---- a batch folded into the sequence (issue point 3): PixArt's original cross-attention ------------------
+
+class FoldedCrossBlock(nn.Module):
+    """Self-attention per image, then cross-attention written as PixArt's original code writes it: every
+    image's tokens and every prompt's tokens folded into one sequence (``q_linear(x).view(1, -1, H, D)``),
+    with xformers' BlockDiagonalMask keeping image i on prompt i."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.q_linear, self.kv_linear, self.cproj = nn.Linear(DIM, DIM), nn.Linear(DIM, 2 * DIM), nn.Linear(DIM, DIM)
+        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+
+    def forward(self, x, cond, mask):
+        import xformers.ops as xops
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, HEADS, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, DIM))
+        q = self.q_linear(x).view(1, -1, HEADS, HEAD_DIM)
+        k, v = self.kv_linear(cond).view(1, -1, 2, HEADS, HEAD_DIM).unbind(2)
+        x = x + self.cproj(xops.memory_efficient_attention(q, k, v, attn_bias=mask).view(b, -1, DIM))
+        return x + self.mlp(x)
+
+
+class FoldedCrossDiT(nn.Module):
+    def __init__(self, in_dim=8, text_dim=12):
+        super().__init__()
+        self.proj_in, self.text_in = nn.Linear(in_dim, DIM), nn.Linear(text_dim, DIM)
+        self.blocks = nn.ModuleList([FoldedCrossBlock(), FoldedCrossBlock()])
+        self.proj_out = nn.Linear(DIM, in_dim)
+
+    def forward(self, x, text):
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+        b, n, _ = x.shape
+        mask = BlockDiagonalMask.from_seqlens([n] * b, [text.shape[1]] * b)
+        h, cond = self.proj_in(x), self.text_in(text)
+        for blk in self.blocks:
+            h = blk(h, cond, mask)
+        return self.proj_out(h)
+
+
+def folded_cases():
+    """Two images of 16 tokens on two prompts of 6 tokens, folded into one sequence in the cross-attention."""
+    torch.manual_seed(0)
+    return {"folded_cross": (FoldedCrossDiT(), {"x": torch.randn(2, 16, 8), "text": torch.randn(2, 6, 12)})}

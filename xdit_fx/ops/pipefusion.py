@@ -126,9 +126,23 @@ def pf_shard_tokens(x: torch.Tensor, dim: int, segments, group: str, n: int) -> 
         return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
     p = st.patch * st.ulysses + st.urank if n > 1 else 0
     pieces = x.split([s[0] for s in segments], dim=dim) if len(segments) > 1 else (x,)
-    out = [piece.narrow(dim, p * (length // n), length // n) if sharded else piece
+    out = [_padded_chunk(piece, dim, length, n, p) if sharded else piece
            for piece, (length, sharded) in zip(pieces, segments)]
     return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
+
+
+def _padded_chunk(piece: torch.Tensor, dim: int, length: int, n: int, p: int) -> torch.Tensor:
+    """Chunk p of n of a segment: ceil(length / n) tokens, the part past the segment's end zero-padded
+    (PipeFusion alone splits a segment the patches do not divide that way; equal chunks otherwise)."""
+    c = -(-length // n)
+    start = min(p * c, length)
+    take = min(c, length - start)
+    chunk = piece.narrow(dim, start, take)
+    if take == c:
+        return chunk
+    shape = list(chunk.shape)
+    shape[dim] = c - take
+    return torch.cat([chunk, chunk.new_zeros(shape)], dim=dim)
 
 
 def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None, *,
@@ -181,6 +195,10 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
             v = torch.cat([v, v_rep[:, heads_slice]], dim=2)
     else:
         kpos = _positions(tuple(kv_segments), n, p, False)
+        if min(kpos) < 0:  # a segment split unevenly: the padding's K/V go into no buffer slot
+            keep = _index(tuple(i for i, pos in enumerate(kpos) if pos >= 0), k.device)
+            k, v = k.index_select(2, keep), v.index_select(2, keep)
+            kpos = tuple(pos for pos in kpos if pos >= 0)
     kidx = _index(tuple(kpos), k.device)
     kbuf, vbuf = runtime.kv_buffer(site, k, v, total)
     kbuf.index_copy_(2, kidx, k)

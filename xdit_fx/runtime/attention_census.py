@@ -36,13 +36,21 @@ _LIBRARY_NAMESPACES = ("flash_attn", "flash_attn_3", "xformers", "xformers_flash
 
 def _is_attention_op(func) -> bool:
     name = getattr(func, "__name__", "")
-    if name.startswith(("_scaled_dot_product", "scaled_dot_product")):
+    if name.startswith(("_scaled_dot_product", "scaled_dot_product")) or name == "flex_attention":
         return True
     ns = getattr(func, "namespace", None) or str(func).split("::")[0].split(".")[0]
     return ns in _LIBRARY_NAMESPACES and "backward" not in name and "bwd" not in name
 
 
 class _CountAttention(TorchDispatchMode):
+    supports_higher_order_operators = True  # flex_attention is a higher-order operator: counted, then run
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # eager flex_attention runs its operator through torch.compile, which refuses a mode it must respect;
+        # the compiled code still calls the operator, which this mode then counts
+        return True
+
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0

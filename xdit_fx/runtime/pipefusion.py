@@ -230,15 +230,16 @@ def _split_sub(piece: torch.Tensor, dim: int, segments, n: int, sub: int) -> lis
 
 
 def _assemble(pieces: list[torch.Tensor], dim: int, segments, m: int) -> torch.Tensor:
-    """The whole tensor from its M patches: chunk p of every sharded segment comes from patch p; a
-    replicated segment (computed whole by every patch) from the last patch."""
+    """The whole tensor from its M patches: chunk p of every sharded segment comes from patch p (ceil(L/M)
+    tokens, the padding past the segment's end dropped); a replicated segment (computed whole by every
+    patch) from the last patch."""
     if m == 1:
         return pieces[0]
-    lens = [length // m if sharded else length for length, sharded in segments]
+    lens = [-(-length // m) if sharded else length for length, sharded in segments]
     split = [piece.split(lens, dim=dim) for piece in pieces]
     out = []
     for j, (length, sharded) in enumerate(segments):
-        out.append(torch.cat([s[j] for s in split], dim=dim) if sharded else split[-1][j])
+        out.append(torch.cat([s[j] for s in split], dim=dim).narrow(dim, 0, length) if sharded else split[-1][j])
     return out[0] if len(out) == 1 else torch.cat(out, dim=dim)
 
 

@@ -118,7 +118,7 @@ def _(g, uneven):
     patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), full_chunk_limit=3, num_attention_heads=2,
     attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
     cross_attn_norm=True, rope_max_seq_len=32, gate_value=0.25, deltatime_type="r"), heads=2,
-    note="causal chunks through flex_attention (refused: its block mask indexes keys by global position)")
+    note="causal chunks through flex_attention (its block mask becomes a mask over global positions)")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 4, 4, 8, 8), timestep=torch.full((1, 4), 500.0),
                 r_timestep=torch.full((1, 4), 250.0), encoder_hidden_states=_r(g, 1, 12, 16),
@@ -804,7 +804,7 @@ def _(g, uneven):
 
 @E("kandinsky6_sr", "Kandinsky6SRTransformer3DModel", dict(
     in_visual_dim=4, out_visual_dim=4, time_dim=16, patch_size=(1, 1, 1), model_dim=48, ff_dim=64,
-    num_visual_blocks=2, axes_dims=(4, 4, 4)), heads=4, note="NABLA sparse attention through flex_attention (refused: block mask indexes keys by global position)")
+    num_visual_blocks=2, axes_dims=(4, 4, 4)), heads=4, note="NABLA sparse attention through flex_attention (its block mask becomes a mask over global positions; the NABLA mask is built from the tokens, which gathers)")
 def _(g, uneven):
     return dict(hidden_states=_r(g, 1, 2, 8, 8, 9), timestep=torch.tensor([500.0]))
 

@@ -52,13 +52,12 @@ def find_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Record an AttentionSite on every scaled_dot_product_attention node."""
     sites = 0
     for node in gm.graph.nodes:
-        if ctx.mesh.sp > 1 and _is_flex_attention(node):
+        if ctx.mesh.sp > 1 and _is_flex_attention(node):  # normalize_attention rewrites or refuses them first
             raise UnsupportedGraph(
                 f"find_attention: {describe_node(node)}\n"
-                "  is flex_attention: its block mask and score/mask functions index keys by global token "
-                "position, which sequence parallelism cannot re-index yet.\n"
-                "  fix: use the model's SDPA attention backend if it has one, or run it without sequence "
-                "parallelism; to look at the graph: xdit-fx dump MODEL --plan ... --out DIR")
+                "  is flex_attention that normalize_attention left as it is; its masks cannot be split.\n"
+                "  fix: run it without sequence parallelism; to look at the graph: xdit-fx dump MODEL --plan ... "
+                "--out DIR")
         if not is_sdpa(node):
             continue
         a = sdpa_args(node)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from xdit_fx.compiler.fx_utils import example_value, node_arg
 from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
+from xdit_fx.compiler.passes.flex_attention import normalize_flex
 from xdit_fx.compiler.passes.library_attention import normalize_library
 from xdit_fx.compiler.passes.node_builder import Builder as _Builder
 
@@ -287,6 +288,9 @@ def normalize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """
     manual = mha = 0
     library = normalize_library(gm, ctx)  # flash-attn, xformers (library_attention.py)
+    flex = normalize_flex(gm, ctx)  # flex_attention (flex_attention.py)
+    if flex:
+        library["flex_attention"] = flex
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):
             continue

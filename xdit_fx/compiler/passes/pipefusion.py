@@ -38,6 +38,8 @@ body and the call that replaces it are cut out with `xdit_fx.compiler.regions`, 
 
 from __future__ import annotations
 
+import dataclasses
+from contextvars import ContextVar
 
 import torch.fx as fx
 
@@ -64,22 +66,27 @@ REGION_NAME = "xfx_pipefusion"
 @graph_pass(reads=["xfx.token_dims", META_BLOCK], writes=[META_LAYOUT, META_SP_ATTENTION])
 def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """shard_sequence over the M patches instead of ranks: the graph computes one patch of the token stream."""
-    from xdit_fx.compiler.passes.analysis import _is_flex_attention
     # with ulysses: M x U chunks, patch p on rank u is p*U + u; with ring (x ulysses): (p*R + r)*U + u
+    # (flex_attention is SDPA with a mask over global positions by now, or normalize_attention refused it)
     m = ctx.plan.patches * ctx.plan.ulysses_degree * ctx.plan.ring_degree
-    flex = next((n for n in gm.graph.nodes if _is_flex_attention(n)), None)
-    if flex is not None:
-        raise UnsupportedGraph(
-            f"patch_sequence: {describe_node(flex)}\n  is flex_attention: its block mask and score/mask functions "
-            "index keys by global token position, which the per-patch K/V buffers cannot re-index yet.\n"
-            "  fix: use the model's SDPA attention backend if it has one, or run it with cfg/dp; to look at the "
-            "graph: xdit-fx dump MODEL --plan pipefusion=2 --out DIR")
-    odd = _whole_odd_segments(gm, (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree
-                              * ctx.plan.ring_degree)
-    masks = _whole_masks(gm)
-    base = copy_graph(gm)
-    result = shard_over(gm, m, ctx.mesh.group("sp"))
-    gm, result, whole = _whole_prefix(gm, base, result, m, ctx.mesh.group("sp"))
+    entry = copy_graph(gm)  # as it came: a suggested patch count is tried on it before it is suggested
+    chunks = (ctx.layout_patches or ctx.plan.patches) * ctx.plan.ulysses_degree * ctx.plan.ring_degree
+    # PipeFusion alone splits a segment the patches do not divide unevenly (ceil(L/M) per patch, the last ones
+    # padded) when it must stay patched; with ulysses/ring the chunk arithmetic needs equal chunks
+    can_pad = ctx.plan.ulysses_degree * ctx.plan.ring_degree == 1
+    padded: list[int] = []
+    odd = _whole_odd_segments(gm, chunks)
+    if odd is None and can_pad:  # no segment splits: all of them split unevenly
+        padded, odd = sorted(_segment_lengths(gm, chunks)[1]), []
+    elif odd is None:  # refused here when a patch count that passes exists, else below
+        _refuse_split(entry, ctx, *_unsplit_segment(gm, ctx), only_with_fix=True)
+    gm, result, whole, masks = _patch(gm, m, ctx)
+    if odd and not any(n.op == "call_function" and n.target is collectives.gather_tokens for n in gm.graph.nodes):
+        # the segments left patched never reach an output: what the model returns would be computed whole
+        if not can_pad:
+            _refuse_split(entry, ctx, *_unsplit_segment(gm, ctx, odd, exits=True))
+        padded, odd = odd, []
+        gm, result, whole, masks = _patch(copy_graph(entry), m, ctx)
     # collectives that need every rank's tokens of the same call: across patches, those tokens are computed
     # at other times (or on other stages), so the per-patch graph cannot run them
     for node in gm.graph.nodes:
@@ -103,7 +110,20 @@ def patch_sequence(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if odd:
         summary += (f"; token segments of {', '.join(map(str, odd))} tokens do not split into the patches' equal "
                     "chunks: every patch computes them whole")
+    if padded:
+        summary += (f"; token segments of {', '.join(map(str, padded))} tokens do not split into the patches' equal "
+                    f"chunks: each patch takes ceil(L/{m}) of them, the last ones zero-padded")
     return PassResult(gm, changed=result.changed or bool(whole), summary=summary, counts=dict(result.counts))
+
+
+def _patch(gm: fx.GraphModule, m: int, ctx: PassContext):
+    """shard_over for `m` patches, with the nodes that only build masks and a whole prefix left whole.
+    Returns (gm, result, summary note of the prefix, mask nodes)."""
+    masks = _whole_masks(gm)
+    base = copy_graph(gm)
+    result = shard_over(gm, m, ctx.mesh.group("sp"))
+    gm, result, whole = _whole_prefix(gm, base, result, m, ctx.mesh.group("sp"))
+    return gm, result, whole, masks
 
 
 #: collectives over the ranks of one call that a per-patch graph cannot run (the other patches are elsewhere)
@@ -169,10 +189,8 @@ def _whole_masks(gm: fx.GraphModule) -> int:
     return marked
 
 
-def _whole_odd_segments(gm: fx.GraphModule, chunks: int) -> list[int]:
-    """Make the sharded token segments whose length does not split into `chunks` equal chunks whole (every
-    patch computes them, like a time token), as long as a segment that does split stays sharded; returns
-    their lengths. Otherwise nothing changes, and the pipefusion pass refuses the plan naming the node."""
+def _segment_lengths(gm: fx.GraphModule, chunks: int) -> tuple[set[int], set[int]]:
+    """(lengths of the sharded token segments that split into `chunks` equal chunks, those that do not)."""
     odd, even = set(), set()
     for n in gm.graph.nodes:
         for lay in (n.meta.get(META_TOKEN_DIMS) or {}).values():
@@ -180,8 +198,18 @@ def _whole_odd_segments(gm: fx.GraphModule, chunks: int) -> list[int]:
                 for length, sharded in lay.segments:
                     if sharded:
                         (even if length % chunks == 0 else odd).add(length)
-    if not odd or not even:
+    return even, odd
+
+
+def _whole_odd_segments(gm: fx.GraphModule, chunks: int) -> list[int] | None:
+    """Make the sharded token segments whose length does not split into `chunks` equal chunks whole (every
+    patch computes them, like a time token), as long as a segment that does split stays sharded; returns
+    their lengths. None when no segment splits (patch_sequence refuses the plan)."""
+    even, odd = _segment_lengths(gm, chunks)
+    if not odd:
         return []
+    if not even:
+        return None
     for n in gm.graph.nodes:
         layouts = n.meta.get(META_TOKEN_DIMS)
         if not layouts:
@@ -198,6 +226,71 @@ def _whole_odd_segments(gm: fx.GraphModule, chunks: int) -> list[int]:
         else:
             n.meta.pop(META_TOKEN_DIMS)
     return sorted(odd)
+
+
+def _unsplit_segment(gm: fx.GraphModule, ctx: PassContext, odd: list[int] | None = None,
+                     exits: bool = False) -> tuple[fx.Node, int, str]:
+    """(a node carrying the segment that blocks the split, its length, why) for `_refuse_split`: the
+    longest segment that does not split (exits: the longest of `odd`, which the output carries)."""
+    plan = ctx.plan
+    chunks = (ctx.layout_patches or plan.patches) * plan.ulysses_degree * plan.ring_degree
+    _, unsplit = _segment_lengths(gm, chunks)
+    length = max(odd or unsplit)
+    carriers = [n for n in gm.graph.nodes for lay in (n.meta.get(META_TOKEN_DIMS) or {}).values()
+                if isinstance(lay, SeqLayout) and any(seg == length for seg, _ in lay.segments)]
+    node = carriers[-1 if exits else 0]  # the value the model returns, or where the segment comes in
+    parts = f"pipefusion_patches={plan.patches}" + "".join(
+        f" x {a}={plan.degree(a)}" for a in ("ring", "ulysses") if plan.degree(a) > 1)
+    what = "equal patches" if chunks == plan.patches else "equal chunks"
+    if exits:
+        why = (f"has a token segment of {length} tokens, which does not split into {parts} {what}; a segment "
+               "that does not split is computed whole by every patch, but this one is what the model returns "
+               "(the patched segments never reach an output), so no patch would flow through the stages")
+    else:
+        why = f"has a token segment of {length} tokens, which does not split into {parts} {what}"
+    return node, length, why
+
+
+def _refuse_split(entry: fx.GraphModule, ctx: PassContext, node: fx.Node, length: int, why: str,
+                  only_with_fix: bool = False) -> None:
+    """Refuse the patch count, suggesting only patch counts that patch_sequence and pipefusion accept on
+    this graph (each is tried on a copy of it). `only_with_fix`: return instead when none passes (a later
+    check names a cause no patch count fixes, such as the heads under ulysses)."""
+    plan = ctx.plan
+    sp = plan.ulysses_degree * plan.ring_degree
+    found: list[int] = []
+    if not _TRIAL.get():
+        candidates = sorted((d for d in range(2, 65) if length % (d * sp) == 0 and d != plan.patches),
+                            key=lambda d: (abs(d - plan.patches), d))
+        for d in candidates[:8]:
+            if _accepts(entry, ctx, d):
+                found.append(d)
+            if len(found) == 3:
+                break
+    if only_with_fix and not found:
+        return
+    fix = (f"use patches in {sorted(found)} (each checked on this graph)" if found else
+           "no patch count up to 64 passes on this graph; run it with ulysses/ring, or cfg/dp")
+    if sp > 1 and found:
+        fix += " (or sequence-parallel degrees that divide the segment with the patches)"
+    raise PlanError(f"pipefusion: {describe_node(node)}\n  {why}; {fix}.")
+
+
+#: set while a suggested patch count is tried (a refusal inside the try suggests nothing)
+_TRIAL: ContextVar[bool] = ContextVar("xdit_fx_pipefusion_trial", default=False)
+
+
+def _accepts(entry: fx.GraphModule, ctx: PassContext, patches: int) -> bool:
+    """Whether patch_sequence and pipefusion accept a copy of `entry` with `patches` patches."""
+    trial = PassContext(dataclasses.replace(ctx.plan, pipefusion_patches=patches), ctx.mesh)
+    token = _TRIAL.set(True)
+    try:
+        pipefusion(patch_sequence(copy_graph(entry), trial).gm, trial)
+        return True
+    except Exception:  # noqa: BLE001  (any refusal or failure: not a fix to suggest)
+        return False
+    finally:
+        _TRIAL.reset(token)
 
 
 def _needs_whole_before_blocks(gm: fx.GraphModule) -> tuple[fx.Node, str] | None:
@@ -255,11 +348,19 @@ def pipefusion(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                         lambda n: _is(n, pf_shard_tokens) or _is(n, collectives.gather_tokens))
     region, blocks = found.nodes, found.blocks
     costs = block_costs(nodes, blocks)
-    block_stage = cut_stages(costs, n_stages)
+    try:
+        block_stage = cut_stages(costs, n_stages)
+    except PlanError as e:  # blocks that run whole before the patches count for no stage: say why they do
+        why = next((n.meta[META_WHOLE] for n in nodes if n.meta.get(META_WHOLE) and META_BLOCK in n.meta), None)
+        if why is None:
+            raise
+        ahead = sorted({n.meta[META_BLOCK] for n in nodes if n.meta.get(META_WHOLE) and META_BLOCK in n.meta})
+        raise PlanError(f"{e} Blocks {', '.join(ahead)} run whole before the patches because {why}.") from e
     stage = assign_stages(nodes, region, dict(zip(blocks, block_stage)))
     kv_sites = _rewrite_attention(graph, nodes, region, stage, u, pf_attention)
     nodes = list(graph.nodes)
-    _check_patch_split(nodes, region, m, u, rr)
+    if u * rr > 1:  # alone, a segment M does not divide is split unevenly (padded)
+        _check_patch_split(nodes, region, m, u, rr)
 
     exits = find_exits(gathers, region, stage, n_stages - 1)
     crossings = find_crossings(nodes, region, stage, exits, n_stages - 1, chunks)
@@ -327,27 +428,18 @@ def _rewrite_attention(graph: fx.Graph, nodes: list[fx.Node], region: set[fx.Nod
 
 def _check_patch_split(nodes: list[fx.Node], region: set[fx.Node], m: int, u: int, rr: int) -> None:
     """Every sharded token segment must split into M equal patches (M x U x R equal chunks with ulysses and
-    ring); refused naming the node and the patch counts that would."""
+    ring). patch_sequence refuses a split with the patch counts that pass; this names the node when none
+    does."""
     chunks = m * u * rr
     for n in nodes:
         lay = n.meta.get(META_LAYOUT)
         if n in region and isinstance(lay, SeqLayout):
             for length, sharded in lay.segments:
                 if sharded and length % chunks:
-                    if rr > 1:
-                        ok = [d for d in range(1, length + 1) if length % (d * rr * u) == 0 and d <= 64]
-                        what = f"ring={rr}" + (f" x ulysses={u}" if u > 1 else "")
-                        raise PlanError(
-                            f"pipefusion: {describe_node(n)}\n  has a token segment of {length} tokens, which does "
-                            f"not split into pipefusion_patches={m} x {what} equal chunks; use patches in {ok} "
-                            "(or sequence-parallel degrees that divide the segment with the patches).")
-                    if u == 1:
-                        ok = [d for d in range(1, length + 1) if length % d == 0 and d <= 64]
-                        raise PlanError(
-                            f"pipefusion: {describe_node(n)}\n  has a token segment of {length} tokens, which does "
-                            f"not split into pipefusion_patches={m} equal patches; use patches in {ok}.")
-                    ok = [d for d in range(1, length + 1) if length % (d * u) == 0 and d <= 64]
+                    parts = f"pipefusion_patches={m}" + (f" x ring={rr}" if rr > 1 else "") + \
+                        (f" x ulysses={u}" if u > 1 else "")
+                    what = "equal chunks" if chunks != m else "equal patches"
                     raise PlanError(
-                        f"pipefusion: {describe_node(n)}\n  has a token segment of {length} tokens, which does not "
-                        f"split into pipefusion_patches={m} x ulysses={u} equal chunks; use patches in {ok} "
-                        "(or a ulysses degree that divides the segment with the patches).")
+                        f"pipefusion: {describe_node(n)}\n  has a token segment of {length} tokens, which does "
+                        f"not split into {parts} {what}, and no patch count up to 64 passes on this graph; run it "
+                        "with ulysses/ring, or cfg/dp.")

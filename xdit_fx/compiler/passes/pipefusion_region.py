@@ -82,9 +82,8 @@ def _post(nodes: list[fx.Node], dag: nx.DiGraph, gathers: list[fx.Node], is_slic
         if block is not None:
             raise UnsupportedGraph(
                 f"pipefusion: %{g.name} gathers the whole token sequence ({g.meta.get(META_GATHER, 'exit')}) and "
-                f"{describe_node(block)}\n  in {block.meta[META_BLOCK]} depends on it: a value computed per patch "
-                "is needed whole before (or inside) the block stack (e.g. a text refiner whose pooled output "
-                "conditions every block), so the patches cannot flow through the stages independently.\n"
+                f"{describe_node(block)}\n  in {block.meta[META_BLOCK]} depends on it: {_gather_cause(g)}, so "
+                "the patches cannot flow through the stages independently.\n"
                 "  fix: run this model with ulysses/ring (sequence parallel handles it with the same gather), "
                 f"or cfg/dp; to look at the graph: {_DUMP_HINT}")
         post |= later
@@ -98,6 +97,16 @@ def _post(nodes: list[fx.Node], dag: nx.DiGraph, gathers: list[fx.Node], is_slic
             "  fix: run this model with ulysses/ring, or cfg/dp; to look at the graph: xdit-fx dump MODEL "
             "--plan pipefusion=2 --out DIR")
     return post
+
+
+def _gather_cause(g: fx.Node) -> str:
+    """Why the tokens were gathered, from the node that reads the gather: an op whose token dims no rule
+    carries per patch (named), or an output."""
+    reader = next(iter(g.users), None)
+    if reader is None or reader.op == "output":
+        return "a value computed per patch is returned whole before the block stack ends"
+    return (f"%{reader.name} ({target_name(reader)}) reads the tokens in a way no token rule keeps per patch "
+            "(xdit_fx/compiler/passes/dim_rules.py), so it needs every patch's tokens at once")
 
 
 def _check_vmap(nodes: list[fx.Node], region: set[fx.Node], post: set[fx.Node]) -> None:

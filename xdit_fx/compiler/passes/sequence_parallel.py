@@ -57,6 +57,19 @@ class SeqLayout:
             return None
         return lstart, lstop
 
+    def whole_range(self, start: int, stop: int) -> bool:
+        """Whether global [start, stop) is made of whole segments, none of them sharded (every rank holds
+        the same tokens there: a select of it is replicated)."""
+        g, covered, sharded = 0, False, False
+        for length, s in self.segments:
+            if g >= start and g + length <= stop:
+                covered = covered or length > 0
+                sharded = sharded or s
+            elif g < stop and g + length > start:
+                return False  # the range cuts this segment
+            g += length
+        return covered and not sharded and self.local_range(start, stop, 1) is not None
+
     def __str__(self) -> str:
         segs = "+".join(f"{length}{'/sp' if s else ''}" for length, s in self.segments)
         return f"tokens@{self.dim}[{segs}]"
@@ -260,6 +273,9 @@ def _carried(node: fx.Node, rule, n: int = 1) -> tuple[set, set]:
                 outs.add((so[1], do))
             else:  # x[..., a:b, ...] = value: the value fills one segment of x
                 ins.add((so[0], so[1], do))
+        elif isinstance(li, SeqLayout) and lo is None and li.dim == di and so[0] is node \
+                and li.whole_range(start, stop):
+            ins.add((si[0], si[1], di))  # selects segments every rank holds whole: the result is replicated
     for (si, di, count, so, do) in rule.unflattens:  # [B*L] -> [B, L]: L's layout is the segment's
         li, lo = lay(si), lay(so)
         if isinstance(li, SeqLayout) and isinstance(lo, SeqLayout) and li.dim == di and lo.dim == do \
@@ -734,13 +750,16 @@ def shard_over(gm: fx.GraphModule, n: int, group: str) -> PassResult:
             rw.slice_full_operands(node)
             if op_name(node) in CONVS:
                 rw.halo(node, original)
-        rw.local[node] = node
+        if META_TOKEN_DIMS in node.meta or isinstance(example_value(node), (tuple, list)):
+            rw.local[node] = node  # (a select of segments held whole is the same on every rank: no layout)
         lay = layout_of(node)
         if isinstance(lay, SeqLayout):
             node.meta[META_LAYOUT] = lay
         propagated += 1
     # fx counts no method call as impure: keep in-place writes (x.copy_(...)) whose result is unused
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutated_arg(n) is not None)
+    # nor the enter/exit of a torch.func.vmap section (create_block_mask's), whose results are unused
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _mutated_arg(n) is not None
+                                 or "vmap_increment" in target_name(n) or "vmap_decrement" in target_name(n))
     changed = propagated > 0 or rw.sources > 0
     extra = {"partial_sums": rw.partial_sums, "halo_exchanges": rw.halos}
     summary = (f"{propagated} nodes run on local tokens, {rw.sources} values sliced, "

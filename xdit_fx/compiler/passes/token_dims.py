@@ -116,7 +116,7 @@ def infer(graph: fx.Graph) -> TokenDims:
         if rule is not None:
             _apply_rule(td, rule, pending)
     _resolve_concats(td, pending.concats)
-    _resolve_segments(td, seq_dims, pending)
+    _resolve_segments(td, seq_dims, pending, _attention_sequence_dims(graph, ("key",)))
     return td
 
 
@@ -130,13 +130,13 @@ class _Pending:
     flattens: list[tuple[DimSlot, int, DimSlot]] = field(default_factory=list)
 
 
-def _attention_sequence_dims(graph: fx.Graph) -> list[DimSlot]:
-    """The query and key sequence dims of every attention."""
+def _attention_sequence_dims(graph: fx.Graph, which: tuple[str, ...] = ("query", "key")) -> list[DimSlot]:
+    """The query and key sequence dims of every attention (`which`: only those of these operands)."""
     seq_dims: list[DimSlot] = []
     for node in graph.nodes:
         if op_name(node) == "scaled_dot_product_attention":
             sa = sdpa_args(node)
-            for t in (sa["query"], sa["key"]):
+            for t in (sa[w] for w in which):
                 shp = slot_shape((t, None)) if isinstance(t, fx.Node) else None
                 if shp and len(shp) >= 2:
                     seq_dims.append((t, None, len(shp) - 2))
@@ -178,18 +178,25 @@ def _resolve_concats(td: TokenDims, concats: list[tuple[DimSlot, list[DimSlot]]]
             td.union(root, tmp)
 
 
-def _resolve_segments(td: TokenDims, seq_dims: list[DimSlot], pending: _Pending) -> None:
-    """Segment selections resolve once composites are known; repeat until nothing changes."""
+def _resolve_segments(td: TokenDims, seq_dims: list[DimSlot], pending: _Pending,
+                      key_dims: list[DimSlot] = ()) -> None:
+    """Segment selections resolve once composites are known; repeat until nothing changes. [B, L] -> [B*L]
+    of a sequence L makes B*L B copies of L, unless B*L is an attention's key sequence itself (a video's
+    frames x pixels): a batch folded into the queries of a cross-attention (PixArt's q.view(1, -1, H, D))
+    stays B copies of the sharded sequence."""
     changed = True
     while changed:
         changed = False
-        seq_roots = set()
+        seq_roots, key_roots = set(), set()
         for ds in seq_dims:
             if ds in td.parent:
                 seq_roots.update(td.segments(ds))
+        for ds in key_dims:
+            if ds in td.parent:
+                key_roots.update(td.segments(ds))
         for src, count, out in pending.flattens:
             root = td.find(out)
-            if td.find(src) in seq_roots and root not in seq_roots and root not in td.composite:
+            if td.find(src) in seq_roots and root not in key_roots and root not in td.composite:
                 td.composite[root] = [src] * count
                 changed = True
         for src, count, out in pending.unflattens:
