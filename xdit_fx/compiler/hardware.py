@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,14 +30,33 @@ GB = 1e9
 TF = 1e12
 
 
+def interpolate(points: "tuple | list", x: float) -> float:
+    """Seconds at size `x` from measured (size, seconds) points: log-log interpolation between them, the first
+    point's time below them (overhead-bound), proportional to size above them (throughput-bound)."""
+    pts = sorted((float(a), float(b)) for a, b in points)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    if x >= pts[-1][0]:
+        return pts[-1][1] * x / pts[-1][0]
+    for (x0, t0), (x1, t1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            f = math.log(x / x0) / math.log(x1 / x0)
+            return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+    return pts[-1][1]
+
+
 @dataclass(frozen=True)
 class Link:
-    """A link between two devices: achievable bandwidth per direction (bytes/s) and latency per message (s)."""
+    """A link between two devices: achievable bandwidth per direction (bytes/s) and latency per message (s);
+    or, when `points` holds measured (bytes, seconds) of one message, those interpolated."""
 
     bandwidth: float
     latency: float
+    points: tuple = ()
 
     def time(self, nbytes: float, messages: int = 1) -> float:
+        if self.points:
+            return messages * interpolate(self.points, nbytes / max(messages, 1))
         return messages * self.latency + nbytes / self.bandwidth
 
 
@@ -55,7 +75,16 @@ class HardwareProfile:
     ring_overlap: float = 1.0
     gemm_overhead: float = 0.0  # extra s per matmul-class call beyond op_overhead (small-GEMM inefficiency)
     attn_overhead: float = 0.0  # extra s per attention call
+    #: measured (size, seconds) per op class (gemm, attn: FLOPs; mem: bytes) used instead of the affine
+    #: rates where present: a CPU's rate depends on whether the operands fit its caches
+    curves: dict[str, list] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+
+    def op_time(self, kind: str, size: float, rate: float, overhead: float) -> float:
+        """Seconds of one op of class `kind` (gemm, attn, mem) of `size` FLOPs (bytes for mem)."""
+        if kind in self.curves:
+            return interpolate(self.curves[kind], size)
+        return overhead + size / rate
 
     def link(self, crosses_nodes: bool) -> Link:
         return self.inter if crosses_nodes else self.intra
@@ -76,7 +105,9 @@ class HardwareProfile:
         data = dict(data)
         for key in ("intra", "inter"):
             if isinstance(data.get(key), dict):
-                data[key] = Link(**data[key])
+                link = dict(data[key])
+                link["points"] = tuple(tuple(p) for p in link.get("points", ()))
+                data[key] = Link(**link)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

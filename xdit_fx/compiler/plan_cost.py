@@ -77,18 +77,19 @@ def node_time(n: NodeWork, hw: HardwareProfile, tok: float, bat: float) -> float
         return hw.view_overhead
     s = (tok if n.tokens else 1.0) * (bat if n.batched else 1.0)
     if n.kind == GEMM:
-        return hw.op_overhead + hw.gemm_overhead + max(n.flops * s / hw.gemm_rate, n.bytes * s / hw.mem_bw)
-    return hw.op_overhead + n.bytes * s / hw.mem_bw
+        return max(hw.op_time("gemm", n.flops * s, hw.gemm_rate, hw.op_overhead + hw.gemm_overhead),
+                   hw.op_time("mem", n.bytes * s, hw.mem_bw, hw.op_overhead))
+    return hw.op_time("mem", n.bytes * s, hw.mem_bw, hw.op_overhead)
 
 
 def attention_time(n: NodeWork, hw: HardwareProfile, q_share: float, bat: float, ring: int) -> float:
     """Seconds of one attention site's kernels on this rank: queries at `q_share` of the sequence, every key,
     split into `ring` calls (one per ring chunk) plus their log-sum-exp merges."""
     s = (q_share if n.tokens else 1.0) * (bat if n.batched else 1.0)
-    t = ring * (hw.op_overhead + hw.attn_overhead) + n.flops * s / hw.attn_rate
+    t = ring * hw.op_time("attn", n.flops * s / ring, hw.attn_rate, hw.op_overhead + hw.attn_overhead)
     if ring > 1:
-        out_bytes = n.bytes / 2 * s  # q/k/v in, out: about half the bytes are the output and q
-        t += (ring - 1) * MERGE_OPS * (hw.op_overhead + out_bytes / hw.mem_bw)
+        out_bytes = n.bytes / 4 * s  # q, k, v in, out: a quarter of the bytes is the output
+        t += (ring - 1) * MERGE_OPS * hw.op_time("mem", out_bytes, hw.mem_bw, hw.op_overhead)
     return t
 
 
@@ -148,7 +149,8 @@ def _sp_site_comm(call: _Call, n: NodeWork, plan: Plan, hw: HardwareProfile, bat
         moved = (u - 1) / u * (2 * qb + 2 * kb) * share
         link = _link(plan, hw, "ulysses")
         # 4 all-to-alls of u-1 messages each, plus the layout copies around them
-        call.add("ulysses", link.time(moved, 4 * (u - 1)) + 2 * moved / hw.mem_bw, "ulysses", moved)
+        copies = 8 * hw.op_time("mem", moved / 4, hw.mem_bw, hw.op_overhead)
+        call.add("ulysses", link.time(moved, 4 * (u - 1)) + copies, "ulysses", moved)
     if r > 1:
         kv_step = 2 * kb / (r * u)  # under PipeFusion: whole buffers, since every patch needs every key
         link = _link(plan, hw, "ring")
