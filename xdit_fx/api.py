@@ -31,7 +31,8 @@ def parallelize(model: nn.Module | Any, plan: Plan | str | None = None) -> Paral
     if plan is None:
         plan = Plan()
     elif isinstance(plan, str) and plan.strip().lower() == "auto":
-        plan = auto_plan(model, env_world_size()).plan
+        # one rank has one plan; more: the cost model's choice (the same on every rank: it reads only shapes)
+        plan = Plan() if env_world_size() == 1 else auto_plan(model, env_world_size()).plan
     elif isinstance(plan, str):
         plan = Plan.from_string(plan)
     pipeline = is_pipeline(model)

@@ -148,9 +148,10 @@ def _sp_site_comm(call: _Call, n: NodeWork, plan: Plan, hw: HardwareProfile, bat
         share = 1.0 / (u * r * patches)
         moved = (u - 1) / u * (2 * qb + 2 * kb) * share
         link = _link(plan, hw, "ulysses")
-        # 4 all-to-alls of u-1 messages each, plus the layout copies around them
+        # 4 all-to-alls (their messages to the u-1 peers in flight together: one latency each), plus the layout
+        # copies around them
         copies = 8 * hw.op_time("mem", moved / 4, hw.mem_bw, hw.op_overhead)
-        call.add("ulysses", link.time(moved, 4 * (u - 1)) + copies, "ulysses", moved)
+        call.add("ulysses", link.time(moved, 4) + copies, "ulysses", moved)
     if r > 1:
         kv_step = 2 * kb / (r * u)  # under PipeFusion: whole buffers, since every patch needs every key
         link = _link(plan, hw, "ring")
@@ -190,7 +191,7 @@ def _gathers(call: _Call, facts: ModelFacts, plan: Plan, hw: HardwareProfile, ba
     out = facts.out_bytes * bat
     if sp > 1:
         moved = (sp - 1) / sp * out
-        call.add("gather", _sp_link(plan, hw).time(moved, sp - 1), "sp", moved)
+        call.add("gather", _sp_link(plan, hw).time(moved), "sp", moved)
 
 
 def sp_call(facts: ModelFacts, plan: Plan, hw: HardwareProfile, bat: float) -> _Call:
@@ -241,7 +242,7 @@ def pipefusion_call(facts: ModelFacts, plan: Plan, hw: HardwareProfile, bat: flo
     call.parts["pipeline"] = pipeline - busy  # bubble, imbalance and the stage's traffic
     out = facts.out_bytes * bat
     if sp > 1:
-        call.add("gather", _sp_link(plan, hw).time((sp - 1) / sp * out, sp - 1), "sp", (sp - 1) / sp * out)
+        call.add("gather", _sp_link(plan, hw).time((sp - 1) / sp * out), "sp", (sp - 1) / sp * out)
     call.add("broadcast", link.time(out, max(1, math.ceil(math.log2(n_st)))), "pipefusion", out)
     return call
 
@@ -301,7 +302,7 @@ def predict(facts: ModelFacts, plan: Plan, hw: HardwareProfile, work: Workload =
     if k > 1:
         out = facts.out_bytes * (bat if work.guidance != "two-call" or plan.cfg_degree == 1 else 1.0)
         link = _link(plan, hw, "cfg" if plan.cfg_degree > 1 else "dp")
-        parts["batch_gather"] = link.time((k - 1) * out, k - 1)
+        parts["batch_gather"] = link.time((k - 1) * out)
         moved["batch"] = (k - 1) * out
     extra = parts.get("batch_gather", 0.0)
     step = sum(parts.values())
