@@ -220,3 +220,20 @@ def test_plan_command_on_a_folder_without_weights(tmp_path, capsys):
     preds = json.loads(out_json.read_text())
     assert [p["per_step_s"] for p in preds] == sorted(p["per_step_s"] for p in preds)
     assert all(p["plan"] != "ulysses=4" for p in preds)
+
+
+def test_generate_plan_auto_sets_the_degrees_before_launch(capsys):
+    """`xdit-fx generate --plan auto --nproc 2` on the digits model (batched CFG): the flags the workers
+    rebuild the plan from are set to the cost model's choice, and the reason is printed."""
+    import argparse
+
+    from xdit_fx.cli.generate import add_arguments, plan_from_args, preflight
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--plan", "auto", "--nproc", "2", "--prompt", "0", "1"])
+    plan, nproc, _ = preflight(args)
+    out = capsys.readouterr().out
+    assert nproc == 2 and plan.world_size == 2
+    assert f"--plan auto: {plan.to_string()} on 2 ranks" in out and " wins (" in out
+    assert plan_from_args(args) == plan  # what each worker rebuilds

@@ -106,3 +106,45 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump([prediction_dict(p) for p in preds], f, indent=1)
     return 0 if preds and preds[0].fits else 1
+
+
+def auto_for_model(model: str | None, world_size: int, *, hardware: str | None = None, height: int | None = None,
+                   width: int | None = None, frames: int | None = None, images: int = 1, steps: int = 20):
+    """The cost model's choice for a pipeline folder (or the digits model: None), as `--plan auto` of
+    `generate` and `serve` resolves it before any process starts: a Prediction. The folder is read on the meta
+    device; guidance comes from the pipeline class's call signature (digits: batched)."""
+    from xdit_fx.compiler.plan_search import choose_plan
+    from xdit_fx.plan import Plan
+
+    if world_size == 1:
+        return None, Plan()
+    args = argparse.Namespace(model=model, world_size=world_size, nodes=1, frames=frames or 1, text_len=512,
+                              batch=images, guidance=None, steps=steps, dtype=None, config=None, input=[],
+                              hardware=hardware or _default_hardware(), height=height or 1024, width=width or 1024)
+    if model is None:  # the digits model: no VAE, its 16x16 latent is the image (derive_inputs divides by 8)
+        from xdit_fx.digits import pipeline as digits_pipeline
+
+        args.model = os.path.join(os.path.dirname(digits_pipeline.__file__), "checkpoint")
+        args.height = args.width = 16 * 8
+        args.guidance, args.dtype = "batched", "float32"
+    preds, rejected, facts, hw, work = plan_report(args)
+    best = choose_plan(facts, world_size, hw, work)
+    return preds, best.plan
+
+
+def _default_hardware() -> str:
+    import torch
+
+    return "h100-nvlink" if torch.cuda.is_available() else "cpu-gloo"
+
+
+def resolve_auto(model: str | None, world_size: int | None, **kw) -> str:
+    """`--plan auto` for a command: the chosen plan's string; prints the ranking's head and the reason."""
+    from xdit_fx.compiler.plan_search import explain
+
+    if world_size is None:
+        raise XditFxError("--plan auto needs --nproc N (the ranks to plan for)")
+    preds, plan = auto_for_model(model, world_size, **kw)
+    if preds:
+        print(f"--plan auto: {plan.to_string()} on {world_size} ranks. {explain(preds)}", flush=True)
+    return plan.to_string()
