@@ -139,14 +139,20 @@ def _flux_analytic(plan: Plan, model, inputs) -> dict[str, int]:
     return expected
 
 
-@pytest.mark.parametrize("plan_text", ["ulysses=2", "ring=2", "ulysses=2,ring=2", "ulysses=4"])
-def test_cost_model_bytes_equal_the_analytic_count(plan_text):
+@pytest.fixture(scope="module")
+def flux_meta():
+    """A tiny Flux on the meta device, its inputs and its ModelFacts (one capture for the tests below)."""
     from xdit_fx.zoo import build_flux, flux_inputs
 
     with torch.device("meta"):
         model = build_flux(num_layers=1, num_single_layers=2, heads=4, head_dim=16)
     inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in flux_inputs(4, 8, 8).items()}
-    facts = model_facts(model, inputs)
+    return model, inputs, model_facts(model, inputs)
+
+
+@pytest.mark.parametrize("plan_text", ["ulysses=2", "ring=2", "ulysses=2,ring=2", "ulysses=4"])
+def test_cost_model_bytes_equal_the_analytic_count(plan_text, flux_meta):
+    model, inputs, facts = flux_meta
     plan = Plan.from_string(plan_text)
     pred = predict(facts, plan, load_profile("h100-nvlink"))
     got = {k: round(v) for k, v in pred.bytes.items()}
