@@ -98,13 +98,16 @@ def _site(node: fx.Node) -> tuple | None:
 
 
 def _segments(gm: fx.GraphModule) -> tuple[int, ...]:
+    """Token segments of the longest sharded query sequence (a token refiner's text attention comes first in
+    some models; the image/video sequence is the long one)."""
+    best: tuple[int, ...] = ()
     for node in gm.graph.nodes:
         q = sdpa_args(node)["query"] if is_sdpa(node) else None
         if isinstance(q, fx.Node):
             lay = (q.meta.get(META_TOKEN_DIMS) or {}).get(None)
-            if lay is not None and not isinstance(lay, str):
-                return tuple(length for length, _ in lay.segments)
-    return ()
+            if lay is not None and not isinstance(lay, str) and sum(n for n, _ in lay.segments) > sum(best):
+                best = tuple(length for length, _ in lay.segments)
+    return best
 
 
 def _block_index(gm: fx.GraphModule) -> dict[fx.Node, tuple[str, int | None]]:
@@ -182,7 +185,7 @@ def facts_from_graphs(graphs: list[fx.GraphModule], batch: int, description: str
         block_params += pb
         other += po
         cuts += ([0] if cuts and nb else []) + _cut_bytes(gm, placed, nb)
-        segments = segments or _segments(gm)
+        segments = max(segments, _segments(gm), key=sum)
         for n in gm.graph.nodes:
             kind = _kind(n)
             if n.op == "output":
