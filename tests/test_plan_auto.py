@@ -243,3 +243,16 @@ def test_generate_plan_auto_sets_the_degrees_before_launch(capsys):
     assert nproc == 2 and plan.world_size == 2
     assert f"--plan auto: {plan.to_string()} on 2 ranks" in out and " wins (" in out
     assert plan_from_args(args) == plan  # what each worker rebuilds
+
+
+def test_dump_plan_auto_writes_the_choice(tmp_path, capsys):
+    from xdit_fx.cli import main
+
+    out = tmp_path / "d"
+    assert main(["dump", "scratch_dit", "--plan", "auto", "--world-size", "2", "--hardware", "h100-nvlink",
+                 "--out", str(out)]) == 0
+    text = (out / "plan_choice.md").read_text()
+    chosen = text.splitlines()[0].removeprefix("# Plan choice: ")
+    assert " wins (" in text and "| 1 | " + chosen + " |" in text
+    assert json.loads((out / "plan.json").read_text())  # the dump itself is of the chosen plan
+    assert f"chose {chosen}" in capsys.readouterr().out
