@@ -256,3 +256,18 @@ def test_dump_plan_auto_writes_the_choice(tmp_path, capsys):
     assert " wins (" in text and "| 1 | " + chosen + " |" in text
     assert json.loads((out / "plan.json").read_text())  # the dump itself is of the chosen plan
     assert f"chose {chosen}" in capsys.readouterr().out
+
+
+def test_serve_plan_auto_resolves_before_launch(capsys):
+    import argparse
+
+    pytest.importorskip("fastapi")
+    from xdit_fx.serve.cli import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    config = config_from_args(p.parse_args(["--plan", "auto", "--nproc", "2", "--port", "0"]))
+    assert Plan.from_string(config["plan"]).world_size == 2 and config["nproc"] == 2
+    assert f"--plan auto: {config['plan']} on 2 ranks" in capsys.readouterr().out
+    with pytest.raises(PlanError, match="--plan auto needs --nproc"):
+        config_from_args(p.parse_args(["--plan", "auto"]))
