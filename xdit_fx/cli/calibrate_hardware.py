@@ -4,6 +4,8 @@ Two processes (torchrun's launcher, one torch thread each unless OMP_NUM_THREADS
 `xdit-fx run` starts ranks) measure at the same time, so the compute rates are those of ranks that share the
 machine as a parallel run does:
 
+Each size's time is the fastest of --repeats calls (see `timed`).
+
 * GEMM: linears of the sizes a DiT runs (tokens x width x width), fitted ``t = overhead + flops / rate``;
 * attention: SDPA on [1, 8, L, 64] for L = 128..2048, fitted the same way;
 * memory: elementwise adds of 1e3..4e6 elements, fitted ``t = overhead + bytes / bandwidth``; views;
@@ -20,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from typing import Callable
 
@@ -34,10 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="cpu-gloo", help="profile name (default cpu-gloo)")
     p.add_argument("--memory-gib", type=float, default=None,
                    help="usable memory per rank (default: the GPU's, or the machine's RAM / 2)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7, help="calls per size; the fastest counts (default 7)")
 
 
 def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    """The fastest of `repeats` calls: on a machine shared with other jobs the others only ever add time, so
+    the minimum is the op's own cost (the median measures the neighbours)."""
     fn()
     sync()
     out = []
@@ -46,7 +49,19 @@ def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> f
         fn()
         sync()
         out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    return min(out)
+
+
+def monotone(points: list[tuple[float, float]]) -> list[list[float]]:
+    """Sorted by size, each time capped by every larger size's time (a larger op of the same kind is never
+    faster: a time above that is an interruption)."""
+    pts = sorted(points)
+    out: list[list[float]] = []
+    cap = float("inf")
+    for x, t in reversed(pts):
+        cap = min(cap, t)
+        out.append([x, cap])
+    return out[::-1]
 
 
 def fit_affine(xs: list[float], ts: list[float]) -> tuple[float, float, float]:
@@ -166,8 +181,8 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
     aa, ab, aw = fit_affine(*c["attn"])
     ma, mb, mw = fit_affine(*c["mem"])
     la, lb, lw = fit_affine(*raw["link"]["p2p"])
-    link = {"bandwidth": 1.0 / lb, "latency": la, "points": [list(p) for p in zip(*raw["link"]["p2p"])]}
-    curves = {k: [list(p) for p in zip(*c[k])] for k in ("gemm", "attn", "mem")}
+    link = {"bandwidth": 1.0 / lb, "latency": la, "points": monotone(list(zip(*raw["link"]["p2p"])))}
+    curves = {k: monotone(list(zip(*c[k]))) for k in ("gemm", "attn", "mem")}
     return {
         "name": name, "gemm_rate": 1.0 / gb, "attn_rate": 1.0 / ab, "mem_bw": 1.0 / mb, "op_overhead": ma,
         "view_overhead": c["view"], "memory": memory, "intra": link, "inter": link, "gpus_per_node": 2,
@@ -182,7 +197,7 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
             "intra": f"{src}: send/recv ping-pong 1 KiB..16 MiB, fit worst residual {lw:.0%}",
             "inter": "no second node here: the intra-node link",
             "ring_overlap": f"{src}: isend/irecv of 4 MiB beside 4 linears 512x1024x1024",
-            "curves": f"{src}: the measured points themselves (interpolated log-log; used instead of the fits)",
+            "curves": f"{src}: the fastest of --repeats at each size, capped by larger sizes' times (interpolated log-log; used instead of the fits)",
             "memory": "--memory-gib, or the device's / half the machine's RAM",
         }}
 
