@@ -133,6 +133,40 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return num / den if den else float("nan")
 
 
+def predictions(name: str, hardware: str):
+    from xdit_fx.compiler.hardware import load_profile
+    from xdit_fx.compiler.plan_cost import Workload, predict
+    from xdit_fx.compiler.plan_facts import model_facts
+    from xdit_fx.compiler.plan_search import candidate_plans
+
+    model, inputs, guidance = build(name, "meta")
+    facts = model_facts(model, inputs, name)
+    work = Workload(guidance=guidance)
+    hw = load_profile(hardware).with_nodes(1, 2)
+    plans, rejected = candidate_plans(facts, 2, work)
+    return facts, plans, rejected, {p.to_string(): predict(facts, p, hw, work) for p in plans}, guidance
+
+
+def tabulate(name: str, hardware: str, measured: dict[str, list[float]]) -> dict:
+    """Rows (predicted vs measured) of one model from its measured times per plan."""
+    facts, plans, rejected, preds, guidance = predictions(name, hardware)
+    rows = []
+    for p in plans:
+        pred = preds[p.to_string()]
+        m = min(measured[p.to_string()])
+        rows.append({"plan": p.to_string(), "predicted_s": pred.step_s, "measured_s": m,
+                     "measured_median_s": statistics.median(measured[p.to_string()]),
+                     "measured_all_s": measured[p.to_string()], "error": pred.step_s / m - 1,
+                     "parts": pred.parts, "bottleneck": pred.bottleneck})
+    rho = spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows])
+    rho_median = spearman([r["predicted_s"] for r in rows], [r["measured_median_s"] for r in rows])
+    best_pred = min(rows, key=lambda r: r["predicted_s"])["plan"]
+    best_meas = min(rows, key=lambda r: r["measured_s"])["plan"]
+    return {"model": name, "tokens": facts.tokens, "batch": facts.batch, "guidance": guidance, "rows": rows,
+            "spearman": rho, "spearman_median": rho_median, "predicted_best": best_pred, "measured_best": best_meas,
+            "rejected": [r.__dict__ for r in rejected]}
+
+
 def run_model(name: str, hardware: str, repeats: int) -> dict:
     from xdit_fx.compiler.hardware import load_profile
     from xdit_fx.compiler.plan_cost import Workload, predict
@@ -200,9 +234,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--render", help="re-render the markdown of a JSON results file")
+    ap.add_argument("--repredict", help="a JSON results file: keep its measurements, predict again with --hardware")
     args = ap.parse_args(argv)
     if args.render:
         results = json.load(open(args.render))
+    elif args.repredict:
+        results = json.load(open(args.repredict))
+        results["hardware"] = args.hardware
+        for i, m in enumerate(results["models"]):
+            new = tabulate(m["model"], args.hardware, {r["plan"]: r["measured_all_s"] for r in m["rows"]})
+            results["models"][i] = {**m, **new}
     else:
         results = {"hardware": args.hardware, "repeats": args.repeats,
                    "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": []}

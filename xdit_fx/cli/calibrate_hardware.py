@@ -4,7 +4,7 @@ Two processes (torchrun's launcher, one torch thread each unless OMP_NUM_THREADS
 `xdit-fx run` starts ranks) measure at the same time, so the compute rates are those of ranks that share the
 machine as a parallel run does:
 
-Each size's time is the fastest of --repeats calls (see `timed`).
+Each size's time per call is the fastest of --repeats batches of calls of at least 0.15 s (see `timed`).
 
 * GEMM: linears of the sizes a DiT runs (tokens x width x width), fitted ``t = overhead + flops / rate``;
 * attention: SDPA on [1, 8, L, 64] for L = 128..2048, fitted the same way;
@@ -35,21 +35,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="cpu-gloo", help="profile name (default cpu-gloo)")
     p.add_argument("--memory-gib", type=float, default=None,
                    help="usable memory per rank (default: the GPU's, or the machine's RAM / 2)")
-    p.add_argument("--repeats", type=int, default=7, help="calls per size; the fastest counts (default 7)")
+    p.add_argument("--repeats", type=int, default=3, help="batches per size; the fastest counts (default 3)")
 
 
-def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    """The fastest of `repeats` calls: on a machine shared with other jobs the others only ever add time, so
-    the minimum is the op's own cost (the median measures the neighbours)."""
+def timed(fn: Callable[[], object], repeats: int, sync: Callable[[], None], batch_s: float = 0.15,
+          agree: Callable[[int], int] | None = None) -> float:
+    """Seconds per call: `fn` runs in batches of at least `batch_s` seconds (so that every size sees the
+    machine's contention over the same stretch of time, as a model's forward does), and the fastest of
+    `repeats` batches counts (other jobs on a shared machine only ever add time)."""
     fn()
     sync()
-    out = []
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, int(batch_s / once))
+    if agree is not None:  # calls that talk to the other rank: both must make the same number
+        n = agree(n)
+    best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(n):
+            fn()
         sync()
-        out.append(time.perf_counter() - t0)
-    return min(out)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
 
 
 def monotone(points: list[tuple[float, float]]) -> list[list[float]]:
@@ -106,6 +116,14 @@ def _compute(dev: torch.device, repeats: int, sync) -> dict:
     return {"gemm": (gemm_x, gemm_t), "attn": (att_x, att_t), "mem": (mem_x, mem_t), "view": view_t}
 
 
+def _agree(n: int) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def _link(dev: torch.device, repeats: int, sync) -> dict:
     import torch.distributed as dist
 
@@ -123,7 +141,7 @@ def _link(dev: torch.device, repeats: int, sync) -> dict:
                 dist.send(buf, 0)
         dist.barrier()
         xs.append(n * 4.0)
-        ts.append(timed(pingpong, repeats, sync) / 2)
+        ts.append(timed(pingpong, repeats, sync, agree=_agree) / 2)
     return {"p2p": (xs, ts)}
 
 
@@ -149,7 +167,7 @@ def _overlap(dev: torch.device, repeats: int, sync) -> float:
         compute()
         for r in reqs:
             r.wait()
-    t_comm, t_comp, t_both = (timed(f, repeats, sync) for f in (exchange, compute, both))
+    t_comm, t_comp, t_both = (timed(f, repeats, sync, agree=_agree) for f in (exchange, compute, both))
     return max(0.0, min(1.0, (t_comm + t_comp - t_both) / max(min(t_comm, t_comp), 1e-9)))
 
 
@@ -197,7 +215,7 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
             "intra": f"{src}: send/recv ping-pong 1 KiB..16 MiB, fit worst residual {lw:.0%}",
             "inter": "no second node here: the intra-node link",
             "ring_overlap": f"{src}: isend/irecv of 4 MiB beside 4 linears 512x1024x1024",
-            "curves": f"{src}: the fastest of --repeats at each size, capped by larger sizes' times (interpolated log-log; used instead of the fits)",
+            "curves": f"{src}: per size, the fastest of --repeats batches of >= 0.15 s, capped by larger sizes' times (interpolated log-log; used instead of the fits)",
             "memory": "--memory-gib, or the device's / half the machine's RAM",
         }}
 
