@@ -168,35 +168,13 @@ def tabulate(name: str, hardware: str, measured: dict[str, list[float]]) -> dict
 
 
 def run_model(name: str, hardware: str, repeats: int) -> dict:
-    from xdit_fx.compiler.hardware import load_profile
-    from xdit_fx.compiler.plan_cost import Workload, predict
-    from xdit_fx.compiler.plan_facts import model_facts
-    from xdit_fx.compiler.plan_search import candidate_plans
     from xdit_fx.runtime.launch import launch
 
-    model, inputs, guidance = build(name, "meta")
-    facts = model_facts(model, inputs, name)
-    work = Workload(guidance=guidance)
-    hw = load_profile(hardware).with_nodes(1, 2)
-    plans, rejected = candidate_plans(facts, 2, work)
+    _, plans, _, _, _ = predictions(name, hardware)
     load_before = os.getloadavg()
     measured = launch(time_worker, 2, (name, [p.to_string() for p in plans], repeats))[0]
     load_after = os.getloadavg()
-    rows = []
-    for p in plans:
-        pred = predict(facts, p, hw, work)
-        m = min(measured[p.to_string()])
-        rows.append({"plan": p.to_string(), "predicted_s": pred.step_s, "measured_s": m,
-                     "measured_median_s": statistics.median(measured[p.to_string()]),
-                     "measured_all_s": measured[p.to_string()], "error": pred.step_s / m - 1,
-                     "parts": pred.parts, "bottleneck": pred.bottleneck})
-    rho = spearman([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows])
-    rho_median = spearman([r["predicted_s"] for r in rows], [r["measured_median_s"] for r in rows])
-    best_pred = min(rows, key=lambda r: r["predicted_s"])["plan"]
-    best_meas = min(rows, key=lambda r: r["measured_s"])["plan"]
-    return {"model": name, "tokens": facts.tokens, "batch": facts.batch, "guidance": guidance, "rows": rows,
-            "spearman": rho, "spearman_median": rho_median, "predicted_best": best_pred, "measured_best": best_meas,
-            "rejected": [r.__dict__ for r in rejected], "loadavg_before": load_before, "loadavg_after": load_after}
+    return {**tabulate(name, hardware, measured), "loadavg_before": load_before, "loadavg_after": load_after}
 
 
 def render(results: dict) -> str:
