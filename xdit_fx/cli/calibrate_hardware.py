@@ -171,6 +171,36 @@ def _overlap(dev: torch.device, repeats: int, sync) -> float:
     return max(0.0, min(1.0, (t_comm + t_comp - t_both) / max(min(t_comm, t_comp), 1e-9)))
 
 
+def _solo_speedup(dev: torch.device, repeats: int, sync) -> float:
+    """How much faster one rank computes while the other waits in a receive (PipeFusion's fill and drain)
+    than while both compute: 1 where each rank has a device of its own, more where ranks share CPU cores."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    a, w = torch.randn(1024, 512, device=dev), torch.randn(512, 512, device=dev)
+    flag = torch.zeros(1, device=dev)
+
+    def work():
+        for _ in range(20):
+            torch.nn.functional.linear(a, w)
+
+    both = timed(work, repeats, sync, agree=_agree)
+    solo = []
+    for _ in range(repeats):
+        dist.barrier()
+        if rank == 0:
+            t0 = time.perf_counter()
+            work()
+            sync()
+            solo.append(time.perf_counter() - t0)
+            dist.send(flag, 1)
+        else:
+            dist.recv(flag, 0)
+    t = torch.tensor([min(solo) if solo else 0.0], dtype=torch.float64, device=dev)
+    dist.broadcast(t, 0)
+    return max(1.0, both / float(t))
+
+
 def calibrate_worker(repeats: int) -> dict:
     import torch.distributed as dist
 
@@ -183,7 +213,8 @@ def calibrate_worker(repeats: int) -> dict:
     torch.manual_seed(0)
     with torch.no_grad():
         out = {"compute": _compute(dev, repeats, sync), "link": _link(dev, repeats, sync),
-               "overlap": _overlap(dev, repeats, sync), "threads": torch.get_num_threads(), "cuda": cuda,
+               "overlap": _overlap(dev, repeats, sync), "solo_speedup": _solo_speedup(dev, repeats, sync),
+               "threads": torch.get_num_threads(), "cuda": cuda,
                "memory": torch.cuda.get_device_properties(dev).total_memory if cuda else None}
     dist.barrier()
     dist.destroy_process_group()
@@ -205,7 +236,7 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
         "name": name, "gemm_rate": 1.0 / gb, "attn_rate": 1.0 / ab, "mem_bw": 1.0 / mb, "op_overhead": ma,
         "view_overhead": c["view"], "memory": memory, "intra": link, "inter": link, "gpus_per_node": 2,
         "ring_overlap": raw["overlap"], "gemm_overhead": max(0.0, ga - ma), "attn_overhead": max(0.0, aa - ma),
-        "curves": curves,
+        "curves": curves, "solo_speedup": raw["solo_speedup"],
         "sources": {
             "gemm_rate": f"{src}: linear [M,K]x[K,K], M 64..4096, K 256..2048, fit worst residual {gw:.0%}",
             "attn_rate": f"{src}: SDPA [1,8,L,64], L 128..2048, fit worst residual {aw:.0%}",
@@ -216,6 +247,7 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
             "inter": "no second node here: the intra-node link",
             "ring_overlap": f"{src}: isend/irecv of 4 MiB beside 4 linears 512x1024x1024",
             "curves": f"{src}: per size, the fastest of --repeats batches of >= 0.15 s, capped by larger sizes' times (interpolated log-log; used instead of the fits)",
+            "solo_speedup": f"{src}: 20 linears 1024x512x512 on rank 0 while rank 1 waits in recv, vs both computing",
             "memory": "--memory-gib, or the device's / half the machine's RAM",
         }}
 

@@ -73,6 +73,9 @@ class HardwareProfile:
     inter: Link                 # between nodes
     gpus_per_node: int = 8
     ring_overlap: float = 1.0
+    #: compute speed of a rank while the others wait (PipeFusion's fill and drain) over its speed while all
+    #: compute: 1 with a device per rank; above 1 where ranks share CPU cores or memory bandwidth
+    solo_speedup: float = 1.0
     gemm_overhead: float = 0.0  # extra s per matmul-class call beyond op_overhead (small-GEMM inefficiency)
     attn_overhead: float = 0.0  # extra s per attention call
     #: measured (size, seconds) per op class (gemm, attn: FLOPs; mem: bytes) used instead of the affine
@@ -135,6 +138,7 @@ def _gpu(name: str, dense_bf16_tf: float, hbm_tb: float, mem_gb: float, link_gb:
         "inter": f"{inter_gb:g} GB/s per GPU (one 400 Gb/s NDR InfiniBand NIC per GPU); {_NCCL}",
         "gpus_per_node": f"{per_node} GPUs per node (HGX/typical server)",
         "ring_overlap": "ring P2P on a side stream overlaps the chunk's attention kernel",
+        "solo_speedup": "one GPU per rank: a waiting rank does not speed up the others",
     }
     sources.update(extra or {})
     return HardwareProfile(

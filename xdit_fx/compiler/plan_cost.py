@@ -233,7 +233,9 @@ def pipefusion_call(facts: ModelFacts, plan: Plan, hw: HardwareProfile, bat: flo
             stage_call.add("pipeline_p2p", link.time(moved), "pipefusion", moved)
         per_stage.append(stage_call)
     times = [c.total for c in per_stage]
-    pipeline = sum(times) + (patches - 1) * max(times)
+    # fill and drain: each stage's first/last patches run while other stages wait (faster where ranks share
+    # cores: hardware.solo_speedup); the M-1 patches between run at the slowest stage's pace
+    pipeline = sum(times) / (hw.solo_speedup if n_st > 1 else 1.0) + (patches - 1) * max(times)
     busy = sum(c.parts.get("compute", 0.0) for c in per_stage) / n_st * patches
     for c in per_stage:  # the bytes this rank moves: one stage's (the busiest) traffic, M times
         for axis, nbytes in c.bytes.items():
