@@ -142,7 +142,10 @@ def explain(preds: list[Prediction]) -> str:
     best = preds[0]
     if len(preds) == 1:
         return f"{best.plan.to_string()} is the only plan the model allows on this world size."
-    other = next((p for p in preds[1:] if p.fits), preds[1])
+    other = next((p for p in preds[1:] if p.fits), None)
+    if other is None:
+        return (f"{best.plan.to_string()} is the only plan that fits in memory ({best.memory['total'] / GIB:.3g} GiB "
+                f"per rank); the others need more.")
     diffs = {k: other.parts.get(k, 0.0) - best.parts.get(k, 0.0) for k in set(best.parts) | set(other.parts)}
     part = max(diffs, key=diffs.get)
     return (f"{best.plan.to_string()} wins ({best.per_step_s * 1e3:.4g} ms/step vs {other.per_step_s * 1e3:.4g} ms "
