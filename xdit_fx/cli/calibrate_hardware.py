@@ -171,6 +171,42 @@ def _overlap(dev: torch.device, repeats: int, sync) -> float:
     return max(0.0, min(1.0, (t_comm + t_comp - t_both) / max(min(t_comm, t_comp), 1e-9)))
 
 
+def _sync_latency(dev: torch.device, repeats: int, sync) -> float:
+    """Extra seconds per message exchanged between stretches of compute (a model's pattern: compute, then a
+    collective), over the same compute alone: where ranks share cores with other jobs, the peer may have to
+    be scheduled again before it answers. Per message of a round trip."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    a, w = torch.randn(256, 512, device=dev), torch.randn(512, 512, device=dev)
+    buf = torch.zeros(1024, device=dev)
+
+    def compute():
+        for _ in range(8):
+            torch.nn.functional.linear(a, w)
+
+    def step():
+        compute()
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        else:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+
+    def pingpong():
+        if rank == 0:
+            dist.send(buf, 1)
+            dist.recv(buf, 1)
+        else:
+            dist.recv(buf, 0)
+            dist.send(buf, 0)
+    t_step = timed(step, repeats, sync, agree=_agree)
+    t_compute = timed(compute, repeats, sync, agree=_agree)
+    t_pp = timed(pingpong, repeats, sync, agree=_agree)
+    return max(0.0, (t_step - t_compute - t_pp) / 2)
+
+
 def _solo_speedup(dev: torch.device, repeats: int, sync) -> float:
     """How much faster one rank computes while the other waits in a receive (PipeFusion's fill and drain)
     than while both compute: 1 where each rank has a device of its own, more where ranks share CPU cores."""
@@ -214,6 +250,7 @@ def calibrate_worker(repeats: int) -> dict:
     with torch.no_grad():
         out = {"compute": _compute(dev, repeats, sync), "link": _link(dev, repeats, sync),
                "overlap": _overlap(dev, repeats, sync), "solo_speedup": _solo_speedup(dev, repeats, sync),
+               "sync_latency": _sync_latency(dev, repeats, sync),
                "threads": torch.get_num_threads(), "cuda": cuda,
                "memory": torch.cuda.get_device_properties(dev).total_memory if cuda else None}
     dist.barrier()
@@ -230,7 +267,8 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
     aa, ab, aw = fit_affine(*c["attn"])
     ma, mb, mw = fit_affine(*c["mem"])
     la, lb, lw = fit_affine(*raw["link"]["p2p"])
-    link = {"bandwidth": 1.0 / lb, "latency": la, "points": monotone(list(zip(*raw["link"]["p2p"])))}
+    link = {"bandwidth": 1.0 / lb, "latency": la, "points": monotone(list(zip(*raw["link"]["p2p"]))),
+            "sync": raw.get("sync_latency", 0.0)}
     curves = {k: monotone(list(zip(*c[k]))) for k in ("gemm", "attn", "mem")}
     return {
         "name": name, "gemm_rate": 1.0 / gb, "attn_rate": 1.0 / ab, "mem_bw": 1.0 / mb, "op_overhead": ma,
@@ -245,6 +283,8 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
             "view_overhead": f"{src}: median of 100 views",
             "intra": f"{src}: send/recv ping-pong 1 KiB..16 MiB, fit worst residual {lw:.0%}",
             "inter": "no second node here: the intra-node link",
+            "intra.sync": f"{src}: round trips of 4 KiB after 8 linears 256x512x512 each, minus the compute and "
+                          f"the bare round trip, per message",
             "ring_overlap": f"{src}: isend/irecv of 4 MiB beside 4 linears 512x1024x1024",
             "curves": f"{src}: per size, the fastest of --repeats batches of >= 0.15 s, capped by larger sizes' times (interpolated log-log; used instead of the fits)",
             "solo_speedup": f"{src}: 20 linears 1024x512x512 on rank 0 while rank 1 waits in recv, vs both computing",

@@ -53,11 +53,14 @@ class Link:
     bandwidth: float
     latency: float
     points: tuple = ()
+    #: extra seconds per message when the ranks have been computing in between (a peer that lost its core
+    #: to another job must be scheduled again first): 0 with a device per rank, measured on shared CPUs
+    sync: float = 0.0
 
     def time(self, nbytes: float, messages: int = 1) -> float:
         if self.points:
-            return messages * interpolate(self.points, nbytes / max(messages, 1))
-        return messages * self.latency + nbytes / self.bandwidth
+            return messages * (interpolate(self.points, nbytes / max(messages, 1)) + self.sync)
+        return messages * (self.latency + self.sync) + nbytes / self.bandwidth
 
 
 @dataclass(frozen=True)
