@@ -6,7 +6,7 @@
     pipe = xdit_fx.parallelize(pipe, "cfg=2,ulysses=2")  # a whole pipeline: CFG, data parallel, VAE
 """
 
-from xdit_fx.api import parallelize
+from xdit_fx.api import auto_plan, parallelize
 from xdit_fx.cache_config import FirstBlockCache, TeaCache
 from xdit_fx.loading import load_pipeline, local_device
 from xdit_fx.errors import MissingBackend, PassError, PlanError, UnsupportedGraph, XditFxError
@@ -17,5 +17,5 @@ from xdit_fx.runtime.groups import init_distributed
 from xdit_fx.version import __version__
 
 __all__ = ["FirstBlockCache", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "TeaCache", "UnsupportedGraph",
-           "XditFxError", "__version__", "counting", "init_distributed", "load_pipeline",
+           "XditFxError", "__version__", "auto_plan", "counting", "init_distributed", "load_pipeline",
            "local_device", "parallelize"]

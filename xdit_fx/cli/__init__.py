@@ -1,4 +1,4 @@
-"""`xdit-fx`: demo | generate | calibrate-cache | run | serve | coverage | passes | dump | diff (the last three live in
+"""`xdit-fx`: demo | generate | calibrate-cache | plan | calibrate-hardware | run | serve | coverage | passes | dump | diff (the last three live in
 dump_cli.py)."""
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from xdit_fx.cli.calibrate import run
+
+    return run(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from xdit_fx.cli.plan import run
+
+    return run(args)
+
+
+def _cmd_calibrate_hardware(args: argparse.Namespace) -> int:
+    from xdit_fx.cli.calibrate_hardware import run
 
     return run(args)
 
@@ -76,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     from xdit_fx.cli.calibrate import add_arguments as _calibrate_arguments
     _calibrate_arguments(p)
     p.set_defaults(fn=_cmd_calibrate)
+
+    p = sub.add_parser("plan", help="rank the plans a model allows on N ranks by predicted time per step "
+                                    "(cost model over the captured graph; no weights needed)")
+    from xdit_fx.cli.plan import add_arguments as _plan_arguments
+    _plan_arguments(p)
+    p.set_defaults(fn=_cmd_plan)
+
+    p = sub.add_parser("calibrate-hardware", help="measure this machine's GEMM / attention / memory rates and "
+                                                  "collective bandwidth; write a hardware profile (JSON)")
+    from xdit_fx.cli.calibrate_hardware import add_arguments as _hw_arguments
+    _hw_arguments(p)
+    p.set_defaults(fn=_cmd_calibrate_hardware)
 
     p = sub.add_parser("run", help="run a script on N local processes (torchrun's launcher)")
     p.add_argument("--nproc", type=int, required=True)

@@ -24,7 +24,11 @@ def add_subcommands(sub) -> None:
                     "MODEL: a zoo name (e.g. flux, scratch_dit), a diffusers model folder with config.json "
                     "(built on the meta device: no weights needed), or package.module:Class with --config.")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--plan", default="ulysses=2", help="plan string (default ulysses=2)")
+    p.add_argument("--plan", default="ulysses=2", help="plan string (default ulysses=2), or 'auto' with "
+                                                       "--world-size: the cost model's choice, written to "
+                                                       "plan_choice.md beside the dump")
+    p.add_argument("--world-size", type=int, default=None, help="with --plan auto: the ranks to plan for")
+    p.add_argument("--hardware", default="cpu-gloo", help="with --plan auto: the hardware profile (see xdit-fx plan)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--format", default="text", help="text, html or text,html (html implies text)")
     p.add_argument("--config", help="JSON file or JSON object for package.module:Class")
@@ -110,6 +114,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     from xdit_fx.debug.model import InputSizes, load_model, parse_tool_plan
 
     formats = _formats(args.format)
+    choice = _auto_choice(args) if args.plan.strip().lower() == "auto" else None
     tp = parse_tool_plan(args.plan)  # plan errors before any model is built
     sizes = InputSizes(height=args.height, width=args.width, frames=args.frames, text_len=args.text_len,
                        batch=args.batch)
@@ -120,6 +125,12 @@ def cmd_dump(args: argparse.Namespace) -> int:
     res = dump_module(loaded.model, loaded.inputs, tp, args.out, formats=formats, model_name=loaded.description,
                       notes=loaded.notes)
     total = time.perf_counter() - t0
+    if choice is not None:
+        import os
+
+        with open(os.path.join(args.out, "plan_choice.md"), "w") as f:
+            f.write(choice)
+        print(f"xdit-fx dump: --plan auto chose {args.plan} -> {args.out}/plan_choice.md")
     graphs = f"{res.graphs} graph{'s' if res.graphs != 1 else ''}"
     print(f"xdit-fx dump: {loaded.description} under {tp_string(tp)}: {graphs} -> {args.out}/index.md"
           + (f" and {args.out}/index.html" if "html" in formats and res.graphs == 1 else ""))
@@ -128,6 +139,23 @@ def cmd_dump(args: argparse.Namespace) -> int:
             print(f"  {s.index}. {s.name:<24} {'changed' if s.changed else '       '}  {s.summary}")
     print(f"  time: build {build_s:.1f}s, capture {res.capture_s:.1f}s, passes {res.passes_s:.1f}s, total {total:.1f}s")
     return 0
+
+
+def _auto_choice(args: argparse.Namespace) -> str:
+    """Resolve --plan auto (sets args.plan) and return the plan_choice.md text: the ranking and the reason."""
+    from xdit_fx.cli.plan import plan_report
+    from xdit_fx.compiler.plan_search import choose_plan, explain, format_table
+
+    if args.world_size is None:
+        raise XditFxError("--plan auto needs --world-size N")
+    ns = argparse.Namespace(**{**vars(args), "nodes": 1, "guidance": None, "steps": 20})
+    preds, rejected, facts, hw, work = plan_report(ns)
+    best = choose_plan(facts, args.world_size, hw, work)
+    args.plan = best.plan.to_string()
+    refused = "".join(f"- {r.plan}: {r.reason}\n" for r in rejected)
+    return (f"# Plan choice: {args.plan}\n\n{facts.description}, {args.world_size} ranks, hardware {hw.name}; "
+            f"predicted {best.per_step_s * 1e3:.4g} ms per step, {best.memory['total'] / 2 ** 30:.3g} GiB per "
+            f"rank.\n\n{explain(preds)}\n\n{format_table(preds)}\n\nRefused:\n{refused}")
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

@@ -94,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ray_world_size", type=int, default=None, help="(not built)")
     g.add_argument("--nproc", type=int, default=None,
                    help="launch this many local processes (default: the product of the degrees)")
+    g.add_argument("--plan", default=None, help="'auto': the cost model picks the degrees for --nproc ranks "
+                                                "(xdit-fx plan shows its ranking); or a plan string")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--warmup_steps", type=int, default=1,
@@ -162,6 +164,23 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                 pipefusion_patches=args.num_pipeline_patch or 0, pipefusion_warmup_steps=args.warmup_steps,
                 dp_degree=args.data_parallel_degree, compile=args.use_torch_compile,
                 parallel_vae=not args.no_parallel_vae, cache=cache_from_args(args))
+
+
+def apply_plan_flag(args: argparse.Namespace) -> None:
+    """--plan auto|STRING: set the degree flags from it (the workers rebuild the plan from the flags)."""
+    text = args.plan
+    if text.strip().lower() == "auto":
+        from xdit_fx.cli.plan import resolve_auto
+
+        model = None if args.model == DIGITS else resolve_model(args.model, args.download_dir)
+        images = max(1, len(args.prompt or [None])) * (getattr(args, "num_images_per_prompt", None) or 1)
+        text = resolve_auto(model, args.nproc, height=args.height, width=args.width, frames=args.num_frames,
+                            images=images, steps=args.num_inference_steps or 20)
+    plan = Plan.from_string(text)
+    args.ulysses_degree, args.ring_degree = plan.ulysses_degree, plan.ring_degree
+    args.pipefusion_parallel_degree, args.use_cfg_parallel = plan.pipefusion_degree, plan.cfg_degree == 2
+    args.num_pipeline_patch, args.data_parallel_degree = plan.pipefusion_patches or None, plan.dp_degree
+    args.plan = None
 
 
 def cache_from_args(args: argparse.Namespace):
@@ -316,6 +335,8 @@ def check_config(model: str, plan: Plan, kwargs: dict[str, Any], has_frames: boo
 def preflight(args: argparse.Namespace) -> tuple[Plan, int, dict[str, Any]]:
     """Everything that needs no process: returns the plan, the process count and the worker's options."""
     refuse_not_built(args)
+    if getattr(args, "plan", None):
+        apply_plan_flag(args)
     plan = plan_from_args(args)
     nproc = args.nproc if args.nproc is not None else plan.world_size
     if "RANK" not in os.environ:

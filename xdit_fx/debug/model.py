@@ -294,8 +294,11 @@ def derive_inputs(model: nn.Module, sizes: InputSizes, device: str, given: set =
     for name in ("original_size", "target_size", "crop_coords"):
         rules[name] = lambda: t(b, 2)
     rules["added_cond_kwargs"] = lambda: {"resolution": None, "aspect_ratio": None}
+    rules["class_labels"] = lambda: torch.zeros(b, dtype=torch.int64, device=device)
     optional_wanted = {"encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance",
                        "added_cond_kwargs"}
+    if cfg.get("num_embeds_ada_norm"):  # a class-conditional DiT: its labels feed the adaptive norms
+        optional_wanted.add("class_labels")
 
     inputs: dict[str, Any] = {}
     missing = []

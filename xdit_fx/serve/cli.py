@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="a local diffusers pipeline folder (default: the embedded digits model)")
     p.add_argument("--plan", default=None, help="a plan string as parallelize takes it, e.g. 'cfg=2' or "
-                                                "'dp=2' (default: one rank, no plan)")
+                                                "'dp=2', or 'auto' with --nproc (the cost model's choice; default: "
+                                                "one rank, no plan)")
     p.add_argument("--nproc", type=int, default=None, help="ranks on this node (default: the plan's world size "
                                                            "divided by --nnodes)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -68,6 +69,14 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     missing = [name for name in SERVE_DEPS if importlib.util.find_spec(name) is None]
     if missing:
         raise XditFxError(f"xdit-fx serve needs {', '.join(missing)}: pip install 'xdit_fx[serve]'")
+    if args.plan and args.plan.strip().lower() == "auto":
+        from xdit_fx.cli.plan import resolve_auto
+
+        if args.nproc is None:
+            raise PlanError("--plan auto needs --nproc N (the ranks per node to plan for)")
+        width, height = (int(x) for x in args.size.lower().split("x")) if args.size else (None, None)
+        args.plan = resolve_auto(args.model, args.nproc * args.nnodes, height=height, width=width,
+                                 frames=args.num_frames, images=args.max_batch)
     plan = Plan.from_string(args.plan) if args.plan else Plan()
     if args.nnodes < 1:
         raise PlanError(f"--nnodes must be >= 1, got {args.nnodes}")
