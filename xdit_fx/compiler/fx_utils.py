@@ -53,6 +53,19 @@ def source_line(node: fx.Node) -> str:
     return f"{short_source_path(path)}:{line}, in {fn}"
 
 
+def describe_node(node) -> str:
+    """One line that locates an fx node: its name, module path and the user source line."""
+    parts = [f"node '{node.name}'"]
+    path = module_path(node)
+    if path:
+        parts.append(f"({path})")
+    text = " ".join(parts)
+    src = source_line(node)
+    if src:
+        text += f"\n  source: {src}"
+    return text
+
+
 _PACKAGE_ROOTS = re.compile(r"^.*/(?:site-packages|dist-packages)/|^.*/(?=(?:xdit_fx|tests|examples|benchmarks)/)")
 
 

@@ -44,8 +44,10 @@ def flex_dense_mask(batch: int, heads: int, lq: int, lk: int, score_mod, block: 
     m, n = torch.arange(lq, device=device), torch.arange(lk, device=device)
     allowed = _vmap4(lambda bb, hh, qq, kk: mask_mod(bb, hh, qq, kk, *mask_buffers))(b, h, m, n)
 
-    def elements(layout: torch.Tensor) -> torch.Tensor:
-        return layout.repeat_interleave(q_block, dim=-2).repeat_interleave(kv_block, dim=-1)[..., :lq, :lk]
+    q_of, kv_of = torch.div(m, q_block, rounding_mode="floor"), torch.div(n, kv_block, rounding_mode="floor")
+
+    def elements(layout: torch.Tensor) -> torch.Tensor:  # each position takes its block's entry
+        return layout.index_select(-2, q_of).index_select(-1, kv_of)
 
     partial = elements(_block_layout(kv_num, kv_idx, kv_idx.shape))
     full = elements(_block_layout(full_num, full_idx, kv_idx.shape))

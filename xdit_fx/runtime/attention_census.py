@@ -26,8 +26,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from xdit_fx.compiler.fx_utils import META_ATTENTION, META_LAYOUT, META_SP_ATTENTION
-from xdit_fx.errors import describe_node
+from xdit_fx.compiler.fx_utils import describe_node, META_ATTENTION, META_LAYOUT, META_SP_ATTENTION
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 import torch.fx as fx
 
-from xdit_fx.errors import XditFxError, describe_node, dump_hint
+from xdit_fx.compiler.fx_utils import describe_node
+from xdit_fx.errors import XditFxError, dump_hint
 
 _ASSIGN = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=")
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from xdit_fx.errors import UnsupportedGraph, describe_node
-from xdit_fx.compiler.fx_utils import META_ATTENTION, META_BLOCK, is_sdpa, module_path, sdpa_args, shape_of
+from xdit_fx.errors import UnsupportedGraph
+from xdit_fx.compiler.fx_utils import describe_node, META_ATTENTION, META_BLOCK, is_sdpa, module_path, sdpa_args, shape_of
 from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
 
 _BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")

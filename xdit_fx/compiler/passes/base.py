@@ -13,11 +13,48 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch.fx as fx
 
-from xdit_fx.errors import PassError, XditFxError, pass_failure_message, with_pass_context
-from xdit_fx.compiler.fx_utils import META_CREATED_BY, count_ops
+from xdit_fx.errors import DUMP_HINT_MARK, PassError, XditFxError, dump_hint
+from xdit_fx.compiler.fx_utils import META_CREATED_BY, count_ops, describe_node
 from xdit_fx.compiler.mesh import Mesh
 
 log = logging.getLogger(__name__)
+
+
+def node_in_traceback(tb):
+    """The fx node a pass was working on when it raised: the innermost frame with an `fx.Node` local named
+    `node` (the convention of every pass loop), else any fx.Node local of that frame."""
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        local = frame.f_locals
+        if isinstance(local.get("node"), fx.Node):
+            return local["node"]
+        found = [v for v in local.values() if isinstance(v, fx.Node)]
+        if found:
+            return found[0]
+    return None
+
+
+def pass_failure_message(pass_name: str, done: list, exc: BaseException, plan) -> str:
+    """PassError text for an unexpected exception in a pass: the pass, what ran before, the node it was on
+    (module path, source line), the exception, and how to dump."""
+    node = node_in_traceback(exc.__traceback__)
+    where = f"\n  at {describe_node(node)}" if node is not None else ""
+    return (f"pass '{pass_name}' failed (after {done or 'no passes'}): {type(exc).__name__}: {exc}{where}\n"
+            f"{dump_hint(plan)}")
+
+
+def with_pass_context(exc: XditFxError, pass_name: str, plan) -> XditFxError:
+    """Add the pass name and the dump hint to an XditFxError a pass raised (once)."""
+    msg = str(exc)
+    if DUMP_HINT_MARK in msg:
+        return exc
+    if not msg.startswith(pass_name):
+        msg = f"{pass_name}: {msg}"
+    exc.args = (f"{msg}\n{dump_hint(plan)}",) + tuple(exc.args[1:])
+    return exc
 
 
 @dataclass(frozen=True)

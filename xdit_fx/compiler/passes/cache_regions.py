@@ -31,8 +31,8 @@ from collections import deque
 import torch
 import torch.fx as fx
 
-from xdit_fx.errors import UnsupportedGraph, describe_node
-from xdit_fx.compiler.fx_utils import META_BLOCK, META_CACHE, META_CREATED_BY, example_value, is_linear, is_param_placeholder
+from xdit_fx.errors import UnsupportedGraph
+from xdit_fx.compiler.fx_utils import describe_node, META_BLOCK, META_CACHE, META_CREATED_BY, example_value, is_linear, is_param_placeholder
 from xdit_fx.compiler.passes.base import PassContext, PassResult, graph_pass
 from xdit_fx.compiler.regions import boundary, extract, splice_call
 

@@ -146,7 +146,8 @@ def normalize_flex(gm: fx.GraphModule, ctx) -> int:
         else:
             left.append((node, why))
     if left:
-        from xdit_fx.errors import UnsupportedGraph, describe_node
+        from xdit_fx.errors import UnsupportedGraph
+        from xdit_fx.compiler.fx_utils import describe_node
         node, why = left[0]
         more = f"\n  ({len(left) - 1} more such calls)" if len(left) > 1 else ""
         raise UnsupportedGraph(

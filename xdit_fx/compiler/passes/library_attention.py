@@ -295,7 +295,8 @@ def normalize_library(gm: fx.GraphModule, ctx) -> dict[str, int]:
     done, left = normalize_library_attention(gm)
     plan = ctx.plan
     if left and (ctx.mesh.sp > 1 or getattr(plan, "pipefusion_degree", 1) > 1):
-        from xdit_fx.errors import UnsupportedGraph, describe_node
+        from xdit_fx.errors import UnsupportedGraph
+        from xdit_fx.compiler.fx_utils import describe_node
         node, what, why = left[0]
         more = f"\n  ({len(left) - 1} more such calls)" if len(left) > 1 else ""
         raise UnsupportedGraph(

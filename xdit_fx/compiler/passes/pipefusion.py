@@ -43,9 +43,9 @@ from contextvars import ContextVar
 
 import torch.fx as fx
 
-from xdit_fx.errors import PlanError, UnsupportedGraph, describe_node
+from xdit_fx.errors import PlanError, UnsupportedGraph
 from xdit_fx.compiler.cost import block_costs, node_flops  # noqa: F401  (node_flops: re-exported)
-from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT,
+from xdit_fx.compiler.fx_utils import (describe_node, META_ATTENTION, META_BLOCK, META_CREATED_BY, META_GATHER, META_LAYOUT,
                                        META_SP_ATTENTION, META_TOKEN_DIMS, META_WHOLE, copy_graph, is_sdpa, sdpa_args)
 from xdit_fx.compiler.regions import extract, region_inputs, splice_call
 from xdit_fx.ops import collectives

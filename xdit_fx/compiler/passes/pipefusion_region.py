@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
-from xdit_fx.compiler.fx_utils import META_BLOCK, META_GATHER, target_name
-from xdit_fx.errors import UnsupportedGraph, describe_node
+from xdit_fx.compiler.fx_utils import describe_node, META_BLOCK, META_GATHER, target_name
+from xdit_fx.errors import UnsupportedGraph
 
 if TYPE_CHECKING:  # networkx is imported when a PipeFusion plan runs the pass, not with the package
     import networkx as nx

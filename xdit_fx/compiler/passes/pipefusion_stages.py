@@ -23,11 +23,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_fx.compiler.fx_utils import META_BLOCK, META_LAYOUT, example_value, is_param_placeholder
+from xdit_fx.compiler.fx_utils import describe_node, META_BLOCK, META_LAYOUT, example_value, is_param_placeholder
 from xdit_fx.compiler.passes.cache_regions import _writes_in_place
 from xdit_fx.compiler.passes.sequence_parallel import SeqLayout
 from xdit_fx.compiler.regions import extract, region_inputs
-from xdit_fx.errors import PlanError, UnsupportedGraph, describe_node
+from xdit_fx.errors import PlanError, UnsupportedGraph
 
 META_STAGE = "xfx.stage"            # stage of a node of the PipeFusion region (-1: recomputed where needed)
 

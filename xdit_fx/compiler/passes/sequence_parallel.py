@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from xdit_fx.errors import UnsupportedGraph, describe_node
-from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
+from xdit_fx.errors import UnsupportedGraph
+from xdit_fx.compiler.fx_utils import (describe_node, META_ATTENTION, META_BLOCK, META_GATHER, META_LAYOUT, META_SP_ATTENTION,
                         META_TOKEN_DIMS, META_WHOLE, example_value, is_sdpa, sdpa_args, set_unique_name, shape_of,
                                         target_name)
 from xdit_fx.ops import attention as sp_attn
