@@ -6,7 +6,7 @@
 
 Cases (random weights, seed 0, fp32, batch 1, `torch.no_grad()`):
 
-* ``even``     tiny Flux (3 double + 6 single blocks, 4 heads x 32, text dim 64): 48 x 48 = 2304 image + 128
+* ``even``     tiny Flux (3 double + 6 single blocks, 4 heads x 32, RoPE axes 8/12/12, text dim 64): 48 x 48 = 2304 image + 128
   text tokens (divisible by 2);
 * ``uneven``   the same model, 47 x 49 = 2303 image + 127 text tokens (the last rank's chunks padded);
 * ``mask``     the even case with a boolean text mask (the last 32 text tokens hidden from every query),
@@ -51,9 +51,9 @@ import torch
 
 CASES = {
     # name: (model kwargs for zoo.build_flux, (h, w), text tokens, masked text tokens)
-    "even": (dict(num_layers=3, num_single_layers=6, heads=4, head_dim=32, text_dim=64), (48, 48), 128, 0),
-    "uneven": (dict(num_layers=3, num_single_layers=6, heads=4, head_dim=32, text_dim=64), (47, 49), 127, 0),
-    "mask": (dict(num_layers=3, num_single_layers=6, heads=4, head_dim=32, text_dim=64), (48, 48), 128, 32),
+    "even": (dict(num_layers=3, num_single_layers=6, heads=4, head_dim=32, text_dim=64, axes_dims_rope=(8, 12, 12)), (48, 48), 128, 0),
+    "uneven": (dict(num_layers=3, num_single_layers=6, heads=4, head_dim=32, text_dim=64, axes_dims_rope=(8, 12, 12)), (47, 49), 127, 0),
+    "mask": (dict(num_layers=3, num_single_layers=6, heads=4, head_dim=32, text_dim=64, axes_dims_rope=(8, 12, 12)), (48, 48), 128, 32),
     "flux4096": (dict(num_layers=2, num_single_layers=6, heads=8, head_dim=64, text_dim=64,
                       axes_dims_rope=(16, 24, 24)), (64, 64), 64, 0),
 }

@@ -63,6 +63,7 @@ def _gather_replicated(x: torch.Tensor, segments: Segments, n: int, group: str) 
                       for p, (length, s) in zip(pieces, segments)], dim=2)
 
 
+@lru_cache(maxsize=1024)
 def runs_of(positions: tuple) -> tuple[tuple[int, int, int], ...]:
     """`positions` as runs (local offset, global start or -1 for padding, length) of consecutive tokens."""
     out: list[list[int]] = []

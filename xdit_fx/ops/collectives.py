@@ -259,20 +259,23 @@ def attention_with_lse_reference(q, k, v, bias, scale):
         scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    if bias is not None:  # rows without a key: 0, as from the fused kernels (softmax gave nan)
+        out = out.masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
     return out, lse
 
 
 def merge_partial(out, lse, o, o_lse):
-    """Merge a chunk's (output, log-sum-exp) into the running ones, in float32; a row without keys in the
-    chunk (lse -inf) gets weight 0. ``out``/``lse`` None: the first chunk."""
+    """Merge a chunk's (output, log-sum-exp) into the running ones, in float32, in place: out moves towards o
+    by o's share of the merged softmax, exp(o_lse - merged lse) (one pass over the output). A row without keys
+    in the chunk (o_lse -inf; its output is 0, see `attention_with_lse`) gets weight 0; a row without keys in
+    either gets weight 0 too (nan -> 0). ``out``/``lse`` None: the first chunk, which becomes the running
+    output (the caller's chunk outputs are its own, fresh tensors)."""
     o, o_lse = o.float(), o_lse.float()
-    o = torch.where(torch.isfinite(o_lse).unsqueeze(-1), o, torch.zeros_like(o))
     if out is None:
         return o, o_lse
     new = torch.logaddexp(lse, o_lse)
-    w_old = torch.exp(lse - new).nan_to_num(0.0).unsqueeze(-1)
-    w_new = torch.exp(o_lse - new).nan_to_num(0.0).unsqueeze(-1)
-    return out * w_old + o * w_new, new
+    w_new = torch.exp(o_lse - new).nan_to_num_(0.0).unsqueeze(-1)
+    return out.lerp_(o, w_new), new
 
 
 def _parse_keep(keep, n: int, lk: int) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
@@ -353,11 +356,21 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
                    scale: float, group: str, keep: Optional[list[int]] = None) -> torch.Tensor:
     """Attention of local queries over the keys/values of every rank of `group`, passed around a ring
     (see `ring_attention_lse`; `keep`: each rank's valid keys, None or empty: all)."""
-    # contiguous, as the fake promises (the CPU flash kernel writes its output in [B, L, H, D] memory order, and
-    # Inductor checks the strides of what an opaque op returns)
-    return ring_attention_lse(q, k, v, bias, scale, group, keep)[0].to(q.dtype).contiguous()
+    return _laid_out_like_q(ring_attention_lse(q, k, v, bias, scale, group, keep)[0].to(q.dtype), q)
+
+
+def _laid_out_like_q(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`out` in the strides the fake promises (Inductor checks what an opaque op returns): those of
+    `torch.empty_like(q)`. On the CPU the flash kernel writes [B, L, H, D] memory order, which is what q has
+    when it is the model's transposed projection: then no copy."""
+    if out.shape != q.shape:
+        return out.contiguous()
+    if out.stride() == torch.empty_like(q, device="meta").stride():  # the strides, with no allocation
+        return out
+    return torch.empty_like(q).copy_(out)
 
 
 @ring_attention.register_fake
 def _(q, k, v, bias, scale, group, keep=None):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    shape = q.shape[:-1] + (v.shape[-1],)
+    return torch.empty_like(q) if shape == q.shape else q.new_empty(shape)
