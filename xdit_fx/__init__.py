@@ -12,10 +12,11 @@ from xdit_fx.loading import load_pipeline, local_device
 from xdit_fx.errors import MissingBackend, PassError, PlanError, UnsupportedGraph, XditFxError
 from xdit_fx.pipeline import ParallelPipeline
 from xdit_fx.ops.comm import counting
+from xdit_fx.ops.kernels import attention_backend
 from xdit_fx.plan import Plan
 from xdit_fx.runtime.groups import init_distributed
 from xdit_fx.version import __version__
 
 __all__ = ["FirstBlockCache", "MissingBackend", "ParallelPipeline", "PassError", "Plan", "PlanError", "TeaCache", "UnsupportedGraph",
-           "XditFxError", "__version__", "auto_plan", "counting", "init_distributed", "load_pipeline",
+           "XditFxError", "__version__", "attention_backend", "auto_plan", "counting", "init_distributed", "load_pipeline",
            "local_device", "parallelize"]

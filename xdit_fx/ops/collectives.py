@@ -13,7 +13,7 @@ The tests count the same at the torch.distributed primitives and check that both
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from xdit_fx.ops import comm
 from xdit_fx.ops.comm import all_reduce_received
+from xdit_fx.ops.kernels import chunk_attention_with_lse, current_backend, efficient_with_lse
 
 
 
@@ -226,14 +227,19 @@ def attention_with_lse(q, k, v, bias, scale):
 def _fused_attention_with_lse(q, k, v, bias, scale):
     """A fused kernel that also returns the log-sum-exp, or None where none applies (then the reference).
 
+    A backend asked for with `xdit_fx.attention_backend` is used as asked ("math": the reference). Otherwise,
     CPU: the flash kernel for CPU. CUDA: FlashAttention-2 (fp16/bf16, no bias, head dim <= 256), else the
-    memory-efficient kernel (fp32 too, with an additive bias; its lse is padded to a multiple of 32 rows)."""
+    memory-efficient kernel (fp32 too, with an additive bias)."""
+    name = current_backend()
+    if name == "math":
+        return None
+    if name != "auto":
+        return chunk_attention_with_lse(q, k, v, bias, scale)
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     if q.device.type != "cuda" or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
         return None
-    lq = q.shape[-2]
     if bias is None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
         try:
             res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
@@ -241,17 +247,7 @@ def _fused_attention_with_lse(q, k, v, bias, scale):
         except RuntimeError:
             pass
     try:
-        b = None
-        if bias is not None:
-            b = bias if bias.dtype != torch.bool else torch.zeros(bias.shape, dtype=q.dtype, device=q.device) \
-                .masked_fill(~bias, float("-inf"))
-            b = b.to(q.dtype)
-            pad = (-b.shape[-1]) % 8  # the kernel wants bias rows 16-byte aligned: pad, then view the keys
-            if pad:
-                b = torch.nn.functional.pad(b, (0, pad))[..., :k.shape[-2]]
-            b = b.expand(q.shape[0], q.shape[1], lq, k.shape[-2])
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, b, True, 0.0, False, scale=scale)
-        return res[0], res[1][..., :lq]
+        return efficient_with_lse(q, k, v, bias, scale)
     except RuntimeError:
         return None
 
@@ -263,54 +259,92 @@ def attention_with_lse_reference(q, k, v, bias, scale):
         scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    if bias is not None:  # rows without a key: 0, as from the fused kernels (softmax gave nan)
+        out = out.masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
     return out, lse
 
 
 def merge_partial(out, lse, o, o_lse):
-    """Merge a chunk's (output, log-sum-exp) into the running ones, in float32; a row without keys in the
-    chunk (lse -inf) gets weight 0. ``out``/``lse`` None: the first chunk."""
+    """Merge a chunk's (output, log-sum-exp) into the running ones, in float32, in place: out moves towards o
+    by o's share of the merged softmax, exp(o_lse - merged lse) (one pass over the output). A row without keys
+    in the chunk (o_lse -inf; its output is 0, see `attention_with_lse`) gets weight 0; a row without keys in
+    either gets weight 0 too (nan -> 0). ``out``/``lse`` None: the first chunk, which becomes the running
+    output (the caller's chunk outputs are its own, fresh tensors)."""
     o, o_lse = o.float(), o_lse.float()
-    o = torch.where(torch.isfinite(o_lse).unsqueeze(-1), o, torch.zeros_like(o))
     if out is None:
         return o, o_lse
     new = torch.logaddexp(lse, o_lse)
-    w_old = torch.exp(lse - new).nan_to_num(0.0).unsqueeze(-1)
-    w_new = torch.exp(o_lse - new).nan_to_num(0.0).unsqueeze(-1)
-    return out * w_old + o * w_new, new
+    w_new = torch.exp(o_lse - new).nan_to_num_(0.0).unsqueeze(-1)
+    return out.lerp_(o, w_new), new
+
+
+def _parse_keep(keep, n: int, lk: int) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
+    """`ring_attention`'s flat key list -> per ring source (column offset in the mask, (start, length) spans of
+    its valid keys). Empty: every key of every chunk is valid."""
+    if not keep:
+        return [(src * lk, ((0, lk),)) for src in range(n)]
+    out, i, col = [], 0, 0
+    for _ in range(n):
+        count = keep[i]
+        spans = tuple((keep[i + 1 + 2 * j], keep[i + 2 + 2 * j]) for j in range(count))
+        out.append((col, spans))
+        col += sum(length for _, length in spans)
+        i += 1 + 2 * count
+    return out
+
+
+def _keys(x: torch.Tensor, spans) -> torch.Tensor:
+    """A chunk's valid keys along dim 2: the chunk itself, a view of one span, or one copy of several."""
+    if len(spans) == 1:
+        start, length = spans[0]
+        return x if start == 0 and length == x.shape[2] else x.narrow(2, start, length)
+    return torch.cat([x.narrow(2, start, length) for start, length in spans], dim=2)
 
 
 def ring_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                       scale: float, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       scale: float, group: str, keep=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of local queries over the keys/values of every rank of `group`, passed around a ring:
     (out in float32, log-sum-exp), so that a caller can merge more keys into it.
 
-    `bias`, if given, covers all keys in rank order: [..., Lq, N * Lk]; step j uses the slice of the rank
-    whose chunk is held then. Partial results are merged with their log-sum-exp."""
+    `keep` (flat: per rank in rank order, the number of spans, then (start, length) per span) names the
+    valid keys of each rank's chunk; the others (padding of an uneven split) are cut out before the kernel.
+    `bias`, if given, covers the valid keys in rank order: [..., Lq or 1, keys or 1]; step j uses the columns
+    of the rank whose chunk is held then. Partial results are merged with their log-sum-exp. K and V
+    travel as they are (two buffers, no stacked copy)."""
     pg = _group(group)
     n, rank = dist.get_world_size(pg), dist.get_rank(pg)
-    lk = k.shape[-2]
+    chunks = _parse_keep(keep, n, k.shape[-2])
     out = lse = None
-    kv = torch.stack([k, v]).contiguous()
+    k, v = k.contiguous(), v.contiguous()
     for step in range(n):
         src = (rank - step) % n
         if step < n - 1:
-            nxt = torch.empty_like(kv)
-            ops = [dist.P2POp(dist.isend, kv, dist.get_global_rank(pg, (rank + 1) % n), pg),
-                   dist.P2POp(dist.irecv, nxt, dist.get_global_rank(pg, (rank - 1) % n), pg)]
-            reqs = dist.batch_isend_irecv(ops)
-        b = bias[..., src * lk:(src + 1) * lk] if bias is not None else None
-        out, lse = merge_partial(out, lse, *_chunk_attention(q, kv[0], kv[1], b, scale))
+            nk, nv = torch.empty_like(k), torch.empty_like(v)
+            peer_out, peer_in = dist.get_global_rank(pg, (rank + 1) % n), dist.get_global_rank(pg, (rank - 1) % n)
+            reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, k, peer_out, pg),
+                                           dist.P2POp(dist.isend, v, peer_out, pg),
+                                           dist.P2POp(dist.irecv, nk, peer_in, pg),
+                                           dist.P2POp(dist.irecv, nv, peer_in, pg)])
+        col, spans = chunks[src]
+        width = sum(length for _, length in spans)
+        b = bias[..., col:col + width] if bias is not None and bias.shape[-1] > 1 else bias
+        out, lse = merge_partial(out, lse, *_chunk_attention(q, _keys(k, spans), _keys(v, spans), b, scale))
         if step < n - 1:
             for r in reqs:
                 r.wait()
-            comm.record(group, "ring_p2p", _nbytes(nxt))
-            kv = nxt
+            comm.record(group, "ring_p2p", _nbytes(nk) + _nbytes(nv))
+            k, v = nk, nv
     return out, lse
 
 
 def _chunk_attention(q, k, v, bias, scale):
     """One chunk's (out, lse). bf16/fp16 chunks on the CPU attend in float32 (its kernel rounds each chunk's
-    output to bf16); on CUDA the fused kernels accumulate in float32 already and keep their speed."""
+    output to bf16); on CUDA the fused kernels accumulate in float32 already and keep their speed. K/V with
+    fewer heads than Q (grouped-query attention) go in as they are on the CPU, whose kernel takes them; other
+    devices get one K/V head per query head for this chunk."""
+    if k.shape[1] != q.shape[1] and q.device.type != "cpu":
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     if q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
         return attention_with_lse(q.float(), k.float(), v.float(),
                                   bias.float() if bias is not None and bias.is_floating_point() else bias, scale)
@@ -319,12 +353,24 @@ def _chunk_attention(q, k, v, bias, scale):
 
 @torch.library.custom_op("xdit_fx::ring_attention", mutates_args=())
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                   scale: float, group: str) -> torch.Tensor:
+                   scale: float, group: str, keep: Optional[list[int]] = None) -> torch.Tensor:
     """Attention of local queries over the keys/values of every rank of `group`, passed around a ring
-    (see `ring_attention_lse`)."""
-    return ring_attention_lse(q, k, v, bias, scale, group)[0].to(q.dtype)
+    (see `ring_attention_lse`; `keep`: each rank's valid keys, None or empty: all)."""
+    return _laid_out_like_q(ring_attention_lse(q, k, v, bias, scale, group, keep)[0].to(q.dtype), q)
+
+
+def _laid_out_like_q(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`out` in the strides the fake promises (Inductor checks what an opaque op returns): those of
+    `torch.empty_like(q)`. On the CPU the flash kernel writes [B, L, H, D] memory order, which is what q has
+    when it is the model's transposed projection: then no copy."""
+    if out.shape != q.shape:
+        return out.contiguous()
+    if out.stride() == torch.empty_like(q, device="meta").stride():  # the strides, with no allocation
+        return out
+    return torch.empty_like(q).copy_(out)
 
 
 @ring_attention.register_fake
-def _(q, k, v, bias, scale, group):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+def _(q, k, v, bias, scale, group, keep=None):
+    shape = q.shape[:-1] + (v.shape[-1],)
+    return torch.empty_like(q) if shape == q.shape else q.new_empty(shape)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from xdit_fx.errors import XditFxError
-from xdit_fx.ops.attention import _mask_bias, _positions, causal_mask, repeat_kv, ulysses_in, ulysses_out
+from xdit_fx.ops.attention import (_local_attention, _mask_bias, _positions, causal_mask, repeat_kv, ulysses_in,
+                                   ulysses_out)
 from xdit_fx.ops.collectives import _chunk_attention, all_gather, all_to_all, merge_partial, ring_attention_lse
 
 
@@ -165,8 +166,7 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
         bias = None
         if attn_mask is not None:
             bias = _mask_bias(attn_mask, qpos, tuple(range(k.shape[2])), q.dtype, q.device)
-        k, v = repeat_kv(k, v, q.shape[1])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return _local_attention(q, k, v, bias, scale)
     runtime = st.buffers
     if runtime is None:
         raise XditFxError("pf_attention ran outside a PipeFusion runtime (a dump's graph run by hand?); "
@@ -203,12 +203,10 @@ def pf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
     kbuf, vbuf = runtime.kv_buffer(site, k, v, total)
     kbuf.index_copy_(2, kidx, k)
     vbuf.index_copy_(2, kidx, v)
-    kk, vv = kbuf, vbuf
-    kk, vv = repeat_kv(kk, vv, q.shape[1])
     bias = None
     if attn_mask is not None:
         bias = _mask_bias(attn_mask, qpos, tuple(range(total)), q.dtype, q.device, heads_slice)
-    out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias, scale=scale)
+    out = _local_attention(q, kbuf, vbuf, bias, scale)  # grouped-query buffers keep their own heads
     if u > 1:
         # queries of whole segments: every rank computed its heads; gather them
         out, whole = out.split([q_sharded, out.shape[2] - q_sharded], dim=2)
