@@ -124,6 +124,18 @@ def _agree(n: int) -> int:
     return int(t)
 
 
+def _round_trip(buf: torch.Tensor, rank: int) -> None:
+    """Rank 0 sends `buf` to rank 1 and receives it back (one round trip between the two ranks)."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        dist.send(buf, 1)
+        dist.recv(buf, 1)
+    else:
+        dist.recv(buf, 0)
+        dist.send(buf, 0)
+
+
 def _link(dev: torch.device, repeats: int, sync) -> dict:
     import torch.distributed as dist
 
@@ -132,16 +144,9 @@ def _link(dev: torch.device, repeats: int, sync) -> dict:
     for n in (16, 256, 4096, 65536, 1 << 18, 1 << 20, 4 << 20, 16 << 20):
         buf = torch.zeros(n, device=dev)
 
-        def pingpong():
-            if rank == 0:
-                dist.send(buf, 1)
-                dist.recv(buf, 1)
-            else:
-                dist.recv(buf, 0)
-                dist.send(buf, 0)
         dist.barrier()
         xs.append(n * 4.0)
-        ts.append(timed(pingpong, repeats, sync, agree=_agree) / 2)
+        ts.append(timed(lambda: _round_trip(buf, rank), repeats, sync, agree=_agree) / 2)
     return {"p2p": (xs, ts)}
 
 
@@ -187,23 +192,11 @@ def _sync_latency(dev: torch.device, repeats: int, sync) -> float:
 
     def step():
         compute()
-        if rank == 0:
-            dist.send(buf, 1)
-            dist.recv(buf, 1)
-        else:
-            dist.recv(buf, 0)
-            dist.send(buf, 0)
+        _round_trip(buf, rank)
 
-    def pingpong():
-        if rank == 0:
-            dist.send(buf, 1)
-            dist.recv(buf, 1)
-        else:
-            dist.recv(buf, 0)
-            dist.send(buf, 0)
     t_step = timed(step, repeats, sync, agree=_agree)
     t_compute = timed(compute, repeats, sync, agree=_agree)
-    t_pp = timed(pingpong, repeats, sync, agree=_agree)
+    t_pp = timed(lambda: _round_trip(buf, rank), repeats, sync, agree=_agree)
     return max(0.0, (t_step - t_compute - t_pp) / 2)
 
 
