@@ -143,7 +143,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 def _auto_choice(args: argparse.Namespace) -> str:
     """Resolve --plan auto (sets args.plan) and return the plan_choice.md text: the ranking and the reason."""
-    from xdit_fx.cli.plan import plan_report
+    from xdit_fx.debug.planning import plan_report
     from xdit_fx.compiler.plan_search import choose_plan, explain, format_table
 
     if args.world_size is None:

@@ -170,7 +170,7 @@ def apply_plan_flag(args: argparse.Namespace) -> None:
     """--plan auto|STRING: set the degree flags from it (the workers rebuild the plan from the flags)."""
     text = args.plan
     if text.strip().lower() == "auto":
-        from xdit_fx.cli.plan import resolve_auto
+        from xdit_fx.debug.planning import resolve_auto
 
         model = None if args.model == DIGITS else resolve_model(args.model, args.download_dir)
         images = max(1, len(args.prompt or [None])) * (getattr(args, "num_images_per_prompt", None) or 1)

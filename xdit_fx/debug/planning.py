@@ -8,7 +8,10 @@ guidance (read from its call signature) and its VAE's decode size.
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import json
+import os
 from typing import Any
 
 from torch import nn
@@ -79,3 +82,87 @@ def plan_inputs(obj: Any, sizes: InputSizes, inputs: dict[str, Any] | None = Non
     facts = facts_of_module(model, captured, inputs)
     vae = vae_decode_bytes(pipe, sizes, facts.dtype_bytes) if pipe is not None else 0.0
     return facts, Workload(guidance=guidance, steps=steps, vae_bytes=vae)
+
+
+# ---- the planner's inputs from a MODEL spec (what `xdit-fx plan` and `--plan auto` take) ----
+
+def folder_guidance(path: str) -> str:
+    """none | batched from a pipeline folder's model_index.json (the pipeline class's call signature)."""
+    index = os.path.join(path, "model_index.json")
+    if not os.path.exists(index):
+        return "none"
+    import diffusers
+
+    cls = getattr(diffusers, json.load(open(index)).get("_class_name", ""), None)
+    return pipeline_guidance(cls) if cls is not None else "none"
+
+
+def folder_vae_bytes(path: str, sizes, dtype_bytes: int) -> float:
+    cfg_path = os.path.join(path, "vae", "config.json")
+    if not os.path.exists(cfg_path):
+        return 0.0
+    channels = (json.load(open(cfg_path)).get("block_out_channels") or [0])[0]
+    return 3.0 * channels * sizes.height * sizes.width * max(1, sizes.frames) * sizes.batch * dtype_bytes
+
+
+def plan_report(args: argparse.Namespace):
+    """(ranked predictions, rejected, facts, hardware) for the command's arguments."""
+    from xdit_fx.compiler.hardware import load_profile
+    from xdit_fx.compiler.plan_search import rank_plans
+    from xdit_fx.debug.model import load_model
+
+    if args.world_size < 1:
+        raise XditFxError(f"--world-size {args.world_size}: need at least 1")
+    hw = load_profile(args.hardware).with_nodes(args.nodes, args.world_size)
+    guidance = args.guidance or (folder_guidance(args.model) if os.path.isdir(args.model) else "none")
+    sizes = InputSizes(height=args.height, width=args.width, frames=args.frames, text_len=args.text_len,
+                       batch=args.batch * (2 if guidance == "batched" else 1))
+    loaded = load_model(args.model, config=args.config, dtype=args.dtype, device="meta", sizes=sizes,
+                        overrides=args.input)
+    facts = model_facts(loaded.model, loaded.inputs, loaded.description)
+    vae = folder_vae_bytes(args.model, sizes, facts.dtype_bytes) if os.path.isdir(args.model) else 0.0
+    work = Workload(guidance=guidance, steps=args.steps, vae_bytes=vae)
+    preds, rejected = rank_plans(facts, args.world_size, hw, work)
+    return preds, rejected, facts, hw, work
+
+
+def auto_for_model(model: str | None, world_size: int, *, hardware: str | None = None, height: int | None = None,
+                   width: int | None = None, frames: int | None = None, images: int = 1, steps: int = 20):
+    """The cost model's choice for a pipeline folder (or the digits model: None), as `--plan auto` of
+    `generate` and `serve` resolves it before any process starts: a Prediction. The folder is read on the meta
+    device; guidance comes from the pipeline class's call signature (digits: batched)."""
+    from xdit_fx.compiler.plan_search import choose_plan
+    from xdit_fx.plan import Plan
+
+    if world_size == 1:
+        return None, Plan()
+    args = argparse.Namespace(model=model, world_size=world_size, nodes=1, frames=frames or 1, text_len=512,
+                              batch=images, guidance=None, steps=steps, dtype=None, config=None, input=[],
+                              hardware=hardware or _default_hardware(), height=height or 1024, width=width or 1024)
+    if model is None:  # the digits model: no VAE, its 16x16 latent is the image (derive_inputs divides by 8)
+        from xdit_fx.digits import pipeline as digits_pipeline
+
+        args.model = os.path.join(os.path.dirname(digits_pipeline.__file__), "checkpoint")
+        args.height = args.width = 16 * 8
+        args.guidance, args.dtype = "batched", "float32"
+    preds, rejected, facts, hw, work = plan_report(args)
+    best = choose_plan(facts, world_size, hw, work)
+    return preds, best.plan
+
+
+def _default_hardware() -> str:
+    import torch
+
+    return "h100-nvlink" if torch.cuda.is_available() else "cpu-gloo"
+
+
+def resolve_auto(model: str | None, world_size: int | None, **kw) -> str:
+    """`--plan auto` for a command: the chosen plan's string; prints the ranking's head and the reason."""
+    from xdit_fx.compiler.plan_search import explain
+
+    if world_size is None:
+        raise XditFxError("--plan auto needs --nproc N (the ranks to plan for)")
+    preds, plan = auto_for_model(model, world_size, **kw)
+    if preds:
+        print(f"--plan auto: {plan.to_string()} on {world_size} ranks. {explain(preds)}", flush=True)
+    return plan.to_string()

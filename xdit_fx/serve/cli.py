@@ -70,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if missing:
         raise XditFxError(f"xdit-fx serve needs {', '.join(missing)}: pip install 'xdit_fx[serve]'")
     if args.plan and args.plan.strip().lower() == "auto":
-        from xdit_fx.cli.plan import resolve_auto
+        from xdit_fx.debug.planning import resolve_auto
 
         if args.nproc is None:
             raise PlanError("--plan auto needs --nproc N (the ranks per node to plan for)")
