@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from xdit_fx.ops.collectives import _group, all_gather, all_to_all, local_len, ring_attention, shard
+from xdit_fx.ops.kernels import additive
 from xdit_fx.ops.kernels import local_attention as _local_attention
 
 Segments = Sequence[Sequence]  # ((length, sharded), ...)
@@ -114,13 +115,6 @@ def index_mask(mask: torch.Tensor, q_runs, k_runs, dtype: torch.dtype, heads_sli
     if m.shape[-1] > 1:
         m = _index_rows(m, -1, k_runs)
     return m
-
-
-def additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A boolean mask as the additive float mask the fused kernels with a log-sum-exp take (same shape)."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 def _mask_bias(mask, qpos, kpos, dtype, device, heads_slice=None):

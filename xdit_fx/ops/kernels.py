@@ -98,6 +98,13 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
 
+def additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask as the additive float mask the fused kernels with a log-sum-exp take (same shape)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def chunk_attention_with_lse(q, k, v, bias, scale):
     """(out, lse [B, H, Lq]) of one ring chunk with the backend asked for in this context, or None for "auto"
     (the caller's own choice) and "math" (the reference in plain ops)."""
@@ -108,10 +115,9 @@ def chunk_attention_with_lse(q, k, v, bias, scale):
     if q.device.type == "cpu":  # only "flash" passes check_device on a CPU
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
                                                                          scale=scale)
-    if name == "flash_attn" or (name == "flash" and bias is not None):
-        if bias is not None:
-            raise MissingBackend(f"attention backend {name!r} takes no attention mask, and this ring chunk has one "
-                                 "(padding or the model's mask); use 'auto', 'efficient' or 'cudnn'.")
+    if bias is not None and name in ("flash_attn", "flash"):
+        raise MissingBackend(f"attention backend {name!r} takes no attention mask, and this ring chunk has one "
+                             "(padding or the model's mask); use 'auto', 'efficient' or 'cudnn'.")
     if name == "flash_attn":
         out, lse, _ = flash_attn_functions()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              softmax_scale=scale, return_attn_probs=True)
@@ -131,9 +137,7 @@ def efficient_with_lse(q, k, v, bias, scale):
     lq = q.shape[-2]
     b = None
     if bias is not None:
-        b = bias if bias.dtype != torch.bool else torch.zeros(bias.shape, dtype=q.dtype, device=q.device) \
-            .masked_fill(~bias, float("-inf"))
-        b = b.to(q.dtype)
+        b = additive(bias, q.dtype).to(q.dtype)
         pad = (-b.shape[-1]) % 8  # the kernel wants bias rows 16-byte aligned: pad, then view the keys
         if pad:
             b = F.pad(b, (0, pad))[..., :k.shape[-2]]
