@@ -35,13 +35,16 @@ def test_subset_reaches_parity_without_fallback_gathers(records, name):
     for plan, r in recs.items():
         assert r["ok"], f"{name} {plan}: {r.get('error')}"
         assert r["sp_attention"] > 0 and r["fallback_gathers"] == 0, (name, plan, r)
+        # the census: attention calls of one eager forward vs attention runs made sequence parallel
+        assert 0 < r["sharded_attention_runs"] <= r["eager_attention_calls"], (name, plan, r)
     assert classify(recs, PLANS) == "parity"
 
 
 def test_report_headline_counts_classes_and_lists_exclusions(tmp_path):
     recs = [
         {"model": "a", "plan": p, "ok": True, "max_abs": 1e-7, "rel": 1e-7, "graphs": 1, "self": 1, "cross": 0,
-         "joint": 0, "sp_attention": 1, "fallback_gathers": 0} for p in PLANS
+         "joint": 0, "sp_attention": 1, "fallback_gathers": 0, "eager_attention_calls": 3,
+         "sharded_attention_runs": 2} for p in PLANS
     ] + [{"model": "b", "plan": p, "ok": False, "error": "UnsupportedGraph: node 'x'"} for p in PLANS]
     entries = {"a": {"source": "A", "diffusers": True}, "b": {"source": "B", "diffusers": True}}
     path = tmp_path / "COVERAGE.md"
@@ -49,6 +52,7 @@ def test_report_headline_counts_classes_and_lists_exclusions(tmp_path):
     text = path.read_text()
     assert summary["classes"] == 3 and summary["classes_parity"] == 1 and summary["classes_fail"] == 2
     assert "1 / 3" in text and "UnsupportedGraph: node 'x'" in text and "no tiny config: why" in text
+    assert "| a | A | yes | 1/0/0 | 3/2 | 0 |" in text and "| b | B | no | - | - |" in text, text
     assert all(cls in text for cls in excluded())
 
 

@@ -260,11 +260,27 @@ def test_infer_token_dims_classifies_sites_and_shards_one_space():
     assert snaps["infer_token_dims"].counts["token_spaces"] == 1
 
 
-def test_cross_attention_only_shards_nothing():
-    gm = graph("dit", self_attn=False, cross=True)
+def test_cross_attention_only_shards_the_queries_and_keeps_keys_whole():
+    """No sequence is both a query and a key sequence (a graph of cross-attention, or a self-attention whose q,
+    k, v come in separately after a graph break): the queries are sharded, K/V stay whole, no communication
+    but the exit gather."""
+    gm, snaps = run(graph("dit", self_attn=False, cross=True))
+    assert snaps["infer_token_dims"].counts["token_spaces"] == 1
+    assert snaps["infer_token_dims"].counts["query_only_graphs"] == 1
+    assert snaps["infer_token_dims"].counts["unparallelized_graphs"] == 0
+    assert "queries only" in snaps["infer_token_dims"].summary
+    sps = calls(gm, sp_attention)
+    assert [n.meta[META_ATTENTION].kind for n in sps] == ["cross", "cross"]
+    assert all(n.kwargs["kv_segments"] is None and n.kwargs["q_segments"] == ((6, True),) for n in sps)
+    assert [s.args[0] for s in calls(gm, shard_tokens)] == [placeholder(gm, "x")]  # the text stays whole
+    assert snaps["shard_sequence"].counts["fallback_gathers"] == 0
+    assert [n.meta[META_GATHER] for n in calls(gm, gather_tokens)][0].startswith("exit")
+
+
+def test_a_query_shorter_than_the_ranks_shards_nothing_and_says_so():
+    gm = graph("dit", seq=1, self_attn=False, cross=True)
     code = gm.code
     gm, snaps = run(gm)
-    assert [n.meta[META_ATTENTION].kind for n in gm.graph.nodes if is_sdpa(n)] == ["cross", "cross"]
     assert snaps["infer_token_dims"].counts["token_spaces"] == 0
     # running whole on every rank is reported, not silent
     assert snaps["infer_token_dims"].counts["unparallelized_graphs"] == 1

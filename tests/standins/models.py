@@ -183,13 +183,62 @@ class RopeDiT(nn.Module):
         return self.proj_out(h)
 
 
+def rope_apply(x: torch.Tensor, grid_sizes: torch.Tensor) -> torch.Tensor:
+    """Wan's rope_apply: RoPE applied per sample in a Python loop over grid_sizes.tolist() (each sample's first
+    f * h * w tokens rotated, the rest kept), x [B, L, H, D]: the break sits between the q/k projections and
+    the attention, so q, k and v reach the SDPA's graph as separate inputs."""
+    out = []
+    for i, (f, h, w) in enumerate(grid_sizes.tolist()):
+        n = f * h * w
+        out.append(torch.cat([apply_rope(x[i:i + 1, :n], rope_table(grid_sizes[i:i + 1])), x[i:i + 1, n:]], dim=1))
+    return torch.cat(out)
+
+
+class WanRopeBlock(RopeBlock):
+    """Self-attention whose q and k go through rope_apply (the break inside the attention), then a
+    cross-attention to text and an MLP."""
+
+    def __init__(self):
+        super().__init__(inner=True)
+        self.q2, self.kv2 = nn.Linear(DIM, DIM), nn.Linear(DIM, 2 * DIM)
+        self.mlp = nn.Sequential(nn.LayerNorm(DIM), nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+
+    def forward(self, x, grid_sizes, text):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, HEADS, HEAD_DIM).unbind(2)
+        q, k = rope_apply(q, grid_sizes), rope_apply(k, grid_sizes)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + self.proj(o.transpose(1, 2).reshape(b, n, DIM))
+        q2 = self.q2(x).view(b, n, HEADS, HEAD_DIM).transpose(1, 2)
+        k2, v2 = self.kv2(text).view(b, -1, 2, HEADS, HEAD_DIM).transpose(1, 3).unbind(2)
+        x = x + F.scaled_dot_product_attention(q2, k2, v2).transpose(1, 2).reshape(b, n, DIM)
+        return x + self.mlp(x)
+
+
+class WanRopeDiT(nn.Module):
+    def __init__(self, depth: int = 2):
+        super().__init__()
+        self.proj_in, self.text_in = nn.Linear(8, DIM), nn.Linear(8, DIM)
+        self.blocks = nn.ModuleList([WanRopeBlock() for _ in range(depth)])
+        self.proj_out = nn.Linear(DIM, 8)
+
+    def forward(self, x, grid_sizes, text):
+        h, t = self.proj_in(x), self.text_in(text)
+        for blk in self.blocks:
+            h = blk(h, grid_sizes, t)
+        return self.proj_out(h)
+
+
 def break_cases():
     torch.manual_seed(0)
     x = torch.randn(1, 2 * 3 * 4, 8)
     grid = torch.tensor([[2, 3, 4]])
     return {"rope_in_loop": (RopeDiT(inner=False), {"x": x, "grid_sizes": grid}),
             "rope_in_attention": (RopeDiT(inner=True), {"x": x, "grid_sizes": grid}),
-            "item_before_sdpa": (RopeDiT(inner="item"), {"x": x, "grid_sizes": grid})}
+            "item_before_sdpa": (RopeDiT(inner="item"), {"x": x, "grid_sizes": grid}),
+            # 25 tokens over 2 ranks (13 + 12, padded): the uneven split too
+            "rope_apply_in_attention": (WanRopeDiT(), {"x": torch.randn(1, 25, 8), "grid_sizes": torch.tensor([[1, 5, 5]]),
+                                                       "text": torch.randn(1, 7, 8)})}
 
 
 # ---- flex_attention with a block mask and a score_mod (issue point 2) --------------------------------------

@@ -186,6 +186,9 @@ def _run_plan(model, make_inputs, ref, plan_text: str, ref32=None) -> dict:
         again = _flat(pm(**make_inputs())) if plan.cache is not None else None
     rec["max_abs"], scale, rec["rel"], mismatch = _compare(got, ref)
     rec.update(_graph_facts(pm))
+    if getattr(pm, "census", None) is not None:  # the first call's attention calls (eager) vs runs sharded
+        rec["eager_attention_calls"] = pm.census.eager_calls
+        rec["sharded_attention_runs"] = pm.census.sharded_runs
     rec["ok"] = not mismatch and rec["max_abs"] <= PARITY_ATOL + PARITY_RTOL * scale
     if not mismatch and not rec["ok"] and ref32 is not None:  # the model's attention ran in bf16/fp16
         max32, scale32, rel32, mismatch32 = _compare(got, ref32)
@@ -407,6 +410,13 @@ def classify(recs: dict[str, dict], required: Sequence[str]) -> str:
     return "parity"
 
 
+def _census_cell(recs: list[dict | None]) -> str:
+    """'eager/sharded' attention calls of the required plans' first calls ('-' when none was recorded)."""
+    cells = list(dict.fromkeys(f"{r['eager_attention_calls']}/{r['sharded_attention_runs']}" for r in recs
+                               if r is not None and r.get("eager_attention_calls") is not None))
+    return ", ".join(cells) or "-"
+
+
 def _fmt_err(r: dict | None) -> str:
     if r is None:
         return "-"
@@ -438,6 +448,7 @@ def write_report(records: list[dict], entries: dict, excluded: dict[str, str], p
         captured = "yes" if best.get("graphs") == 1 else (f"{best['graphs']} graphs" if best.get("graphs") else "no")
         sites = f"{best.get('self', 0)}/{best.get('cross', 0)}/{best.get('joint', 0)}" if best.get("graphs") else "-"
         fb = max((recs[p].get("fallback_gathers", 0) for p in recs if recs[p].get("ok")), default=0)
+        census = _census_cell([recs.get(p) for p in required])
         errs = [recs[p].get("error", "") for p in plans if p in recs and recs[p].get("error")]
         note = info.get("note", "")
         if verdict == "unparallelized":
@@ -445,7 +456,7 @@ def write_report(records: list[dict], entries: dict, excluded: dict[str, str], p
         if errs:
             first_line = errs[0].strip().splitlines()[0][:220]
             note = (note + "; " if note else "") + first_line
-        rows.append(f"| {name} | {info.get('source', '')} | {captured} | {sites} | {fb} | "
+        rows.append(f"| {name} | {info.get('source', '')} | {captured} | {sites} | {census} | {fb} | "
                     + " | ".join(_fmt_err(recs.get(p)) for p in plans) + f" | {verdict} | {note.replace('|', '/')} |")
 
     diff_names = [n for n in verdicts if entries.get(n, {}).get("diffusers", True)]
@@ -508,14 +519,18 @@ def write_report(records: list[dict], entries: dict, excluded: dict[str, str], p
         "## Matrix",
         "",
         "Columns: captured = one dynamo graph (or how many); sites = attention sites rewritten, self/cross/joint; "
+        "attention eager/sharded = the attention calls one eager forward makes vs the attention runs that were "
+        "sequence parallel in the first parallel call (the census of graph breaks; one number when the required "
+        "plans agree, '-' when not recorded); "
         "fallbacks = fallback gathers inside the block stack; per plan: max abs / relative error. "
         "A cache plan (`cache=fbc:1e9`, `cache=teacache:1e9`: a threshold no change reaches) runs the model "
         "twice on the same inputs in one process: the first call must match the uncached output, the second "
         "must skip the cached region; shown as blocks skipped / blocks in the stack, and the second call's max abs "
         "difference from the first.",
         "",
-        "| model | class | captured | sites s/c/j | fallbacks | " + " | ".join(plans) + " | verdict | note |",
-        "|" + "---|" * (6 + len(plans) + 1),
+        "| model | class | captured | sites s/c/j | attention eager/sharded | fallbacks | " + " | ".join(plans)
+        + " | verdict | note |",
+        "|" + "---|" * (7 + len(plans) + 1),
         *rows,
         "",
         "## Excluded classes",

@@ -529,7 +529,7 @@ def _(g, uneven):
 @E("mochi", "MochiTransformer3DModel", dict(
     patch_size=2, num_attention_heads=4, attention_head_dim=16, num_layers=2, pooled_projection_dim=16, in_channels=4,
     out_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=16), heads=4,
-    note="per-sample text compaction (nonzero) in the attention processor breaks the graph: the joint attention runs eagerly between graphs, so no captured graph holds a self-attention to shard")
+    note="per-sample text compaction (nonzero) inside a Python loop over the batch in the attention processor: dynamo cannot resume a break inside that loop and runs the whole processor eagerly, so no captured graph holds its attention (eager attention is not parallelized: the census counts 3 calls, 0 sharded)")
 def _(g, uneven):
     f, h, w = (3, 6, 6) if uneven else (2, 4, 8)
     txt = _txt(uneven)
@@ -743,8 +743,9 @@ def _(g, uneven):
     patch_size=(1, 2, 2), text_len=16, in_dim=8, dim=48, ffn_dim=64, freq_dim=32, text_dim=16, out_dim=4, num_heads=4,
     num_layers=2, use_img_emb=False), heads=4,
     note="reference pass (kv_cache_mode='extract', dense self-attention); rope_apply loops over grid_sizes.tolist() "
-         "inside the attention processor, which breaks the graph around the SDPA; the generation pass uses a flex "
-         "BlockMask")
+         "inside the attention processor, which breaks the graph around the SDPA: its graph gets q, k and v as "
+         "separate inputs, so its queries are sharded with K/V whole (the cross-attention's graph likewise); every "
+         "graph boundary gathers the sequence; the generation pass uses a flex BlockMask")
 def _(g, uneven):
     from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
 

@@ -111,6 +111,9 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         c = _contracted_space(node, td)
         if c is not None and c in queries and td.size[c] >= 2 and c not in candidates:
             candidates.append(c)
+    query_only = not candidates  # no self, joint or linear attention here: shard the queries, K/V stay whole
+    if query_only:
+        candidates = _query_spaces(gm.graph, td, ctx.mesh.sp)
     sharded = _compatible_spaces(gm.graph, td, candidates)
     rows = _grid_rows(gm.graph, td, sharded, ctx.mesh.sp)
     sharded |= rows
@@ -133,13 +136,31 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     spaces = len(sharded)
     n_sites = sum(1 for n in gm.graph.nodes if is_sdpa(n))
     summary = f"{spaces} token spaces sharded, {tensors} nodes carry tokens"
+    if query_only and spaces:
+        summary += (" (queries only: no attention site here has one sequence as its query and its key sequence, "
+                    "so each rank computes its rows of the queries against whole keys and values)")
     if n_sites and not spaces:
-        summary = (f"NOT PARALLELIZED: none of the {n_sites} attention sites has a sequence that is both its "
-                   f"query and its key sequence (only cross-attention found); this graph runs whole on every rank")
+        summary = (f"NOT PARALLELIZED: none of the {n_sites} attention sites has a query sequence of at least "
+                   f"{max(2, ctx.mesh.sp)} tokens to shard; this graph runs whole on every rank")
         log.warning("xdit_fx: %s. Look at it with XDIT_FX_DUMP_DIR=... .", summary)
     return PassResult(gm, changed=False, summary=summary,
                       counts={"token_spaces": spaces, "token_nodes": tensors,
+                              "query_only_graphs": int(bool(query_only and spaces)),
                               "unparallelized_graphs": int(bool(n_sites and not spaces))})
+
+
+def _query_spaces(graph: fx.Graph, td, n: int) -> list:
+    """The query sequences of a graph whose attention shares no sequence between queries and keys: the
+    graph's own cross-attention, or a self-attention whose q, k and v come in as separate inputs (a graph
+    break between the projections and the attention). Queries are independent rows of an attention, so
+    each rank computes its rows against the whole keys and values it already holds: exact, and no
+    communication inside the graph. Sequences shorter than the rank count (a pooled query) stay whole."""
+    spaces: list = []
+    for node in graph.nodes:
+        if is_sdpa(node):
+            q = sdpa_args(node)["query"]
+            spaces += [s for s in td.segments((q, None, 2)) if td.size[s] >= max(2, n) and s not in spaces]
+    return spaces
 
 
 def _contraction_dims(node: fx.Node):
