@@ -49,7 +49,8 @@ def run_all(rank, world, plans):
 
     results = {}
     for plan in plans:
-        every = {**models.cases(), **models.break_cases(), **models.flex_cases(), **models.folded_cases()}
+        every = {**models.cases(), **models.break_cases(), **models.flex_cases(), **models.folded_cases(),
+                 **models.frame_cases()}
         for name in every:
             torch._dynamo.reset()
             model, inputs = every[name]
@@ -263,6 +264,26 @@ def test_graph_breaks_are_reported(results, plan, name):
             assert not rec["comm"].get("ulysses") and not rec["comm"].get("ring"), rec
         else:
             check(r["rec"], plan)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("frames", [3, 4])
+def test_tokens_unflattened_into_frames_for_a_per_frame_attention_stay_sharded(results, plan, frames):
+    """A per-frame cross-attention (queries unflattened into frames x tokens per frame, frames folded into the
+    batch): the frames are sharded with the tokens, each rank attending its own frames to their motion tokens.
+    3 frames over 2 ranks: the sequence is padded to whole frames per rank (2 + 2, the last one zeros)."""
+    from parallel_checks import check
+
+    name = f"per_frame_{frames}"
+    for rank, per_rank in enumerate(results):
+        r = per_rank[(plan, name)]
+        c = r["counts"]
+        assert r["max_abs"] <= ATOL, f"{name} {plan} rank {rank}: max abs {r['max_abs']:.3g}"
+        assert r["graphs"] == 1 and c.get("frame_rows", 0) == 2, f"{name} {plan}: {c}"
+        assert c.get("sp_attention_sites", 0) == 2 and c.get("fallback_gathers", 0) == 0, f"{name} {plan}: {c}"
+        assert c.get("exit_gathers", 0) == 1, f"{name} {plan}: {c}"
+        assert r["census"] == (4, 4, None), f"{name} {plan}: eager calls, sharded runs, warning: {r['census']}"
+        check(r["rec"], plan)
 
 
 def test_runtime_error_names_the_node():

@@ -335,3 +335,49 @@ def folded_cases():
     """Two images of 16 tokens on two prompts of 6 tokens, folded into one sequence in the cross-attention."""
     torch.manual_seed(0)
     return {"folded_cross": (FoldedCrossDiT(), {"x": torch.randn(2, 16, 8), "text": torch.randn(2, 6, 12)})}
+
+
+# ---- per-frame attention: tokens unflattened into (frames, tokens per frame) (Wan-Animate's face adapter) ----
+
+class PerFrameBlock(nn.Module):
+    """Self-attention over all tokens, then a cross-attention per frame: the queries unflattened into
+    (frames, tokens per frame) with the frames folded into the batch, each frame attending to its own few
+    motion tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.q, self.kv, self.out = nn.Linear(DIM, DIM), nn.Linear(DIM, 2 * DIM), nn.Linear(DIM, DIM)
+        self.norm = nn.LayerNorm(DIM)
+
+    def forward(self, x, motion):  # x [B, F * T, C], motion [B, F, N, C]
+        b, n, _ = x.shape
+        f, m = motion.shape[1], motion.shape[2]
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, HEADS, HEAD_DIM).transpose(1, 3).unbind(2)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, DIM))
+        q = self.q(x).unflatten(2, (HEADS, -1)).unflatten(1, (f, -1)).flatten(0, 1)  # [B*F, T, H, D]
+        k, v = self.kv(motion.flatten(1, 2)).view(b, f, m, 2, HEADS, HEAD_DIM).unbind(3)
+        k, v = k.flatten(0, 1), v.flatten(0, 1)  # [B*F, N, H, D]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return x + self.out(o.flatten(2, 3).unflatten(0, (b, f)).flatten(1, 2))
+
+
+class PerFrameDiT(nn.Module):
+    def __init__(self, depth: int = 2):
+        super().__init__()
+        self.proj_in, self.motion_in = nn.Linear(8, DIM), nn.Linear(8, DIM)
+        self.blocks = nn.ModuleList([PerFrameBlock() for _ in range(depth)])
+        self.proj_out = nn.Linear(DIM, 8)
+
+    def forward(self, x, motion):
+        h, m = self.proj_in(x), self.motion_in(motion)
+        for blk in self.blocks:
+            h = blk(h, m)
+        return self.proj_out(h)
+
+
+def frame_cases():
+    """3 frames of 4 tokens over 2 ranks (the sequence padded to 2 whole frames per rank) and 4 frames."""
+    torch.manual_seed(0)
+    return {f"per_frame_{f}": (PerFrameDiT(), {"x": torch.randn(1, f * 4, 8), "motion": torch.randn(1, f, 3, 8)})
+            for f in (3, 4)}

@@ -38,7 +38,7 @@ def _positions(segments: tuple, n: int, r: int, all_sharded: bool) -> tuple[int,
     offset = 0
     for length, sharded in segments:
         if sharded or all_sharded:
-            c = -(-length // n)
+            c = local_len(length, sharded or True, n)
             out.extend(offset + r * c + i if r * c + i < length else -1 for i in range(c))
         else:
             out.extend(range(offset, offset + length))
@@ -51,14 +51,14 @@ def _shard_replicated(x: torch.Tensor, segments: Segments, n: int, group: str) -
     if all(s for _, s in segments):
         return x
     pieces = x.split([local_len(length, s, n) for length, s in segments], dim=2)
-    return torch.cat([p if s else shard(p, 2, -(-length // n) * n, group)
+    return torch.cat([p if s else shard(p, 2, local_len(length, True, n) * n, group)
                       for p, (length, s) in zip(pieces, segments)], dim=2)
 
 
 def _gather_replicated(x: torch.Tensor, segments: Segments, n: int, group: str) -> torch.Tensor:
     if all(s for _, s in segments):
         return x
-    c = [-(-length // n) for length, _ in segments]
+    c = [local_len(length, s or True, n) for length, s in segments]
     pieces = x.split(c, dim=2)
     return torch.cat([p if s else all_gather(p, 2, length, group)
                       for p, (length, s) in zip(pieces, segments)], dim=2)

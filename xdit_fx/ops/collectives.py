@@ -107,9 +107,14 @@ def _(x, dim, length, group):
     return x.new_empty(shape)
 
 
-def local_len(length: int, sharded: bool, n: int) -> int:
-    """Tokens a rank holds of a segment: ceil(length / n) if sharded (the last ranks padded), else all."""
-    return -(-length // n) if sharded else length
+def local_len(length: int, sharded: bool | int, n: int) -> int:
+    """Tokens a rank holds of a segment: ceil(length / n) if sharded (the last ranks padded), else all.
+    A segment sharded in whole rows of g tokens (`sharded` = g > 1: frames of g tokens each, which a
+    per-frame attention unflattens) holds ceil(length / (n * g)) rows of g tokens."""
+    if not sharded:
+        return length
+    g = int(sharded)
+    return -(-length // (n * g)) * g
 
 
 def shard_tokens(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group: str, n: int) -> torch.Tensor:
@@ -117,9 +122,9 @@ def shard_tokens(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group:
     chunked (padded to a multiple of n), replicated ones kept whole."""
     if len(segments) == 1:
         length, sharded = segments[0]
-        return shard(x, dim, -(-length // n) * n, group) if sharded else x
+        return shard(x, dim, local_len(length, sharded, n) * n, group) if sharded else x
     pieces = x.split([s[0] for s in segments], dim=dim)
-    out = [shard(p, dim, -(-length // n) * n, group) if sharded else p
+    out = [shard(p, dim, local_len(length, sharded, n) * n, group) if sharded else p
            for p, (length, sharded) in zip(pieces, segments)]
     return torch.cat(out, dim=dim)
 
@@ -165,13 +170,13 @@ def halo_rows(x: torch.Tensor, dim: int, halo: int, group: str) -> torch.Tensor:
 
 def zero_token_padding(x: torch.Tensor, dim: int, segments: Sequence[Sequence], group: str, n: int) -> torch.Tensor:
     """`x` with the padding positions of its local token dim set to 0 (they must not enter a sum)."""
-    if not any(s and length % n for length, s in segments):
+    if not any(s and local_len(length, s, n) * n != length for length, s in segments):
         return x
     r = dist.get_rank(_group(group))
     keep = []
     for length, sharded in segments:
         if sharded:
-            c = -(-length // n)
+            c = local_len(length, sharded, n)
             keep.extend(r * c + i < length for i in range(c))
         else:
             keep.extend([True] * length)

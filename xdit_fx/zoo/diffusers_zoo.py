@@ -731,7 +731,7 @@ def _(g, uneven):
     qk_norm="rms_norm_across_heads", image_dim=16, rope_max_seq_len=32,
     motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
     motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
-    inject_face_latents_blocks=2), heads=2, note="pose/face control, image cross-attention; the face adapter unflattens tokens into (frames, tokens per frame): 21 frames do not split into whole frames per rank, so that view gathers (row sharding needs frames divisible by the degree)")
+    inject_face_latents_blocks=2), heads=2, note="pose/face control, image cross-attention; the face adapter unflattens tokens into (frames, tokens per frame) for a per-frame cross-attention: the frames are sharded with the tokens, 21 frames over 2 ranks with the sequence padded to whole frames per rank (11 + 11, the last one zeros)")
 def _(g, uneven):
     f, h, w = 20, 8, 8  # the motion path needs 21 | (frames + 1)
     return dict(hidden_states=_r(g, 1, 12, f + 1, h, w), timestep=torch.tensor([500]),

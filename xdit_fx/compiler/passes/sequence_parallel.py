@@ -71,7 +71,8 @@ class SeqLayout:
         return covered and not sharded and self.local_range(start, stop, 1) is not None
 
     def __str__(self) -> str:
-        segs = "+".join(f"{length}{'/sp' if s else ''}" for length, s in self.segments)
+        segs = "+".join(f"{length}{'/sp' if s else ''}{'' if s is True or not s else f':rows{s}'}"
+                        for length, s in self.segments)
         return f"tokens@{self.dim}[{segs}]"
 
 
@@ -117,6 +118,11 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     sharded = _compatible_spaces(gm.graph, td, candidates)
     rows = _grid_rows(gm.graph, td, sharded, ctx.mesh.sp)
     sharded |= rows
+    frames: dict = {}
+    if getattr(ctx.plan, "pipefusion_degree", 1) == 1:  # (PipeFusion's patches split segments their own way)
+        frames = _frame_rows(gm.graph, td, sharded, ctx.mesh.sp)
+        sharded |= set(frames)
+    granule = {space: g for space, g in frames.values()}
     tensors = 0
     for node in gm.graph.nodes:
         layouts: dict[Any, SeqLayout | str] = {}
@@ -125,7 +131,8 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             for d in range(len(slot_shape(slot))):
                 segs = td.segments((slot[0], slot[1], d))
                 if any(s in sharded for s in segs):
-                    found.append(SeqLayout(d, tuple((td.size[s], s in sharded) for s in segs)))
+                    found.append(SeqLayout(d, tuple((td.size[s], granule.get(s, True) if s in sharded else False)
+                                                    for s in segs)))
             if found:
                 layouts[slot[1]] = found[0] if len(found) == 1 else MULTI
         if layouts:
@@ -136,6 +143,11 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     spaces = len(sharded)
     n_sites = sum(1 for n in gm.graph.nodes if is_sdpa(n))
     summary = f"{spaces} token spaces sharded, {tensors} nodes carry tokens"
+    if frames:
+        summary += "; frames an attention runs over one at a time sharded: " + ", ".join(dict.fromkeys(
+            f"{td.size[f]} frames of {td.size[sp] // td.size[f]} tokens"
+            + (f" (the sequence padded to {collectives.local_len(td.size[sp], g, ctx.mesh.sp) * ctx.mesh.sp} "
+               f"tokens: whole frames per rank)" if g is not True else "") for f, (sp, g) in frames.items()))
     if query_only and spaces:
         summary += (" (queries only: no attention site here has one sequence as its query and its key sequence, "
                     "so each rank computes its rows of the queries against whole keys and values)")
@@ -145,7 +157,7 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         log.warning("xdit_fx: %s. Look at it with XDIT_FX_DUMP_DIR=... .", summary)
     return PassResult(gm, changed=False, summary=summary,
                       counts={"token_spaces": spaces, "token_nodes": tensors,
-                              "query_only_graphs": int(bool(query_only and spaces)),
+                              "query_only_graphs": int(bool(query_only and spaces)), "frame_rows": len(frames),
                               "unparallelized_graphs": int(bool(n_sites and not spaces))})
 
 
@@ -223,6 +235,42 @@ def _grid_rows(graph: fx.Graph, td, sharded: set, n: int) -> set:
                     rows.add(root)
                     changed = True
     return rows
+
+
+def _frame_rows(graph: fx.Graph, td, sharded: set, n: int) -> dict:
+    """Frames of a sharded sequence that an attention runs over one at a time: [L] -> [F, T] (frames x tokens
+    per frame) whose F becomes the batch of an attention (a per-frame cross-attention, Wan-Animate's face
+    adapter). F is sharded too; when n does not divide F, L is padded to whole frames per rank
+    (ceil(F / n) frames of T tokens each, the last rank's missing frames zero-padded), so every rank's
+    chunk of L is the same whole frames as its chunk of F. Returns {F's space: (L's space, T)}; a sequence
+    asked for two different frame sizes gets neither."""
+    batch_dims = set()
+    for node in graph.nodes:
+        if is_sdpa(node):
+            q = sdpa_args(node)["query"]
+            if isinstance(q, fx.Node) and (q, None, 0) in td.parent:
+                batch_dims.add(td.find((q, None, 0)))
+    found: dict = {}
+    clash: set = set()
+    for node in graph.nodes:
+        rule = td.rules.get(node)
+        for (si, di, so, do) in (rule.grids if rule is not None else ()):
+            if len(di) != 1 or len(do) < 2 or (so[0], so[1], do[0]) not in td.parent:
+                continue
+            segs = td.segments((si[0], si[1], di[0]))
+            lead = td.find((so[0], so[1], do[0]))
+            if len(segs) != 1 or segs[0] not in sharded or lead in sharded or lead not in batch_dims \
+                    or lead in td.composite or td.size[lead] < n:
+                continue
+            inner = td.size[segs[0]] // td.size[lead]
+            if inner < 2 or inner * td.size[lead] != td.size[segs[0]]:
+                continue
+            g = inner if td.size[lead] % n else True
+            if found.get(lead, (segs[0], g)) != (segs[0], g) or any(
+                    s == segs[0] and gg != g for s, gg in found.values()):
+                clash |= {lead}
+            found[lead] = (segs[0], g)
+    return {lead: v for lead, v in found.items() if lead not in clash}
 
 
 def _compatible_spaces(graph: fx.Graph, td, candidates: list) -> set:
@@ -315,8 +363,13 @@ def _carried(node: fx.Node, rule, n: int = 1) -> tuple[set, set]:
             for d in do[1:]:
                 inner_o *= so_shape[d]
             li_len, lo_len = li.segments[0][0], lo.segments[0][0]
-            # exact only without padding: every rank holds the same whole rows on both sides
-            if li_len * inner_i == lo_len * inner_o and li_len % n == 0 and lo_len % n == 0:
+            # exact when every rank holds the same whole rows on both sides: no padding, or L padded to whole
+            # rows (a segment sharded in rows of inner_o tokens)
+            li_loc = collectives.local_len(li_len, li.segments[0][1], n)
+            lo_loc = collectives.local_len(lo_len, lo.segments[0][1], n)
+            if li_len * inner_i == lo_len * inner_o and li_loc * inner_i == lo_loc * inner_o \
+                    and (li_len % n == 0 and lo_len % n == 0 or li.segments[0][1] is not True
+                         or lo.segments[0][1] is not True):
                 ins.add((si[0], si[1], di[0]))
                 outs.add((so[1], do[0]))
     for (si, di, count, so, do) in rule.flattens:  # [B, L] -> [B*L]: B copies of L's layout
@@ -410,7 +463,7 @@ def _conv_halo(node: fx.Node, n: int):
     dilation = _conv_arg(node, 5, "dilation", 1, nsp)
     if isinstance(padding, str) or stride[i] != 1 or (k - 1) % 2 or padding[i] != dilation[i] * (k - 1) // 2:
         return False
-    if len(lay.segments) != 1 or not lay.segments[0][1] or lay.segments[0][0] % n:
+    if len(lay.segments) != 1 or lay.segments[0][1] is not True or lay.segments[0][0] % n:
         return False
     if lay.segments[0][0] // n < padding[i]:
         return False
@@ -623,7 +676,7 @@ class _Rewriter:
         lay = layout_of(operand)
         node.args, node.kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: self.get_local(a, node))
         graph = self.gm.graph
-        if any(s and length % self.n for length, s in lay.segments):
+        if any(s and collectives.local_len(length, s, self.n) * self.n != length for length, s in lay.segments):
             local = self.local[operand]
             with graph.inserting_before(node):
                 z = graph.call_function(collectives.zero_token_padding, (local, dim, lay.segments, self.group, self.n))
