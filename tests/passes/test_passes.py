@@ -284,7 +284,9 @@ def test_a_query_shorter_than_the_ranks_shards_nothing_and_says_so():
     assert snaps["infer_token_dims"].counts["token_spaces"] == 0
     # running whole on every rank is reported, not silent
     assert snaps["infer_token_dims"].counts["unparallelized_graphs"] == 1
-    assert snaps["infer_token_dims"].summary.startswith("NOT PARALLELIZED")
+    summary = snaps["infer_token_dims"].summary
+    assert summary.startswith("NOT PARALLELIZED") and "at least 2 tokens" in summary, summary
+    assert "(blocks.0.cross)" in summary and "(blocks.1.cross)" in summary, summary  # the sites, by node
     assert not snaps["shard_sequence"].changed and not snaps["parallelize_attention"].changed
     assert gm.code == code
 

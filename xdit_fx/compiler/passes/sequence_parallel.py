@@ -112,14 +112,17 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         c = _contracted_space(node, td)
         if c is not None and c in queries and td.size[c] >= 2 and c not in candidates:
             candidates.append(c)
-    query_only = not candidates  # no self, joint or linear attention here: shard the queries, K/V stay whole
+    # no self, joint or linear attention here: shard the queries, K/V stay whole (sequence parallel only: a
+    # PipeFusion patch needs the K/V of the other patches, which only a self-attention's buffers hold)
+    sp_only = getattr(ctx.plan, "pipefusion_degree", 1) == 1
+    query_only = not candidates and sp_only
     if query_only:
         candidates = _query_spaces(gm.graph, td, ctx.mesh.sp)
     sharded = _compatible_spaces(gm.graph, td, candidates)
     rows = _grid_rows(gm.graph, td, sharded, ctx.mesh.sp)
     sharded |= rows
     frames: dict = {}
-    if getattr(ctx.plan, "pipefusion_degree", 1) == 1:  # (PipeFusion's patches split segments their own way)
+    if sp_only:  # (PipeFusion's patches split segments their own way)
         frames = _frame_rows(gm.graph, td, sharded, ctx.mesh.sp)
         sharded |= set(frames)
     granule = {space: g for space, g in frames.values()}
@@ -153,7 +156,9 @@ def infer_token_dims(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                     "so each rank computes its rows of the queries against whole keys and values)")
     if n_sites and not spaces:
         summary = (f"NOT PARALLELIZED: none of the {n_sites} attention sites has a query sequence of at least "
-                   f"{max(2, ctx.mesh.sp)} tokens to shard; this graph runs whole on every rank")
+                   f"{max(2, ctx.mesh.sp)} tokens to shard ("
+                   + "; ".join(describe_node(n) for n in gm.graph.nodes if is_sdpa(n))
+                   + "); this graph runs whole on every rank")
         log.warning("xdit_fx: %s. Look at it with XDIT_FX_DUMP_DIR=... .", summary)
     return PassResult(gm, changed=False, summary=summary,
                       counts={"token_spaces": spaces, "token_nodes": tensors,
