@@ -406,6 +406,28 @@ def test_listen_socket_connections_have_tcp_nodelay():
     assert seen["nodelay"] != 0
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_step_level_max_batch_bounds_each_replica(app_server, replicas):
+    """--max-batch 1: one rank runs one request at a time; two dp replicas run two."""
+    engine = FakeStepEngine(step_s=0.02)
+    engine.replicas = replicas
+    srv = app_server(engine, max_batch=1)
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            first = asyncio.ensure_future(client.post("/v1/images/generations",
+                                                      json={"prompt": "1", "seed": 1, "num_inference_steps": 10}))
+            while not engine.active:
+                await asyncio.sleep(0.005)
+            second = await client.post("/v1/images/generations", json={"prompt": "2", "seed": 2})
+            return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.status_code == second.status_code == 200
+    assert ([1, 2] in engine.calls) == (replicas == 2)
+    assert max(len(c) for c in engine.calls) == replicas
+
+
 def test_next_batch_window_override():
     b = Batcher(max_batch=8, window_s=5.0, max_queue=10)
     jobs = [_job("a"), _job("a"), _job("b")]

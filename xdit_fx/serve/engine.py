@@ -30,7 +30,7 @@ Two ways to run requests:
   the same at batch 1 as at 2), so instead each running request belongs to one replica (`assign_replicas`:
   the one with the fewest running images when it joins), every rank takes the step of its own requests
   with its unsplit model and only counts the others' step, and a request that ends on a rank other than 0
-  sends its latents to rank 0 (one broadcast). The steps stay in lockstep (the same messages and status
+  sends its latents to rank 0 (one broadcast). --max-batch then bounds each replica's call. The steps stay in lockstep (the same messages and status
   all-reduce); a request's image is the one a single rank gives.
 * **request-level** (`Engine.run`), for every other pipeline (diffusers pipelines run their own loop inside
   ``__call__``): one pipeline call per batch of requests, all their steps.
@@ -206,7 +206,9 @@ def replica_count(pipe: Any, world_size: int) -> int:
 
 def assign_replicas(loads: list[int], sizes: list[int]) -> list[int]:
     """The replica of each joining request (`sizes`: its images, in admission order), given the images each
-    replica runs now (`loads`): the least loaded one, the lowest index on a tie; `loads` is updated."""
+    replica runs now (`loads`): the least loaded one, the lowest index on a tie; `loads` is updated. The step
+    loop admits up to --max-batch images per replica in all, so a request of n images can take a replica at
+    most n - 1 past --max-batch, when every replica is that full."""
     owners = []
     for n in sizes:
         owner = min(range(len(loads)), key=lambda r: (loads[r], r))

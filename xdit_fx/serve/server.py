@@ -168,6 +168,8 @@ def step_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) -> i
     with its error. Running jobs are never interrupted (a cancelled or timed-out one finishes unseen)."""
     from xdit_fx.serve.engine import EngineDead
 
+    # under dp the ranks are replicas, each with its own call: --max-batch bounds each one's images
+    replicas = getattr(engine, "replicas", 1)
     running: dict[int, tuple[Any, _Group]] = {}   # job id -> (job, its group), in admission order
     retry_alone: list = []                          # jobs of a failed merged set, to run one at a time
     alone = False                                   # the running set is one job being retried alone
@@ -196,7 +198,7 @@ def step_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) -> i
                     break
             if running:
                 admit = [] if alone else batcher.take_joinable(
-                    key, batcher.max_batch - sum(job.n for job, _ in running.values()))
+                    key, batcher.max_batch * replicas - sum(job.n for job, _ in running.values()))
             elif retry_alone:
                 job = retry_alone.pop(0)
                 if job.finished:  # timed out or cancelled meanwhile: not run again
