@@ -8,6 +8,13 @@ is the rate one rank can just keep up with one at a time.
 
     python benchmarks/serve_load.py                     # writes benchmarks/results/serve_load.{json,md}
     python benchmarks/serve_load.py --seconds 5 --multiples 1,4
+    python benchmarks/serve_load.py --configs cfg2,dp2 --multiples 8 --out /tmp/two_ranks   # some configs only
+
+Before the servers, the pipeline alone is timed in this process (no server, the same torch threads) at
+batches of --ceiling-sizes images: what batching can give on this machine at best (the compute ceiling),
+and the batch where images/s peaks. Batched configurations run with --max-batch (default "best": that
+peak batch; a larger running set only makes each step slower per image; twice that under cfg=2, whose
+two ranks share each call; under dp=2 --max-batch bounds each rank's own call).
 
 Goals (issue): batching gives >= 2x the images/s of one-at-a-time at saturation, and p99 latency at half
 the saturation rate stays <= 2x the single-request latency. Saturation is each configuration's highest
@@ -35,14 +42,40 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_BATCH = "{max_batch}"  # replaced by --max-batch (times the ranks that share each call, see SHARED)
 CONFIGS = {  # name: (description, serve flags)
     "serial": ("1 rank, one at a time", ["--max-batch", "1", "--batch-window-ms", "0"]),
-    "batched": ("1 rank, batched", ["--max-batch", "32", "--batch-window-ms", "20"]),
-    "request": ("1 rank, request-level batched", ["--batching", "request", "--max-batch", "32",
+    "batched": ("1 rank, batched", ["--max-batch", MAX_BATCH, "--batch-window-ms", "20"]),
+    "request": ("1 rank, request-level batched", ["--batching", "request", "--max-batch", MAX_BATCH,
                                                   "--batch-window-ms", "20"]),
-    "cfg2": ("cfg=2 on 2 ranks, batched", ["--plan", "cfg=2", "--max-batch", "32", "--batch-window-ms", "20"]),
-    "dp2": ("dp=2 on 2 ranks, batched", ["--plan", "dp=2", "--max-batch", "32", "--batch-window-ms", "20"]),
+    "cfg2": ("cfg=2 on 2 ranks, batched", ["--plan", "cfg=2", "--max-batch", MAX_BATCH, "--batch-window-ms", "20"]),
+    "dp2": ("dp=2 on 2 ranks, batched", ["--plan", "dp=2", "--max-batch", MAX_BATCH, "--batch-window-ms", "20"]),
 }
+# ranks that share each pipeline call: under cfg=2 each rank computes half of a call's rows, so its call of
+# 2 x the peak batch gives each rank the peak; under dp=2 --max-batch is per rank (each runs its own requests)
+SHARED = {"cfg2": 2}
+
+
+def compute_ceiling(sizes: list[int], threads: int, steps: int = 20, repeats: int = 3) -> dict[int, float]:
+    """images/s of the digits pipeline alone (this process, `threads` torch threads) per batch of n images:
+    the best of `repeats` timings of one n-image generation, 20 steps with CFG, as the service runs it."""
+    import torch
+
+    from xdit_fx.digits import load_pipeline
+
+    torch.set_num_threads(threads)
+    pipe = load_pipeline()
+    rates = {}
+    for n in sizes:
+        best = float("inf")
+        for r in range(repeats + 1):  # the first one warms up
+            t0 = time.perf_counter()
+            pipe([i % 10 for i in range(n)], num_inference_steps=steps, progress=False, output_type="pil",
+                 generator=[torch.Generator().manual_seed(r * n + i) for i in range(n)])
+            if r:
+                best = min(best, time.perf_counter() - t0)
+        rates[n] = n / best
+    return rates
 
 
 class Server:
@@ -105,6 +138,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (1: a 2-rank config uses 2 cores)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
     p.add_argument("--note", default="", help="a line for the results (e.g. the machine's load average)")
+    p.add_argument("--max-batch", default="best",
+                   help="--max-batch of the batched configurations: an int, or 'best' (the ceiling's peak batch)")
+    p.add_argument("--ceiling-sizes", default="1,2,4,8,16,32",
+                   help="batches at which to time the pipeline alone ('' to skip; then --max-batch must be an int)")
     args = p.parse_args()
     cores = os.cpu_count() or 1
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -112,11 +149,27 @@ def main() -> int:
                           f"thread(s) per rank", "seconds": args.seconds, "note": args.note,
                "load_before": os.getloadavg(),
                "configs": {}}
-    base_rate = None
     for name in names:
         if name not in CONFIGS:
             raise SystemExit(f"--configs: unknown {name!r}; choose from {', '.join(CONFIGS)}")
+    sizes = [int(x) for x in args.ceiling_sizes.split(",") if x.strip()]
+    if sizes:
+        ceiling = compute_ceiling(sizes, args.threads)
+        results["ceiling_images_per_s"] = ceiling
+        print("pipeline alone: " + ", ".join(f"n={n} {r:.1f} images/s" for n, r in ceiling.items()), flush=True)
+    if args.max_batch == "best":
+        if not sizes:
+            raise SystemExit("--max-batch best needs --ceiling-sizes")
+        max_batch = max(results["ceiling_images_per_s"].items(), key=lambda kv: kv[1])[0]
+    elif args.max_batch.isdigit() and int(args.max_batch) >= 1:
+        max_batch = int(args.max_batch)
+    else:
+        raise SystemExit(f"--max-batch must be a positive int or 'best', got {args.max_batch!r}")
+    results["max_batch"] = max_batch
+    base_rate = None
+    for name in names:
         description, extra = CONFIGS[name]
+        extra = [str(max_batch * SHARED.get(name, 1)) if x == MAX_BATCH else x for x in extra]
         server = Server(extra, threads=args.threads)
         try:
             single = asyncio.run(single_latency(server.url, 5))
@@ -156,6 +209,16 @@ def to_markdown(results: dict) -> str:
              f"{load}; after: {', '.join(f'{x:.1f}' for x in results.get('load_after', ()))}.", ""]
     if results.get("note"):
         lines += [results["note"], ""]
+    ceiling = results.get("ceiling_images_per_s")
+    if ceiling:
+        best = max(ceiling.values())
+        lines += ["The pipeline alone in this process before the servers (no HTTP, the same torch threads), images/s "
+                  "per batch of n: " + ", ".join(f"n={n} {r:.1f}" for n, r in ceiling.items()) +
+                  (f"; the most batching can give over one at a time here: {best / ceiling[1]:.2f}x." if 1 in ceiling
+                   else "."), ""]
+    if "max_batch" in results:
+        lines += [f"Batched configurations: --max-batch {results['max_batch']} (cfg=2, whose ranks share each call: "
+                  f"{results['max_batch'] * SHARED['cfg2']}; under dp=2 it bounds each rank's call).", ""]
     lines += ["| config | single-request latency | rate (req/s) | images/s | p50 latency | p99 latency | p99 / single |",
               "|---|---|---|---|---|---|---|"]
     for name, c in results["configs"].items():

@@ -333,18 +333,133 @@ class FakeStepEngine:
 
 
 def test_step_level_failed_step_retries_each_request_alone(app_server):
-    srv = app_server(FakeStepEngine(), max_batch=8, window_ms=300)
+    srv = app_server(FakeStepEngine(step_s=0.02), max_batch=8)
     bodies = [{"prompt": p, "seed": i} for i, p in enumerate(["1", "9", "2", "8"])]
-    responses = asyncio.run(_many(srv.url, bodies))
+    blocker = {"prompt": "5", "seed": 50, "guidance_scale": 3.0, "num_inference_steps": 40}
+
+    async def scenario():  # the four queue behind a running request they cannot join, then start together
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            first = asyncio.ensure_future(client.post("/v1/images/generations", json=blocker))
+            while not srv.engine.active:
+                await asyncio.sleep(0.005)
+            responses = await asyncio.gather(*(client.post("/v1/images/generations", json=b) for b in bodies))
+            return await first, responses
+
+    first, responses = asyncio.run(scenario())
+    assert first.status_code == 200
     assert [r.status_code for r in responses] == [200, 400, 200, 400]
     assert "nine is refused" in responses[1].json()["error"]["message"]
     assert "eight is refused" in responses[3].json()["error"]["message"]  # refused alone at its start
-    calls = srv.engine.calls
+    calls = [c for c in srv.engine.calls if c != [50]]
     assert calls[0] == [0, 1, 2]                      # merged; its first step fails
     assert sorted(c[0] for c in calls[1:]) == [0] * 4 + [1] + [2] * 4  # then each alone: 4 steps, 1 failed step
     assert all(len(c) == 1 for c in calls[1:])        # nothing joins a request retried alone
     assert metric_value(srv.metrics(), "xdit_fx_batch_retries_total") == 1
     assert [int(r.headers["x-batch-images"]) for r in (responses[0], responses[2])] == [1, 1]
+
+
+def test_assign_replicas_balances_running_images_in_admission_order():
+    from xdit_fx.serve.engine import assign_replicas
+
+    loads = [0, 0]
+    assert assign_replicas(loads, [1]) == [0]              # alone: replica 0
+    assert assign_replicas(loads, [1, 1, 2]) == [1, 0, 1]  # each joins the least loaded; ties go to the lowest
+    assert loads == [2, 3]
+    assert assign_replicas([4, 1, 1], [3, 1]) == [1, 2]
+
+
+def test_replica_count_only_for_a_dp_only_plan():
+    from types import SimpleNamespace
+
+    from xdit_fx.plan import Plan
+    from xdit_fx.serve.engine import replica_count
+
+    def pipe(text):
+        return SimpleNamespace(plan=Plan.from_string(text))
+
+    assert replica_count(pipe("dp=2"), 2) == 2
+    assert replica_count(pipe("cfg=2"), 2) == 1            # cfg shares each call over its ranks
+    assert replica_count(pipe("dp=2,ulysses=2"), 4) == 1
+    assert replica_count(SimpleNamespace(), 1) == 1        # one rank, no plan
+
+
+def test_listen_socket_connections_have_tcp_nodelay():
+    """Without TCP_NODELAY each answer waited ~40 ms for the client's delayed ACK (uvicorn writes the headers
+    and the body separately)."""
+    from xdit_fx.serve.server import listen_socket
+
+    sock = listen_socket("127.0.0.1", 0)
+    seen = {}
+
+    async def scenario():
+        def connected(reader, writer):
+            seen["nodelay"] = writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            writer.close()
+
+        server = await asyncio.start_server(connected, sock=sock)
+        async with server:
+            reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            await reader.read()
+            writer.close()
+
+    asyncio.run(scenario())
+    assert seen["nodelay"] != 0
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_step_level_max_batch_bounds_each_replica(app_server, replicas):
+    """--max-batch 1: one rank runs one request at a time; two dp replicas run two."""
+    engine = FakeStepEngine(step_s=0.02)
+    engine.replicas = replicas
+    srv = app_server(engine, max_batch=1)
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            first = asyncio.ensure_future(client.post("/v1/images/generations",
+                                                      json={"prompt": "1", "seed": 1, "num_inference_steps": 10}))
+            while not engine.active:
+                await asyncio.sleep(0.005)
+            second = await client.post("/v1/images/generations", json={"prompt": "2", "seed": 2})
+            return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert first.status_code == second.status_code == 200
+    assert ([1, 2] in engine.calls) == (replicas == 2)
+    assert max(len(c) for c in engine.calls) == replicas
+
+
+def test_next_batch_window_override():
+    b = Batcher(max_batch=8, window_s=5.0, max_queue=10)
+    jobs = [_job("a"), _job("a"), _job("b")]
+    for j in jobs:
+        b.submit(j)
+    t0 = time.monotonic()
+    assert b.next_batch(1.0, window_s=0.0) == jobs[:2]   # what is queued and compatible, without the window
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_step_level_idle_engine_starts_a_request_at_once_and_the_next_joins_at_a_step(app_server):
+    """Under step-level batching the batch window is not waited for: a request that finds the engine idle
+    starts at once, and one arriving just after joins the running set at the next step boundary."""
+    srv = app_server(FakeStepEngine(step_s=0.02), max_batch=8, window_ms=3000)
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            t0 = time.monotonic()
+            first = asyncio.ensure_future(client.post("/v1/images/generations",
+                                                      json={"prompt": "1", "seed": 1, "num_inference_steps": 20}))
+            while not srv.engine.active:
+                await asyncio.sleep(0.005)
+            second = await client.post("/v1/images/generations", json={"prompt": "2", "seed": 2})
+            return await first, second, time.monotonic() - t0
+
+    first, second, took = asyncio.run(scenario())
+    assert first.status_code == second.status_code == 200
+    assert took < 2.5, took                               # neither waited for the 3 s window
+    calls = srv.engine.calls
+    assert calls[0] == [1]                                 # the first started alone
+    assert [1, 2] in calls                                 # the second joined it at a step boundary
+    assert second.headers["x-batch-images"] == "2"
 
 
 def test_step_level_request_joins_at_the_next_step_and_leaves_when_its_steps_end(app_server):

@@ -129,11 +129,12 @@ class DigitsPipeline(DiffusionPipeline):
         """
         if cfg_mode not in CFG_MODES:
             raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
-        labels = self._check_labels(class_labels)
-        x = self._initial_latents(len(labels), generator, latents)
+        device = self.device  # a walk over the components: read once per call
+        labels = self._check_labels(class_labels, device)
+        x = self._initial_latents(len(labels), generator, latents, device)
         null = torch.full_like(labels, self.null_class)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         for t in self.progress_bar(timesteps) if progress else timesteps:
             velocity = self._velocity(x, t, labels, null, guidance_scale, cfg_mode)
@@ -160,10 +161,11 @@ class DigitsPipeline(DiffusionPipeline):
                              f"not {type(self.scheduler).__name__}")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-        labels = self._check_labels(class_labels)
-        x = self._initial_latents(len(labels), generator, latents)
+        device = self.device  # a walk over the components: read once per request
+        labels = self._check_labels(class_labels, device)
+        x = self._initial_latents(len(labels), generator, latents, device)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         return DenoisingState(labels=labels, latents=x, sigmas=scheduler.sigmas.clone(),
                               timesteps=scheduler.timesteps.clone(), guidance_scale=float(guidance_scale))
 
@@ -204,20 +206,21 @@ class DigitsPipeline(DiffusionPipeline):
             raise ValueError(f"the state has taken {state.step} of its {state.total} steps")
         return self._postprocess(state.latents, output_type)
 
-    def _check_labels(self, class_labels) -> torch.Tensor:
-        labels = torch.as_tensor(class_labels, dtype=torch.long, device=self.device).reshape(-1)
+    def _check_labels(self, class_labels, device: torch.device) -> torch.Tensor:
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= self.null_class:
             raise ValueError(f"class_labels must be non-empty, each in [0, {self.null_class}), got {class_labels}")
         return labels
 
-    def _initial_latents(self, batch: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
+    def _initial_latents(self, batch: int, generator, latents: torch.Tensor | None,
+                         device: torch.device) -> torch.Tensor:
         config = self.transformer.config
         shape = (batch, config.in_channels, config.sample_size, config.sample_size)
         if latents is None:
-            return randn_tensor(shape, generator=generator, device=self.device, dtype=self.transformer.dtype)
+            return randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        return latents.to(device=self.device, dtype=self.transformer.dtype)
+        return latents.to(device=device, dtype=self.transformer.dtype)
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         timestep = t.expand(x.shape[0]) if t.dim() == 0 else t  # one timestep, or one per sample

@@ -7,7 +7,10 @@ next batch; the oldest job always goes first, so none waits behind a stream of o
 
 With step-level batching (engine.py) a batch keeps running while requests leave it, and `take_joinable`
 hands the engine, at each step boundary, the queued jobs that can join it: jobs of its key, in arrival
-order, as long as the running images stay within `max_batch`. It stops at the first queued job that cannot
+order, as long as the running images stay within `max_batch`. There the window is not waited for (the
+engine passes ``window_s=0``): a job that finds the engine idle starts at once, and jobs arriving just
+after it join at the next step boundary, one step later, where a window would have held the first one
+back for the whole window. It stops at the first queued job that cannot
 join (another key, or too many images), so that job is not overtaken: once the running batch has drained,
 it goes first.
 
@@ -126,11 +129,12 @@ class Batcher:
             jobs, self._queue = self._queue, []
             return jobs
 
-    def next_batch(self, idle_timeout_s: float) -> list[Job]:
+    def next_batch(self, idle_timeout_s: float, window_s: float | None = None) -> list[Job]:
         """The next batch, in arrival order; [] if nothing arrived within `idle_timeout_s`.
 
-        Waits for the oldest job's window to close unless the batch fills first. While not accepting
-        (draining) it does not wait for the window: what is queued runs at once."""
+        Waits for the oldest job's window (`window_s`, default the batcher's) to close unless the batch fills
+        first. While not accepting (draining) it does not wait for the window: what is queued runs at once."""
+        window = self.window_s if window_s is None else window_s
         with self._cond:
             if not self._queue:
                 self._cond.wait(idle_timeout_s)
@@ -140,7 +144,7 @@ class Batcher:
                 first = self._queue[0]
                 batch = self._compatible(first)
                 full = sum(j.n for j in batch) >= self.max_batch
-                remaining = first.arrival + self.window_s - time.monotonic()
+                remaining = first.arrival + window - time.monotonic()
                 if full or remaining <= 0 or not self._accepting:
                     break
                 self._cond.wait(remaining)

@@ -30,9 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port; see --port-file)")
     p.add_argument("--port-file", default=None, help="write the bound port here once the server listens")
-    p.add_argument("--max-batch", type=int, default=8, help="most images merged into one pipeline call")
+    p.add_argument("--max-batch", type=int, default=8, help="most images merged into one pipeline call (under a dp-only plan with "
+                                                              "step-level batching: per dp rank)")
     p.add_argument("--batch-window-ms", type=float, default=20.0,
-                   help="how long the oldest queued request waits for others to share its call")
+                   help="request-level batching: how long the oldest queued request waits for others to share its "
+                        "call (step-level batching starts a request at once; later ones join at step boundaries)")
     p.add_argument("--batching", choices=("step", "request"), default="step",
                    help="step (default): a request joins the running batch at the next denoising step and leaves "
                         "when its own steps end, where the pipeline exposes its steps (the digits model; other "

@@ -1,10 +1,13 @@
 """The generation engine: the same parallelized pipeline on every rank, batches sent from rank 0.
 
-Rank 0 forms batches (batcher.py) and sends each one to every rank with ``broadcast_object_list``; all ranks
-then call the pipeline with the same arguments (that is how `parallelize` expects to be driven) and
-all-gather a success flag, so a failure on any rank is known on rank 0. While idle, rank 0 broadcasts a
-heartbeat every second: the other ranks never sit in a collective long enough to time out, and a dead rank
-is noticed within a second even when no request is running.
+Rank 0 forms batches (batcher.py) and sends each one to every rank: a message is a broadcast header (a small
+int tensor: the operation, and whether arguments follow), then its arguments with ``broadcast_object_list``
+when it has any. The commonest message, "take the next step of the running set" with nobody joining, is
+the header alone: one collective per step, no pickling. All ranks then call the pipeline with the same
+arguments (that is how `parallelize` expects to be driven) and reduce or gather a success flag, so a failure
+on any rank is known on rank 0. While idle, rank 0 broadcasts a heartbeat every second: the other ranks
+never sit in a collective long enough to time out, and a dead rank is noticed within a second even when no
+request is running.
 
 What the pipeline can do is read from its call signature and from one warm-up generation, never from its
 class: `prompt` or `class_labels` (with ``get_label_ids`` turning text into labels), `height`/`width`,
@@ -21,6 +24,14 @@ Two ways to run requests:
   at this step boundary; all ranks take one step of every running request in one transformer call, and a
   request leaves the set when its own steps end. So a request that arrives while others run starts at the
   next step, not after them.
+
+  Under a data-parallel-only plan (``dp=N``, every other degree 1) the ranks are replicas: splitting each
+  transformer call over them gains little when a call holds few images (a small model's call costs about
+  the same at batch 1 as at 2), so instead each running request belongs to one replica (`assign_replicas`:
+  the one with the fewest running images when it joins), every rank takes the step of its own requests
+  with its unsplit model and only counts the others' step, and a request that ends on a rank other than 0
+  sends its latents to rank 0 (one broadcast). --max-batch then bounds each replica's call. The steps stay in lockstep (the same messages and status
+  all-reduce); a request's image is the one a single rank gives.
 * **request-level** (`Engine.run`), for every other pipeline (diffusers pipelines run their own loop inside
   ``__call__``): one pipeline call per batch of requests, all their steps.
 """
@@ -40,6 +51,7 @@ from xdit_fx.errors import XditFxError
 log = logging.getLogger("xdit_fx.serve")
 
 HEARTBEAT_S = 1.0
+OPS = ("ping", "stop", "step", "run")   # message header codes (index = code)
 
 
 class EngineDead(XditFxError):
@@ -176,11 +188,33 @@ def supports_step_batching(pipe: Any) -> bool:
 class StepOutcome:
     """Rank 0's view of one denoising step of the running set."""
 
-    images: int = 0                                   # images in this step's transformer call
+    images: int = 0                                   # images stepped together (the call; under dp, all replicas)
     finished: dict[int, list[Any]] = field(default_factory=dict)   # job id -> its output items
     refused: dict[int, GenerationError] = field(default_factory=dict)  # jobs whose start raised (not admitted)
     failed: list[int] = field(default_factory=list)   # the running set, dropped because the step raised
     error: GenerationError | None = None              # why the step raised
+
+
+def replica_count(pipe: Any, world_size: int) -> int:
+    """How many replicas run different requests under step-level batching: the dp degree of a plan whose only
+    parallel axis is dp (without cache or compile), else 1 (every rank shares each call)."""
+    plan = getattr(pipe, "plan", None)
+    if plan is None or world_size == 1 or plan.dp_degree != world_size or plan.cache is not None or plan.compile:
+        return 1
+    return plan.dp_degree
+
+
+def assign_replicas(loads: list[int], sizes: list[int]) -> list[int]:
+    """The replica of each joining request (`sizes`: its images, in admission order), given the images each
+    replica runs now (`loads`): the least loaded one, the lowest index on a tie; `loads` is updated. The step
+    loop admits up to --max-batch images per replica in all, so a request of n images can take a replica at
+    most n - 1 past --max-batch, when every replica is that full."""
+    owners = []
+    for n in sizes:
+        owner = min(range(len(loads)), key=lambda r: (loads[r], r))
+        loads[owner] += n
+        owners.append(owner)
+    return owners
 
 
 class Engine:
@@ -192,7 +226,13 @@ class Engine:
         self.text_arg = text_argument(pipe)
         self.stepwise = step_batching and supports_step_batching(pipe)
         self._inner = getattr(pipe, "pipe", pipe)
+        self.replicas = replica_count(pipe, world_size) if self.stepwise else 1
+        if self.replicas > 1:  # each rank steps its own requests with the whole model: no split of the calls
+            self._inner = pipe.unwrap()
+            if hasattr(self._inner, "set_progress_bar_config"):
+                self._inner.set_progress_bar_config(disable=True)  # rank 0 logs progress instead
         self._active: list[tuple[int, Any]] = []   # (job id, DenoisingState) of the running set, every rank
+        self._owner: dict[int, int] = {}           # job id -> the replica (rank) that steps it (replicas > 1)
         self.output_type = "pil"                   # of step-level outputs ("pt" in tests that compare floats)
         self.default_extra: dict[str, Any] = {}   # served defaults for pipeline-specific arguments
         self.progress = Progress()
@@ -275,36 +315,61 @@ class Engine:
     def step(self, admit: list[tuple[int, BatchSpec]]) -> StepOutcome:
         """Rank 0: admit `admit` (job id, spec) into the running set at this step boundary, send the step to every
         rank, take one denoising step of the whole set; finished requests leave it with their images."""
-        self._send({"op": "step", "admit": admit})
+        owners = None
+        if self.replicas > 1 and admit:
+            loads = [0] * self.replicas
+            for job_id, state in self._active:
+                loads[self._owner[job_id]] += len(state.labels)
+            owners = assign_replicas(loads, [len(spec.texts) for _, spec in admit])
+        self._send("step", {"admit": admit, "owners": owners} if admit else None)
         self.busy_since = time.monotonic()
         try:
-            return self._step_local(admit)
+            return self._step_local(admit, owners)
         finally:
             self.busy_since = None
 
-    def _step_local(self, admit: list[tuple[int, BatchSpec]]) -> StepOutcome:
+    def _step_local(self, admit: list[tuple[int, BatchSpec]], owners: list[int] | None = None) -> StepOutcome:
         refused: dict[int, tuple[str, bool]] = {}
-        for job_id, spec in admit:
+        for i, (job_id, spec) in enumerate(admit):
             try:
                 self._active.append((job_id, self._start(spec)))
+                self._owner[job_id] = owners[i] if owners else 0
             except Exception as e:  # noqa: BLE001 - this request's own fault (bad label, ...); the set goes on
                 refused[job_id] = (f"{type(e).__name__}: {e}", isinstance(e, (ValueError, TypeError)))
-        if admit and self.world_size > 1:  # every rank must step the same set: take every rank's refusals
+        # every rank must step the same set: one flag says whether any rank refused, the refusals only then
+        if admit and self.world_size > 1 and self._any_rank(bool(refused)):
             for other in self._gather(refused):
                 for job_id, why in other.items():
                     refused.setdefault(job_id, why)
             self._active = [(j, s) for j, s in self._active if j not in refused]
+            for job_id in refused:
+                self._owner.pop(job_id, None)
         outcome = StepOutcome(refused={j: GenerationError(m, bad_input=b) for j, (m, b) in refused.items()})
         if not self._active:
             return outcome
         outcome.images = sum(len(s.labels) for _, s in self._active)
         err, bad, finished = None, False, {}
+        # known alike on every rank before the step, whatever it raises: who ends now (their latents move)
+        ending = [(j, s) for j, s in self._active if s.step + 1 >= s.total]
         try:
-            self._denoise([s for _, s in self._active])
-            for job_id, state in self._active:
-                if state.done and self.rank == 0:
-                    finished[job_id] = list(self._inner.finish_denoising(state, self.output_type))
+            if self.replicas > 1:
+                mine = [s for j, s in self._active if self._owner[j] == self.rank]
+                if mine:
+                    self._denoise(mine)
+                for j, s in self._active:  # the other replicas' requests: count the step they take there
+                    if self._owner[j] != self.rank:
+                        s.step += 1
+            else:
+                self._denoise([s for _, s in self._active])
         except Exception as e:  # noqa: BLE001 - reported to rank 0, which retries each request alone
+            err, bad = f"{type(e).__name__}: {e}", isinstance(e, (ValueError, TypeError))
+        if self.replicas > 1:
+            self._collect_latents(ending)
+        try:
+            for job_id, state in ending:
+                if self.rank == 0 and err is None:
+                    finished[job_id] = list(self._inner.finish_denoising(state, self.output_type))
+        except Exception as e:  # noqa: BLE001
             err, bad = f"{type(e).__name__}: {e}", isinstance(e, (ValueError, TypeError))
         errors = self._step_status(err, bad)
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -314,24 +379,47 @@ class Engine:
             outcome.failed = [j for j, _ in self._active]
             outcome.error = GenerationError(f"{message}{where}", bad_input=bad)
             self._active = []
+            self._owner.clear()
             return outcome
         outcome.finished = finished
-        self._active = [(j, s) for j, s in self._active if not s.done]
+        for job_id, _ in ending:
+            self._owner.pop(job_id, None)
+        ended = {j for j, _ in ending}
+        self._active = [(j, s) for j, s in self._active if j not in ended]
         return outcome
+
+    def _collect_latents(self, ending: list[tuple[int, Any]]) -> None:
+        """Replicas: the latents of each request ending at this step, from its replica to every rank (rank 0
+        makes its images). In the running set's order, so every rank makes the same broadcasts."""
+        import torch.distributed as dist
+        for job_id, state in ending:
+            owner = self._owner[job_id]
+            if owner == 0:
+                continue
+            latents = state.latents.contiguous()
+            try:
+                dist.broadcast(latents, src=owner)
+            except Exception as e:  # noqa: BLE001
+                raise EngineDead(f"a rank stopped answering ({type(e).__name__}: {e})") from e
+            state.latents = latents
 
     def _step_status(self, err: str | None, bad_input: bool) -> list[tuple[str, bool] | None]:
         """Every rank's error of this step: one small all-reduce, and the messages only when one failed."""
         if self.world_size == 1:
             return [None if err is None else (err, bad_input)]
-        import torch.distributed as dist
-        flag = torch.tensor([0 if err is None else 1], dtype=torch.int32)
-        try:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        except Exception as e:  # noqa: BLE001
-            raise EngineDead(f"a rank stopped answering ({type(e).__name__}: {e})") from e
-        if not int(flag.item()):
+        if not self._any_rank(err is not None):
             return [None] * self.world_size
         return self._gather_status(err, bad_input)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank (one small all-reduce)."""
+        import torch.distributed as dist
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        try:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        except Exception as e:  # noqa: BLE001
+            raise EngineDead(f"a rank stopped answering ({type(e).__name__}: {e})") from e
+        return bool(value.item())
 
     def _gather(self, value: Any) -> list[Any]:
         import torch.distributed as dist
@@ -355,7 +443,7 @@ class Engine:
         """Rank 0: send `spec` to every rank, run it, return one output item per text (raises on failure)."""
         self._batches += 1
         self.progress = Progress(batch_id=self._batches, started=time.monotonic(), jobs=jobs)
-        self._send({"op": "run", "spec": spec})
+        self._send("run", {"spec": spec})
         self.busy_since = time.monotonic()
         try:
             out, err, bad_input = self._run_local(spec)
@@ -371,20 +459,36 @@ class Engine:
 
     def heartbeat(self) -> None:
         if self.world_size > 1:
-            self._send({"op": "ping"})
+            self._send("ping")
 
     def stop(self) -> None:
         if self.world_size > 1:
-            self._send({"op": "stop"})
+            self._send("stop")
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, op: str, args: dict[str, Any] | None = None) -> None:
+        """Rank 0: the header (operation, whether `args` follow), then `args` when there are any."""
         if self.world_size == 1:
             return
         import torch.distributed as dist
         try:
-            dist.broadcast_object_list([message], src=0)
+            dist.broadcast(torch.tensor([OPS.index(op), args is not None], dtype=torch.int64), src=0)
+            if args is not None:
+                dist.broadcast_object_list([args], src=0)
         except Exception as e:  # noqa: BLE001 - a peer died or the group timed out
             raise EngineDead(f"a rank stopped answering ({type(e).__name__}: {e})") from e
+
+    @staticmethod
+    def _receive() -> tuple[str, dict[str, Any]]:
+        """Ranks > 0: the next message from rank 0, as (operation, arguments)."""
+        import torch.distributed as dist
+        header = torch.zeros(2, dtype=torch.int64)
+        dist.broadcast(header, src=0)
+        op, has_args = OPS[int(header[0])], bool(header[1])
+        if not has_args:
+            return op, {}
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        return op, box[0]
 
     def _gather_status(self, err: str | None, bad_input: bool) -> list[tuple[str, bool] | None]:
         status = None if err is None else (err, bad_input)
@@ -397,15 +501,13 @@ class Engine:
         """Ranks > 0: run what rank 0 sends until it says stop (returns) or a collective fails (raises)."""
         import torch.distributed as dist
         while True:
-            box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=0)
-            message = box[0]
-            if message["op"] == "stop":
+            op, args = self._receive()
+            if op == "stop":
                 return
-            if message["op"] == "step":
-                self._step_local(message["admit"])
-            elif message["op"] == "run":
-                _, err, bad = self._run_local(message["spec"])
+            if op == "step":
+                self._step_local(args.get("admit", []), args.get("owners"))
+            elif op == "run":
+                _, err, bad = self._run_local(args["spec"])
                 gathered: list[Any] = [None] * self.world_size
                 dist.all_gather_object(gathered, None if err is None else (err, bad))
 

@@ -161,13 +161,15 @@ def step_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) -> i
     """Rank 0's loop under step-level batching (engine.step): one denoising step of the running set per turn.
 
     At each step boundary, queued jobs that share the running set's key join it (`Batcher.take_joinable`,
-    up to --max-batch images); an idle engine waits for a first batch as the request-level loop does (the
-    batch window). A job leaves the set when its own steps end and is answered at once. When a step of a
+    up to --max-batch images); an idle engine starts what is queued at once, without the batch window (a job
+    arriving just after joins at the next step boundary, which costs it one step, not a window). A job leaves the set when its own steps end and is answered at once. When a step of a
     merged set raises, the set is dropped and each of its jobs is run again alone from its first step (no
     other job joins meanwhile), so one bad request fails only itself. A job that fails alone is answered
     with its error. Running jobs are never interrupted (a cancelled or timed-out one finishes unseen)."""
     from xdit_fx.serve.engine import EngineDead
 
+    # under dp the ranks are replicas, each with its own call: --max-batch bounds each one's images
+    replicas = getattr(engine, "replicas", 1)
     running: dict[int, tuple[Any, _Group]] = {}   # job id -> (job, its group), in admission order
     retry_alone: list = []                          # jobs of a failed merged set, to run one at a time
     alone = False                                   # the running set is one job being retried alone
@@ -196,14 +198,14 @@ def step_loop(engine, service, batcher, stop: dict, drain_timeout_s: float) -> i
                     break
             if running:
                 admit = [] if alone else batcher.take_joinable(
-                    key, batcher.max_batch - sum(job.n for job, _ in running.values()))
+                    key, batcher.max_batch * replicas - sum(job.n for job, _ in running.values()))
             elif retry_alone:
                 job = retry_alone.pop(0)
                 if job.finished:  # timed out or cancelled meanwhile: not run again
                     continue
                 admit, alone = [job], True
             else:
-                admit, alone = batcher.next_batch(idle_timeout_s=1.0), False
+                admit, alone = batcher.next_batch(idle_timeout_s=1.0, window_s=0.0), False
                 if not admit:
                     engine.heartbeat()
                     continue
@@ -301,6 +303,16 @@ def serve_worker(cfg: dict[str, Any]) -> int:
     return _serve_rank0(cfg, engine, plan, world, stop)
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The bound socket uvicorn serves on. Its protocol is IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on
+    the connections of a socket that says it is TCP, and without it a response's header and body writes wait
+    for the client's delayed ACK (40 ms per request on Linux)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def _serve_rank0(cfg: dict[str, Any], engine, plan, world: int, stop: dict) -> int:
     import uvicorn
 
@@ -322,9 +334,7 @@ def _serve_rank0(cfg: dict[str, Any], engine, plan, world: int, stop: dict) -> i
     service.progress = lambda: engine.progress
     app = build_app(service)
 
-    sock = socket.socket(socket.AF_INET6 if ":" in cfg["host"] else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((cfg["host"], cfg["port"]))
+    sock = listen_socket(cfg["host"], cfg["port"])
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=10))
