@@ -24,11 +24,15 @@ def collective_timeout_s(world_size: int) -> float:
 
     The suite runs up to 8 single-threaded processes on 2 shared CPU cores: a rank can wait for a peer that
     is compiling or simply not scheduled for a long while, so the bound grows with the processes per core.
-    It only has to end a real hang; a rank that raises stops its peers at once (mp.spawn terminates them)."""
+    It only has to end a real hang; a rank that raises stops its peers at once (start_processes terminates them)."""
     return 120.0 * max(1.0, world_size / 2)
 
 
-def _worker(rank: int, world_size: int, init_file: str, fn, args, out_dir: str, count_bytes: bool) -> None:
+def _worker(rank: int, world_size: int, init_file: str, fn, args, out_dir: str, count_bytes: bool,
+            environ: dict) -> None:
+    # a forked worker starts with the fork server's environment: take the test's, as a spawned one would
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
@@ -85,11 +89,12 @@ def spawn_gloo(world_size: int, fn, *args, count_bytes: bool = True):
 
     With `count_bytes` (the default), every torch.distributed call of the worker is counted (`DistBytes`) and
     must equal what xdit_fx reported; a test whose own code calls torch.distributed turns it off.
-    If a rank raises, mp.spawn terminates the others and re-raises here (no hang)."""
+    If a rank raises, the others are terminated and the error re-raised here (no hang). The ranks fork from
+    the fork server that conftest.py preloads."""
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "store")  # must not exist yet; the FileStore creates it
-        mp.spawn(_worker, args=(world_size, init_file, fn, args, out_dir, count_bytes), nprocs=world_size,
-                 join=True)
+        mp.start_processes(_worker, args=(world_size, init_file, fn, args, out_dir, count_bytes, dict(os.environ)),
+                           nprocs=world_size, join=True, start_method="forkserver")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 

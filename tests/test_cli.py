@@ -1,5 +1,9 @@
 """The xdit-fx command line: the pass list for a plan, and clean errors for bad plans."""
 
+import os
+
+import pytest
+
 from xdit_fx.cli import main
 
 
@@ -41,3 +45,29 @@ def test_run_gives_each_rank_one_thread_and_a_failed_rank_one_line(tmp_path, cap
     assert [(tmp_path / f"threads{r}").read_text() for r in range(2)] == ["1", "1"]
     assert err.count("ValueError: a mistake on rank 1") == 1, err
     assert "xdit-fx run: error: rank 1 of 2 exited with code 1" in err and "ChildFailedError" not in err, err
+
+
+def _rank_environment(names: list[str]) -> dict:
+    import torch
+
+    return {**{name: os.environ.get(name) for name in names}, "threads": torch.get_num_threads()}
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_launched_ranks_see_the_environment_as_it_is_at_the_launch(method, monkeypatch):
+    """Both start methods give each rank the launching process's environment at the launch (a forked rank
+    would otherwise keep the fork server's, from when it started), the launcher's rank variables and one
+    thread; an unknown start method is refused by name."""
+    from xdit_fx.runtime.launch import launch
+
+    monkeypatch.setenv("XDIT_FX_START_METHOD", method)
+    launch(_rank_environment, 1, ([],))  # the fork server (when forked) starts before the variable below exists
+    monkeypatch.setenv("XDIT_FX_TEST_MARK", f"set after the first launch ({method})")
+    names = ["XDIT_FX_TEST_MARK", "RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS"]
+    seen = launch(_rank_environment, 2, (names,))
+    assert seen == {r: {"XDIT_FX_TEST_MARK": f"set after the first launch ({method})", "RANK": str(r),
+                        "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                        "threads": 1} for r in range(2)}, seen
+    monkeypatch.setenv("XDIT_FX_START_METHOD", "fork")
+    with pytest.raises(ValueError, match="XDIT_FX_START_METHOD='fork': use 'spawn'"):
+        launch(_rank_environment, 2, (names,))
