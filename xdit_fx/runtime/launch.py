@@ -68,6 +68,10 @@ def _in_environ(environ: dict[str, str], fn: Callable[..., Any], *args: Any) -> 
     os.environ.clear()
     os.environ.update(environ)
     os.environ.update(rank_vars)
+    if environ.get("OMP_NUM_THREADS"):  # a spawned rank's torch reads it at start; the forked one started already
+        import torch
+
+        torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))
     return fn(*args)
 
 
