@@ -69,7 +69,31 @@ def run_all(rank, world, plans):
                                      "census": (pm.census.eager_calls, pm.census.sharded_runs, pm.census.warning)}
     results["pipefusion"] = _folded_pipefusion()
     results["flex_pipefusion"] = _flex_pipefusion()
+    results["library_pipefusion"] = _library_pipefusion()
     return results
+
+
+def _library_pipefusion():
+    """pipefusion=2 with warm-up on every call (exact) on the library cases, and on the split forwards: the
+    max abs error to the single process and the stage records, or the refusal's text."""
+    import xdit_fx
+    from standins import models
+
+    out = {}
+    every = {**models.cases(), **models.break_cases()}
+    for name in CASES + list(BREAKS):
+        torch._dynamo.reset()
+        model, inputs = every[name]
+        model.eval()
+        with torch.no_grad():
+            ref = model(**inputs)
+            pm = xdit_fx.parallelize(model, "pipefusion=2,warmup=2")
+            try:
+                out[name] = {"err": (pm(**inputs) - ref).abs().max().item(), "records": len(pm.pipefusion.records),
+                             "counts": {k: v for h in pm.histories for k, v in h.counts().items() if v}}
+            except xdit_fx.UnsupportedGraph as e:
+                out[name] = {"refused": str(e)}
+    return out
 
 
 def _flex_pipefusion():
@@ -325,3 +349,30 @@ def test_runtime_error_names_the_node():
     assert "node 'view'" in msg and "(blocks.0)" in msg, msg
     assert "test_real_code.py" in msg and "in forward" in msg, msg
     assert "ulysses=2" in msg and "view size is not compatible" in msg, msg
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_library_attention_runs_under_pipefusion(results, name):
+    """flash-attn, xformers and the SDPA-then-view model under pipefusion=2 (warm-up on every call): the stages
+    are cut around the library's attention, and the output equals the single process's."""
+    for rank, per_rank in enumerate(results):
+        r = per_rank["library_pipefusion"][name]
+        assert "refused" not in r, r
+        assert r["err"] <= ATOL and r["records"] == 1, f"{name} rank {rank}: {r}"
+        assert r["counts"].get("fallback_gathers", 0) == 0, r["counts"]
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_a_split_forward_under_pipefusion_is_refused_with_a_fix_that_passes(results, name):
+    """Graph breaks leave no graph with a block stack to cut into stages (or a graph with attention and no
+    block): pipefusion=2 refuses, naming the breaks, instead of running the whole model on every rank; the fix
+    it offers is sequence parallel over the same ranks, checked on the captured graphs, and those plans are
+    the ones test_graph_breaks_are_reported finds exact here, with the attention sharded."""
+    for per_rank in results:
+        text = per_rank["library_pipefusion"][name].get("refused")
+        assert text is not None, per_rank["library_pipefusion"][name]
+        assert "pipefusion: no" in text and "captured graph(s): graph breaks:" in text, text
+        assert "fix: --plan ulysses=2 or --plan ring=2 (checked: its passes shard the attention" in text, text
+        for plan in ("ulysses=2", "ring=2"):
+            r = per_rank[(plan, name)]
+            assert r["max_abs"] <= ATOL and r["counts"].get("sp_attention_sites", 0) >= 1, (plan, r)

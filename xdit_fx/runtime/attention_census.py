@@ -75,9 +75,16 @@ def count_eager_attention(model: torch.nn.Module, args: tuple, kwargs: dict) -> 
     return counter.calls
 
 
-def _break_reasons() -> Counter:
+def break_counts() -> Counter:
+    """dynamo's graph-break reasons so far in this process, with how often each was met."""
     from torch._dynamo.utils import counters
     return Counter(counters.get("graph_break", {}))
+
+
+def breaks_since(before: Counter) -> list[str]:
+    """The break reasons met since `before` (a `break_counts()`), one line each."""
+    after = break_counts()
+    return [_short(r) for r in after if after[r] > before.get(r, 0)]
 
 
 def _short(reason: str) -> str:
@@ -109,14 +116,13 @@ class Census:
     @contextlib.contextmanager
     def first_call(self, model: torch.nn.Module, args: tuple, kwargs: dict):
         self.eager_calls = count_eager_attention(model, args, kwargs)
-        self._before = _break_reasons()
+        self._before = break_counts()
         self.active = True
         try:
             yield
         finally:
             self.active = False
-            after = _break_reasons()
-            self.break_reasons = [_short(r) for r in after if after[r] > self._before.get(r, 0)]
+            self.break_reasons = breaks_since(self._before)
 
     def finish(self, graphs: list) -> str | None:
         """Compare, and warn when something ran whole or the forward was split (returns the warning)."""

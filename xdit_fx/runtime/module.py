@@ -9,6 +9,7 @@ the forward into several graphs, each is parallelized on its own: whole tensors 
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import logging
 import os
 from typing import Any
@@ -22,14 +23,14 @@ from xdit_fx.compiler.mesh import Mesh
 from xdit_fx.compiler.passes import GraphHistory
 from xdit_fx.compiler.rewrite import rewrite
 from xdit_fx.debug.dump import dump_dir_for_run
-from xdit_fx.errors import XditFxError
+from xdit_fx.errors import UnsupportedGraph, XditFxError
 from xdit_fx.plan import Plan
 from xdit_fx.runtime.batch import BatchSplitter
 from xdit_fx.compiler.passes.cache_regions import REFUSAL
 from xdit_fx.ops.regions import CachedRegion
 from xdit_fx.runtime.cache import CacheRuntime
 from xdit_fx.ops.comm import counting
-from xdit_fx.runtime.attention_census import Census
+from xdit_fx.runtime.attention_census import Census, break_counts, breaks_since
 from xdit_fx.runtime.graph_errors import with_node_names
 from xdit_fx.runtime.groups import ProcessGroups
 from xdit_fx.runtime.inductor import InductorPiece
@@ -79,6 +80,12 @@ class ParallelModule(nn.Module):
         #: the first call's count of attention calls vs sequence-parallel runs (graph breaks; attention_census.py)
         self.census = Census() if plan.sequence_parallel_degree > 1 and plan.pipefusion_degree == 1 else None
         self._census_pending = self.census is not None
+        #: PipeFusion's first call: unrewritten copies of the graphs captured so far and the stages cut in them,
+        #: to refuse a split forward with a checked fix instead of running it whole on every rank
+        self._pf_pending = plan.pipefusion_degree > 1
+        self._pf_graphs: list[fx.GraphModule] = []
+        self._pf_regions = 0
+        self._pf_breaks: Counter | None = None
 
     def _sp_groups(self) -> list[str]:
         return [self.groups.names["sp"]] if self.groups is not None and self.plan.sequence_parallel_degree > 1 else []
@@ -108,8 +115,14 @@ class ParallelModule(nn.Module):
         if dump_dir:
             from xdit_fx.debug.dump import render_graph
             render = render_graph
+        if self._pf_pending:
+            self._pf_graphs.append(copy_graph(gm))
         try:
             gm = rewrite(gm, plan, mesh, history=history, render=render)
+        except UnsupportedGraph as e:
+            if self._pf_pending and (len(self._pf_graphs) > 1 or self._pf_break_reasons()):
+                raise UnsupportedGraph(self._pf_explain(str(e))) from e
+            raise
         finally:  # also when a pass fails: the passes before it are dumped
             if dump_dir:
                 from xdit_fx.debug.dump import run_formats, write_dump
@@ -166,6 +179,7 @@ class ParallelModule(nn.Module):
                         program.body, lambda n: n.op == "call_function" and n.target in (pf_attention, pf_shard_tokens),
                         f"stage {stage} {what}")
             keep |= set(region.spec.programs[stage].params) | set(w.spec.programs[stage].params)
+        self._pf_regions += len(regions)
         if regions:  # freed after this call (dynamo checks its guards on the parameters right after compiling)
             self._to_free += [t for n, t in zip(placeholders, example_inputs) if n.name not in keep
                               and isinstance(t, nn.Parameter)]
@@ -178,17 +192,35 @@ class ParallelModule(nn.Module):
         census = contextlib.nullcontext()
         if self._census_pending:
             census = self.census.first_call(self.model, args, kwargs)
+        if self._pf_pending:
+            self._pf_breaks = break_counts()
         with census, counting(axes=self.groups.axes() if self.groups is not None else None) as counter:
             out = self.batch(self._run, args, kwargs) if self.batch is not None else self._run(*args, **kwargs)
         if self._census_pending:
             self._census_pending = False
             self.census.finish(self.graphs)
+        if self._pf_pending:
+            self._pf_pending = False
+            if not self._pf_regions:
+                raise UnsupportedGraph(self._pf_explain(
+                    f"pipefusion: no captured graph holds a stack of transformer blocks on the token sequence, so "
+                    f"no pipeline stage was cut and every rank ran the whole model (this call's output is the "
+                    f"single-process one; {self.plan.to_string()} would parallelize nothing)"))
+            self._pf_graphs = []
         self.last_comm = counter.snapshot()
         if self._to_free:  # parameters only other pipeline stages read (the next call recaptures once)
             from xdit_fx.runtime.pipefusion import free_parameters
             free_parameters(self._to_free)
             self._to_free = []
         return out
+
+    def _pf_break_reasons(self) -> list[str]:
+        """dynamo's graph-break reasons since this call began."""
+        return breaks_since(self._pf_breaks or break_counts())
+
+    def _pf_explain(self, head: str) -> str:
+        from xdit_fx.runtime.pipefusion_check import explain
+        return explain(head, self._pf_graphs, self.plan, self._pf_break_reasons())
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
         with _recompile_limits():
