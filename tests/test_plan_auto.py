@@ -360,19 +360,6 @@ def test_activation_ops_use_their_own_curve_where_measured():
     assert node_time(act, slow, 1.0, 1.0) > 5 * node_time(act, hw, 1.0, 1.0)
 
 
-def test_attention_measured_per_slice_charges_many_short_slices_more():
-    from xdit_fx.compiler.plan_cost import attention_time
-
-    curve = {"attn_slice": [[6.5e4, 2e-6], [1e6, 1e-5], [1.7e10, 5e-2]]}
-    hw = dataclasses.replace(_cpu_like(), curves=curve)
-    flops = 4.0 * 64 * 64 * 64 * 40
-    many = NodeWork(ATTN, flops, 0, "stack", 0, True, True, (10, 4, 4, 64, 64, 64, "self"))
-    one = NodeWork(ATTN, flops, 0, "stack", 0, True, True, (1, 1, 1, 405, 405, 64, "self"))
-    assert attention_time(many, hw, 1.0, 1.0, 1) > 1.5 * attention_time(one, hw, 1.0, 1.0, 1)
-    # Ulysses' rank holds half the heads over the whole sequence: half the slices, the same time each
-    assert attention_time(many, hw, 0.5, 1.0, 1, 0.5) == pytest.approx(attention_time(many, hw, 1.0, 1.0, 1) / 2)
-
-
 def test_calibration_graph_and_loop_run_the_same_ops():
     from xdit_fx.cli.calibrate_hardware import _tiny_graph
 

@@ -7,8 +7,7 @@ machine as a parallel run does:
 Each size's time per call is the fastest of --repeats batches of calls of at least 0.15 s (see `timed`).
 
 * GEMM: linears of the sizes a DiT runs (tokens x width x width), fitted ``t = overhead + flops / rate``;
-* attention: SDPA on [1, 8, L, 64] for L = 128..2048, fitted the same way; and per (batch, head) slice on
-  [B, 8, L, 64] for L = 16..2048 (``attn_slice``: a CPU runs the slices one by one);
+* attention: SDPA on [1, 8, L, 64] for L = 128..2048, fitted the same way;
 * memory: elementwise adds of 1e3..4e6 elements, fitted ``t = overhead + bytes / bandwidth``; views;
 * act: gelu, silu, softmax and layer_norm over the same sizes (their own curve: transcendental math);
 * host: per node of a GraphModule of tiny ops beyond the same ops called directly (``node_overhead``), and per
@@ -110,13 +109,6 @@ def _compute(dev: torch.device, repeats: int, sync) -> dict:
         q = torch.randn(1, 8, length, 64, device=dev)
         att_x.append(4.0 * 8 * length * length * 64)
         att_t.append(timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), repeats, sync))
-    slice_x, slice_t = [], []  # per (batch, head) slice: [B, 8, L, 64] with B slices enough to amortise the call
-    for length in (16, 32, 64, 128, 256, 512, 1024, 2048):
-        b = max(1, 256 // length)
-        q = torch.randn(b, 8, length, 64, device=dev)
-        slice_x.append(4.0 * length * length * 64)
-        slice_t.append(timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), repeats, sync)
-                       / (8 * b))
     mem_x, mem_t = [], []
     for n in (100, 1_000, 10_000, 100_000, 300_000, 1_000_000, 4_000_000, 16_000_000):
         x = torch.randn(n, device=dev)
@@ -129,8 +121,7 @@ def _compute(dev: torch.device, repeats: int, sync) -> dict:
         act_t.append(sum(timed(lambda: f(x), repeats, sync) for f in ACT_MIX) / len(ACT_MIX))
     v = torch.randn(64, 64, device=dev)
     view_t = timed(lambda: [v.view(4096) for _ in range(100)], repeats, sync) / 100
-    return {"gemm": (gemm_x, gemm_t), "attn": (att_x, att_t), "attn_slice": (slice_x, slice_t),
-            "mem": (mem_x, mem_t), "act": (act_x, act_t),
+    return {"gemm": (gemm_x, gemm_t), "attn": (att_x, att_t), "mem": (mem_x, mem_t), "act": (act_x, act_t),
             "view": view_t, "node": _node_overhead(dev, repeats, sync)}
 
 
@@ -351,7 +342,7 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
     la, lb, lw = fit_affine(*raw["link"]["p2p"])
     link = {"bandwidth": 1.0 / lb, "latency": la, "points": monotone(list(zip(*raw["link"]["p2p"]))),
             "sync": raw.get("sync_latency", 0.0)}
-    curves = {k: monotone(list(zip(*c[k]))) for k in ("gemm", "attn", "attn_slice", "mem", "act")}
+    curves = {k: monotone(list(zip(*c[k]))) for k in ("gemm", "attn", "mem", "act")}
     node = c["node"]
     rt = raw["runtime_op"]
     return {
@@ -375,8 +366,6 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
             "curves": f"{src}: per size, the fastest of --repeats batches of >= 0.15 s, capped by larger sizes' times (interpolated log-log; used instead of the fits)",
             "solo_speedup": f"{src}: 20 linears 1024x512x512 on rank 0 while rank 1 waits in recv, vs both computing",
             "memory": "--memory-gib, or the device's / half the machine's RAM",
-            "curves.attn_slice": f"{src}: SDPA [B,8,L,64] with B = max(1, 256/L), L 16..2048, seconds per (batch, "
-                                 f"head) slice against the slice's FLOPs",
             "curves.act": f"{src}: per size, the mean of gelu (exact, tanh), silu, softmax and layer_norm on "
                           f"[n/256, 256] fp32, 1e3..4e6 elements",
             "node_overhead": f"{src}: a GraphModule of 400 tiny ops (neg, gelu, view, linear, mul, silu, transpose, "

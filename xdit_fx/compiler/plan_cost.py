@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from xdit_fx.compiler.hardware import HardwareProfile, Link, interpolate
+from xdit_fx.compiler.hardware import HardwareProfile, Link
 from xdit_fx.compiler.plan_facts import ACT, ATTN, GEMM, VIEW, ModelFacts, NodeWork
 from xdit_fx.plan import AXES, Plan
 
@@ -90,20 +90,11 @@ def node_time(n: NodeWork, hw: HardwareProfile, tok: float, bat: float) -> float
     return hw.op_time(ACT if n.kind == ACT else "mem", n.bytes * s, hw.mem_bw, hw.op_overhead)
 
 
-def attention_time(n: NodeWork, hw: HardwareProfile, q_share: float, bat: float, ring: int,
-                   head_share: float = 1.0) -> float:
+def attention_time(n: NodeWork, hw: HardwareProfile, q_share: float, bat: float, ring: int) -> float:
     """Seconds of one attention site's kernels on this rank: queries at `q_share` of the sequence, every key,
-    split into `ring` calls (one per ring chunk) plus their log-sum-exp merges. Where the profile measured
-    attention per (batch, head) slice (`attn_slice`: a CPU runs the slices one after another, a short one at
-    a far lower rate), the site's slices on this rank (`head_share`: Ulysses' share of the heads) each cost
-    that curve at their FLOPs."""
+    split into `ring` calls (one per ring chunk) plus their log-sum-exp merges."""
     s = (q_share if n.tokens else 1.0) * (bat if n.batched else 1.0)
-    if "attn_slice" in hw.curves and n.site is not None:
-        slices = max(1.0, n.site[0] * (bat if n.batched else 1.0) * n.site[1] * head_share)
-        per = n.flops * s / ring / slices
-        t = ring * slices * interpolate(hw.curves["attn_slice"], per)
-    else:
-        t = ring * hw.op_time("attn", n.flops * s / ring, hw.attn_rate, hw.op_overhead + hw.attn_overhead)
+    t = ring * hw.op_time("attn", n.flops * s / ring, hw.attn_rate, hw.op_overhead + hw.attn_overhead)
     if ring > 1:
         out_bytes = n.bytes / 4 * s  # q, k, v in, out: a quarter of the bytes is the output
         t += (ring - 1) * MERGE_OPS * hw.op_time("mem", out_bytes, hw.mem_bw, hw.op_overhead)
@@ -187,8 +178,7 @@ def _stack_time(call: _Call, nodes: list[NodeWork], plan: Plan, hw: HardwareProf
     runtime_ops = 0
     for n in nodes:
         if n.kind == ATTN and n.site is not None:
-            heads = 1.0 / plan.ulysses_degree if n.site[6] != "cross" else 1.0
-            t = attention_time(n, hw, 1.0 / (sp * patches), bat, plan.ring_degree, heads)
+            t = attention_time(n, hw, 1.0 / (sp * patches), bat, plan.ring_degree)
             if n.site[6] != "cross" and sp > 1:
                 _sp_site_comm(call, n, plan, hw, bat, patches, t / plan.ring_degree, dt)
                 runtime_ops += (ULYSSES_RUNTIME_OPS if plan.ulysses_degree > 1 else 0) + (plan.ring_degree > 1)
