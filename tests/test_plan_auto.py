@@ -271,3 +271,102 @@ def test_serve_plan_auto_resolves_before_launch(capsys):
     assert f"--plan auto: {config['plan']} on 2 ranks" in capsys.readouterr().out
     with pytest.raises(PlanError, match="--plan auto needs --nproc"):
         config_from_args(p.parse_args(["--plan", "auto"]))
+
+
+# ---- host time: per executed node, per runtime op, per patch ------------------------------------------------
+
+def _cpu_like(node_s: float = 5e-6, runtime_s: float = 20e-6, **kw) -> HardwareProfile:
+    """A serial (CPU-like) profile without curves: host time adds to compute."""
+    return HardwareProfile("cpu-like", 1e11, 1e11, 1e10, 1e-6, 1e-6, 1e11, Link(1e9, 5e-5), Link(1e9, 5e-5), 2,
+                           0.3, node_overhead=node_s, runtime_op_overhead=runtime_s, **kw)
+
+
+@pytest.mark.parametrize("patches", [2, 4, 8])
+def test_every_patch_runs_its_stage_nodes_and_runtime_ops_on_the_host(patches):
+    facts = toy_facts(blocks=4, segments=(64, 1024))
+    hw = _cpu_like()
+    pred = predict(facts, Plan(pipefusion_degree=2, pipefusion_patches=patches), hw)
+    # per stage: 2 blocks x 4 nodes, 2 pf_attention sites and the patch loop, once per patch; the head and
+    # the tail (2 nodes) once per call
+    per_patch = 8 * hw.node_overhead + 3 * hw.runtime_op_overhead
+    assert pred.parts["host"] == pytest.approx(2 * hw.node_overhead + patches * per_patch)
+
+
+def test_more_patches_cost_more_host_time_and_can_lose():
+    facts = toy_facts(blocks=4, segments=(16, 64), width=64, heads=4)
+    hw = _cpu_like(node_s=50e-6, runtime_s=100e-6)
+    preds = {m: predict(facts, Plan(pipefusion_degree=2, pipefusion_patches=m), hw) for m in (2, 4, 8, 16)}
+    hosts = [preds[m].parts["host"] for m in (2, 4, 8, 16)]
+    assert hosts == sorted(hosts) and hosts[0] < hosts[-1]
+    # where the host dominates, the smaller patches' shorter bubble does not pay for their host time
+    assert preds[16].step_s > preds[2].step_s
+    free = dataclasses.replace(hw, node_overhead=0.0, runtime_op_overhead=0.0)
+    assert predict(facts, Plan(pipefusion_degree=2, pipefusion_patches=16), free).parts.get("host", 0.0) == 0.0
+
+
+def test_a_tiny_model_is_dominated_by_host_time_a_large_one_by_compute():
+    hw = _cpu_like(node_s=20e-6)
+    tiny = predict(toy_facts(segments=(8, 56), width=32, heads=4), Plan(), hw)
+    assert tiny.bottleneck == "host" and tiny.parts["host"] > 0.5 * tiny.step_s
+    large = predict(toy_facts(segments=(256, 4096), width=1024, heads=8), Plan(), hw)
+    assert large.bottleneck == "compute" and large.parts["host"] < 0.05 * large.step_s
+
+
+def test_runtime_ops_of_sequence_parallelism_are_charged():
+    facts = toy_facts(blocks=4)
+    hw = _cpu_like(node_s=0.0)
+    # Ulysses: 4 all-to-alls per site, plus the exit gather; ring: one ring attention op per site
+    uly = predict(facts, Plan(ulysses_degree=2), hw)
+    ring = predict(facts, Plan(ring_degree=2), hw)
+    free = dataclasses.replace(hw, runtime_op_overhead=0.0)
+    assert uly.step_s - predict(facts, Plan(ulysses_degree=2), free).step_s == pytest.approx(
+        (4 * 4 + 1) * hw.runtime_op_overhead)
+    assert ring.step_s - predict(facts, Plan(ring_degree=2), free).step_s == pytest.approx(
+        (4 + 1) * hw.runtime_op_overhead)
+
+
+def test_host_time_hides_behind_the_device_where_the_host_runs_ahead():
+    gpu = load_profile("h100-nvlink")
+    assert gpu.host_async and gpu.node_overhead > 0 and "node_overhead" in gpu.sources
+    large = predict(toy_facts(segments=(512, 8192), width=3072, heads=24), Plan(ulysses_degree=2), gpu)
+    assert large.parts.get("host", 0.0) == 0.0
+    tiny = predict(toy_facts(segments=(8, 56), width=32, heads=4), Plan(), gpu)
+    assert tiny.parts["host"] > 0
+    serial = predict(toy_facts(segments=(8, 56), width=32, heads=4), Plan(),
+                     dataclasses.replace(gpu, host_async=False))
+    assert serial.step_s > tiny.step_s  # hidden in part behind the device: never more than serial
+
+
+def test_activation_ops_use_their_own_curve_where_measured():
+    from xdit_fx.compiler.plan_cost import node_time
+    from xdit_fx.compiler.plan_facts import ACT
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(torch.nn.functional.gelu(self.lin(x)) + x, (16,))
+
+    facts = model_facts(Block(), {"x": torch.randn(2, 8, 16)})
+    kinds = [n.kind for n in facts.nodes]
+    assert kinds.count(ACT) == 2 and kinds.count(MEM) == 1  # gelu, layer_norm; the add
+    act = next(n for n in facts.nodes if n.kind == ACT)
+    mem = {"mem": [[1.0, 1e-6], [1e9, 1e-1]]}
+    hw = dataclasses.replace(_cpu_like(), curves=mem)
+    assert node_time(act, hw, 1.0, 1.0) == pytest.approx(hw.op_time("mem", act.bytes, hw.mem_bw, 0.0))
+    slow = dataclasses.replace(hw, curves={**mem, "act": [[1.0, 1e-5], [1e9, 1.0]]})
+    assert node_time(act, slow, 1.0, 1.0) > 5 * node_time(act, hw, 1.0, 1.0)
+
+
+def test_calibration_graph_and_loop_run_the_same_ops():
+    from xdit_fx.cli.calibrate_hardware import _tiny_graph
+
+    gm, ops = _tiny_graph(24)
+    x, w = torch.randn(4, 4), torch.randn(4, 4)
+    y = x
+    for f in ops:
+        y = f(y, w)
+    torch.testing.assert_close(gm(x, w), y)
+    assert sum(n.op in ("call_function", "call_method") for n in gm.graph.nodes) == len(ops) == 24

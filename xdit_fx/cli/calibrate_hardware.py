@@ -9,6 +9,9 @@ Each size's time per call is the fastest of --repeats batches of calls of at lea
 * GEMM: linears of the sizes a DiT runs (tokens x width x width), fitted ``t = overhead + flops / rate``;
 * attention: SDPA on [1, 8, L, 64] for L = 128..2048, fitted the same way;
 * memory: elementwise adds of 1e3..4e6 elements, fitted ``t = overhead + bytes / bandwidth``; views;
+* act: gelu, silu, softmax and layer_norm over the same sizes (their own curve: transcendental math);
+* host: per node of a GraphModule of tiny ops beyond the same ops called directly (``node_overhead``), and per
+  call of a runtime custom op beyond its kernels (``runtime_op_overhead``);
 * the link: ping-pong send/recv of 1 KiB..16 MiB between the two ranks, fitted ``latency + bytes / bandwidth``
   (one way), over gloo on CPU or NCCL on CUDA; and how much of a P2P transfer hides behind a matmul running
   meanwhile (``ring_overlap``).
@@ -111,9 +114,85 @@ def _compute(dev: torch.device, repeats: int, sync) -> dict:
         x = torch.randn(n, device=dev)
         mem_x.append(3.0 * n * 4)
         mem_t.append(timed(lambda: x + x, repeats, sync))
+    act_x, act_t = [], []
+    for n in (1_024, 16_384, 131_072, 1_048_576, 4_194_304):
+        x = torch.randn(n // 256, 256, device=dev)
+        act_x.append(2.0 * n * 4)
+        act_t.append(sum(timed(lambda: f(x), repeats, sync) for f in ACT_MIX) / len(ACT_MIX))
     v = torch.randn(64, 64, device=dev)
     view_t = timed(lambda: [v.view(4096) for _ in range(100)], repeats, sync) / 100
-    return {"gemm": (gemm_x, gemm_t), "attn": (att_x, att_t), "mem": (mem_x, mem_t), "view": view_t}
+    return {"gemm": (gemm_x, gemm_t), "attn": (att_x, att_t), "mem": (mem_x, mem_t), "act": (act_x, act_t),
+            "view": view_t, "node": _node_overhead(dev, repeats, sync)}
+
+
+#: the `act` class's representative ops (plan_facts.ACT_OPS): exact and tanh gelu, silu, softmax, layer_norm
+ACT_MIX = (torch.nn.functional.gelu, lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+           torch.nn.functional.silu, lambda x: torch.softmax(x, -1),
+           lambda x: torch.nn.functional.layer_norm(x, x.shape[-1:]))
+
+#: tiny ops of the kinds a captured graph holds (elementwise, activation, view, small linear)
+_TINY_OPS = ("neg", "gelu", "view", "linear", "mul", "silu", "transpose", "add")
+
+
+def _tiny_graph(nodes: int):
+    """A GraphModule of `nodes` tiny ops on a [4, 4] tensor, and the same ops as a plain Python list."""
+    import torch.fx as fx
+
+    F = torch.nn.functional
+    calls = {"neg": lambda y, w: torch.neg(y), "gelu": lambda y, w: F.gelu(y), "view": lambda y, w: y.view(4, 4),
+             "linear": lambda y, w: F.linear(y, w), "mul": lambda y, w: torch.mul(y, 0.5),
+             "silu": lambda y, w: F.silu(y), "transpose": lambda y, w: y.transpose(0, 1), "add": lambda y, w: y + w}
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    y = x
+    for i in range(nodes):
+        op = _TINY_OPS[i % len(_TINY_OPS)]
+        if op == "view":
+            y = g.call_method("view", (y, 4, 4))
+        elif op == "transpose":
+            y = g.call_method("transpose", (y, 0, 1))
+        elif op == "linear":
+            y = g.call_function(F.linear, (y, w))
+        elif op == "add":
+            y = g.call_function(torch.add, (y, w))
+        else:
+            y = g.call_function({"neg": torch.neg, "gelu": F.gelu, "mul": torch.mul, "silu": F.silu}[op],
+                                (y, 0.5) if op == "mul" else (y,))
+    g.output(y)
+    return fx.GraphModule(torch.nn.Module(), g), [calls[_TINY_OPS[i % len(_TINY_OPS)]] for i in range(nodes)]
+
+
+def _node_overhead(dev: torch.device, repeats: int, sync, nodes: int = 400) -> dict:
+    """Host seconds per executed node of a GraphModule, beyond the same ops called one by one: a graph of
+    `nodes` tiny ops (so their kernels take no time) run through its generated forward, per node, minus the
+    same ops in a plain loop, per op. Both are reported."""
+    gm, ops = _tiny_graph(nodes)
+    x, w = torch.randn(4, 4, device=dev), torch.randn(4, 4, device=dev)
+
+    def loop():
+        y = x
+        for f in ops:
+            y = f(y, w)
+        return y
+    graph = timed(lambda: gm(x, w), repeats, sync) / nodes
+    bare = timed(loop, repeats, sync) / nodes
+    return {"graph": graph, "bare": bare}
+
+
+def _runtime_op_overhead(dev: torch.device, repeats: int, sync) -> dict:
+    """Host seconds per call of a runtime op beyond its kernels: `xdit_fx::shard` (a torch.library custom op
+    the sequence-parallel rewrite inserts; no communication) on a tiny tensor, minus the narrow + clone it
+    runs."""
+    import torch.distributed as dist
+
+    from xdit_fx.ops.collectives import shard
+
+    group = dist.group.WORLD.group_name
+    n, r = dist.get_world_size(), dist.get_rank()
+    x = torch.randn(8 * n, 4, device=dev)
+    op = timed(lambda: shard(x, 0, 8 * n, group), repeats, sync)
+    bare = timed(lambda: x.narrow(0, 8 * r, 8).clone(), repeats, sync)
+    return {"op": op, "bare": bare}
 
 
 def _agree(n: int) -> int:
@@ -244,6 +323,7 @@ def calibrate_worker(repeats: int) -> dict:
         out = {"compute": _compute(dev, repeats, sync), "link": _link(dev, repeats, sync),
                "overlap": _overlap(dev, repeats, sync), "solo_speedup": _solo_speedup(dev, repeats, sync),
                "sync_latency": _sync_latency(dev, repeats, sync),
+               "runtime_op": _runtime_op_overhead(dev, repeats, sync),
                "threads": torch.get_num_threads(), "cuda": cuda,
                "memory": torch.cuda.get_device_properties(dev).total_memory if cuda else None}
     dist.barrier()
@@ -262,12 +342,16 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
     la, lb, lw = fit_affine(*raw["link"]["p2p"])
     link = {"bandwidth": 1.0 / lb, "latency": la, "points": monotone(list(zip(*raw["link"]["p2p"]))),
             "sync": raw.get("sync_latency", 0.0)}
-    curves = {k: monotone(list(zip(*c[k]))) for k in ("gemm", "attn", "mem")}
+    curves = {k: monotone(list(zip(*c[k]))) for k in ("gemm", "attn", "mem", "act")}
+    node = c["node"]
+    rt = raw["runtime_op"]
     return {
         "name": name, "gemm_rate": 1.0 / gb, "attn_rate": 1.0 / ab, "mem_bw": 1.0 / mb, "op_overhead": ma,
         "view_overhead": c["view"], "memory": memory, "intra": link, "inter": link, "gpus_per_node": 2,
         "ring_overlap": raw["overlap"], "gemm_overhead": max(0.0, ga - ma), "attn_overhead": max(0.0, aa - ma),
         "curves": curves, "solo_speedup": raw["solo_speedup"],
+        "node_overhead": max(0.0, node["graph"] - node["bare"]), "runtime_op_overhead": max(0.0, rt["op"] - rt["bare"]),
+        "host_async": bool(raw["cuda"]),
         "sources": {
             "gemm_rate": f"{src}: linear [M,K]x[K,K], M 64..4096, K 256..2048, fit worst residual {gw:.0%}",
             "attn_rate": f"{src}: SDPA [1,8,L,64], L 128..2048, fit worst residual {aw:.0%}",
@@ -282,6 +366,15 @@ def build_profile(raw: dict, name: str, memory: float) -> dict:
             "curves": f"{src}: per size, the fastest of --repeats batches of >= 0.15 s, capped by larger sizes' times (interpolated log-log; used instead of the fits)",
             "solo_speedup": f"{src}: 20 linears 1024x512x512 on rank 0 while rank 1 waits in recv, vs both computing",
             "memory": "--memory-gib, or the device's / half the machine's RAM",
+            "curves.act": f"{src}: per size, the mean of gelu (exact, tanh), silu, softmax and layer_norm on "
+                          f"[n/256, 256] fp32, 1e3..4e6 elements",
+            "node_overhead": f"{src}: a GraphModule of 400 tiny ops (neg, gelu, view, linear, mul, silu, transpose, "
+                             f"add on [4,4]) through its forward, {node['graph'] * 1e6:.2f} us per node, minus the "
+                             f"same ops in a Python loop, {node['bare'] * 1e6:.2f} us per op",
+            "runtime_op_overhead": f"{src}: the xdit_fx::shard custom op on [16,4], {rt['op'] * 1e6:.2f} us per "
+                                   f"call, minus the narrow + clone it runs, {rt['bare'] * 1e6:.2f} us",
+            "host_async": "CUDA: the host enqueues kernels ahead of the device" if raw["cuda"] else
+                          "CPU ranks: host and compute share the core",
         }}
 
 
@@ -304,6 +397,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"xdit-fx calibrate-hardware: {args.name} -> {args.out}")
     for key in ("gemm_rate", "attn_rate", "mem_bw"):
         print(f"  {key}: {profile[key] / 1e9:.3g} G/s")
+    print(f"  node_overhead {profile['node_overhead'] * 1e6:.2f} us, runtime_op_overhead "
+          f"{profile['runtime_op_overhead'] * 1e6:.2f} us")
     print(f"  op_overhead {profile['op_overhead'] * 1e6:.1f} us, link {profile['intra']['bandwidth'] / 1e9:.3g} GB/s, "
           f"latency {profile['intra']['latency'] * 1e6:.1f} us, ring_overlap {profile['ring_overlap']:.2f}")
     return 0

@@ -8,6 +8,13 @@ A profile describes one device and the links between devices:
 * links: ``intra`` (devices in one node: NVLink, PCIe, or loopback for CPU processes) and ``inter`` (between
   nodes). A message costs ``latency + bytes / bandwidth`` (bandwidth per direction, per device, as a collective
   achieves it, not the marketing figure). ``gpus_per_node`` decides which mesh axes cross nodes.
+* host time: every executed graph node also costs ``node_overhead`` on the host beyond its op's own time (the
+  GraphModule's generated forward, the Python around the call), and every runtime op the rewrite inserts (a
+  collective, ring attention, PipeFusion's per-patch ops and patch loop) ``runtime_op_overhead``; where the
+  host runs ahead of the device (``host_async``: CUDA streams) host time shows only where it exceeds the
+  device time of the same call, on CPUs it adds to it.
+* ``act`` (transcendental elementwise and normalisation ops: gelu, silu, softmax, layer_norm, ...): their own
+  measured curve where present (a CPU computes them far below its memory bandwidth), else the ``mem`` class.
 * ``ring_overlap``: the fraction of ring attention's P2P time hidden behind its chunk compute (1: the transfer
   runs beside the compute, as on GPUs with a side stream; 0: not at all).
 
@@ -84,13 +91,26 @@ class HardwareProfile:
     #: measured (size, seconds) per op class (gemm, attn: FLOPs; mem: bytes) used instead of the affine
     #: rates where present: a CPU's rate depends on whether the operands fit its caches
     curves: dict[str, list] = field(default_factory=dict)
+    #: host s per executed graph node beyond its op's own time (the op's dispatch is in the curves/overheads)
+    node_overhead: float = 0.0
+    #: host s per call of a runtime op (torch.library custom op, PipeFusion's per-patch Python ops) beyond
+    #: the kernels it runs
+    runtime_op_overhead: float = 0.0
+    #: the host enqueues work ahead of the device (CUDA): host time hides behind device time
+    host_async: bool = False
     sources: dict[str, str] = field(default_factory=dict)
 
     def op_time(self, kind: str, size: float, rate: float, overhead: float) -> float:
         """Seconds of one op of class `kind` (gemm, attn, mem) of `size` FLOPs (bytes for mem)."""
+        if kind == "act" and kind not in self.curves:
+            kind = "mem"
         if kind in self.curves:
             return interpolate(self.curves[kind], size)
         return overhead + size / rate
+
+    def host_time(self, host: float, device: float) -> float:
+        """Seconds that `host` seconds of host work add to a call whose device work takes `device` seconds."""
+        return max(0.0, host - device) if self.host_async else host
 
     def link(self, crosses_nodes: bool) -> Link:
         return self.inter if crosses_nodes else self.intra
@@ -125,6 +145,11 @@ _NV = "NVIDIA datasheet"
 _ACH = ("achievable fraction assumed: 0.6 of dense peak for large bf16 GEMMs, 0.45 for flash attention "
         "(FlashAttention-2 paper, Dao 2023: 50-73% of peak on A100; FA2 on H100 ~35-50%)")
 _OVH = "per-kernel launch ~5 us incl. framework dispatch (eager PyTorch; CUDA launch 2-4 us + dispatch)"
+_HOST = ("eager PyTorch spends ~5-25 us of CPU time per op before its kernel (Python, pybind, dispatcher, "
+         "launch; J. Lin, 'From PyTorch op to kernel launch', gpu_kernel_serving lesson 18); 10 us per fx node "
+         "run eagerly, hidden behind the device while the GPU is busy (host_async)")
+_RT = ("a torch.library custom op's Python path (schema parse, dispatch through the Python kernel): 15-20 us "
+       "measured on the repository's CPU VM (`xdit-fx calibrate-hardware`), host-side like _HOST")
 _NCCL = ("NCCL all-to-all / P2P bus bandwidth, nccl-tests order of magnitude: ~70% of the link's per-direction "
          "figure; latency ~20 us intra-node, ~30 us inter-node")
 
@@ -142,13 +167,15 @@ def _gpu(name: str, dense_bf16_tf: float, hbm_tb: float, mem_gb: float, link_gb:
         "gpus_per_node": f"{per_node} GPUs per node (HGX/typical server)",
         "ring_overlap": "ring P2P on a side stream overlaps the chunk's attention kernel",
         "solo_speedup": "one GPU per rank: a waiting rank does not speed up the others",
+        "node_overhead": _HOST, "runtime_op_overhead": _RT,
+        "host_async": "CUDA kernels are enqueued asynchronously: the host runs ahead of the device",
     }
     sources.update(extra or {})
     return HardwareProfile(
         name=name, gemm_rate=0.6 * dense_bf16_tf * TF, attn_rate=0.45 * dense_bf16_tf * TF, mem_bw=0.8 * hbm_tb * 1e12,
         op_overhead=5e-6, view_overhead=2e-6, memory=mem_gb * GB * 0.95,
         intra=Link(0.7 * link_gb * GB, 20e-6), inter=Link(0.7 * inter_gb * GB, 30e-6), gpus_per_node=per_node,
-        ring_overlap=1.0, sources=sources)
+        ring_overlap=1.0, node_overhead=10e-6, runtime_op_overhead=20e-6, host_async=True, sources=sources)
 
 
 #: measured on this repository's 2-core CPU VM by `xdit-fx calibrate-hardware` (see benchmarks/results/

@@ -8,7 +8,13 @@ Time of one transformer call on one rank:
   the batch runs on this rank's share of the batch (dp*cfg split it). A matmul-class node costs
   ``overhead + max(flops / gemm_rate, bytes / mem_bw)``, attention ``overhead + flops / attn_rate`` (queries
   local, keys whole: ring runs one call per chunk), other nodes ``overhead + bytes / mem_bw``, views
-  ``view_overhead``.
+  ``view_overhead``; transcendental / normalisation nodes (``act``) at their own measured rate.
+* **host**: every node executed (once per call; under PipeFusion once per patch) costs
+  ``hardware.node_overhead`` on the host beyond its op, every runtime op the rewrite inserts (Ulysses'
+  all-to-alls, ring attention, the exit gather, pf_attention and the patch loop per patch)
+  ``hardware.runtime_op_overhead``; added to the call's time on CPUs, and only where it exceeds the device time
+  where the host runs ahead (``hardware.host_async``). A PipeFusion patch also writes its fresh K/V into the
+  site's buffers.
 * **communication**, bytes from the same formulas `tests/test_comm.py` checks against the counted bytes:
   Ulysses moves (U-1)/U of the local q, k, v and output per site in 4 all-to-alls (not overlapped); ring
   passes (R-1) local K/V chunks per site, each step overlapped with the chunk's attention by
@@ -34,10 +40,12 @@ import math
 from dataclasses import dataclass, field
 
 from xdit_fx.compiler.hardware import HardwareProfile, Link
-from xdit_fx.compiler.plan_facts import ATTN, GEMM, VIEW, ModelFacts, NodeWork
+from xdit_fx.compiler.plan_facts import ACT, ATTN, GEMM, VIEW, ModelFacts, NodeWork
 from xdit_fx.plan import AXES, Plan
 
 MERGE_OPS = 6  # elementwise ops of one log-sum-exp merge of a ring step (exp, max, mul, add, ...)
+ULYSSES_RUNTIME_OPS = 4  # runtime ops of one Ulysses site: the all-to-alls of q, k, v and of the output
+KV_WRITES = 2  # a PipeFusion patch writes its fresh K and V into the site's buffers (index_copy_ each)
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,7 @@ def node_time(n: NodeWork, hw: HardwareProfile, tok: float, bat: float) -> float
     if n.kind == GEMM:
         return max(hw.op_time("gemm", n.flops * s, hw.gemm_rate, hw.op_overhead + hw.gemm_overhead),
                    hw.op_time("mem", n.bytes * s, hw.mem_bw, hw.op_overhead))
-    return hw.op_time("mem", n.bytes * s, hw.mem_bw, hw.op_overhead)
+    return hw.op_time(ACT if n.kind == ACT else "mem", n.bytes * s, hw.mem_bw, hw.op_overhead)
 
 
 def attention_time(n: NodeWork, hw: HardwareProfile, q_share: float, bat: float, ring: int) -> float:
@@ -165,25 +173,36 @@ def _stack_time(call: _Call, nodes: list[NodeWork], plan: Plan, hw: HardwareProf
     """Compute (into call.parts['compute']) and SP traffic of `nodes` for one patch; returns the compute s."""
     sp = plan.sequence_parallel_degree
     tok = 1.0 / (sp * patches)
+    pipefusion = plan.pipefusion_degree > 1
     total = 0.0
+    runtime_ops = 0
     for n in nodes:
         if n.kind == ATTN and n.site is not None:
             t = attention_time(n, hw, 1.0 / (sp * patches), bat, plan.ring_degree)
             if n.site[6] != "cross" and sp > 1:
                 _sp_site_comm(call, n, plan, hw, bat, patches, t / plan.ring_degree, dt)
+                runtime_ops += (ULYSSES_RUNTIME_OPS if plan.ulysses_degree > 1 else 0) + (plan.ring_degree > 1)
+            if n.site[6] != "cross" and pipefusion:  # pf_attention: writes the patch's K/V, then attends
+                _, kb = _site_bytes(n.site, bat, dt)
+                t += KV_WRITES * hw.op_time("mem", 2 * kb * tok, hw.mem_bw, hw.op_overhead)
+                runtime_ops += 1
         elif n.kind == ATTN:
             t = attention_time(n, hw, tok, bat, 1)
         else:
             t = node_time(n, hw, tok, bat)
         total += t
     call.add("compute", total)
+    runtime_ops += pipefusion  # the patch loop: the stage program's call, its receives and sends
+    host = len(nodes) * hw.node_overhead + runtime_ops * hw.runtime_op_overhead
+    call.add("host", hw.host_time(host, total))
     return total
 
 
 def _whole(call: _Call, nodes: list[NodeWork], plan: Plan, hw: HardwareProfile, bat: float) -> None:
     tok = 1.0 / plan.sequence_parallel_degree
-    call.add("whole", sum(attention_time(n, hw, tok, bat, 1) if n.kind == ATTN else node_time(n, hw, tok, bat)
-                          for n in nodes))
+    t = sum(attention_time(n, hw, tok, bat, 1) if n.kind == ATTN else node_time(n, hw, tok, bat) for n in nodes)
+    call.add("whole", t)
+    call.add("host", hw.host_time(len(nodes) * hw.node_overhead, t))
 
 
 def _gathers(call: _Call, facts: ModelFacts, plan: Plan, hw: HardwareProfile, bat: float) -> None:
@@ -191,7 +210,7 @@ def _gathers(call: _Call, facts: ModelFacts, plan: Plan, hw: HardwareProfile, ba
     out = facts.out_bytes * bat
     if sp > 1:
         moved = (sp - 1) / sp * out
-        call.add("gather", _sp_link(plan, hw).time(moved), "sp", moved)
+        call.add("gather", _sp_link(plan, hw).time(moved) + hw.runtime_op_overhead, "sp", moved)
 
 
 def sp_call(facts: ModelFacts, plan: Plan, hw: HardwareProfile, bat: float) -> _Call:
@@ -237,14 +256,17 @@ def pipefusion_call(facts: ModelFacts, plan: Plan, hw: HardwareProfile, bat: flo
     # cores: hardware.solo_speedup); the M-1 patches between run at the slowest stage's pace
     pipeline = sum(times) / (hw.solo_speedup if n_st > 1 else 1.0) + (patches - 1) * max(times)
     busy = sum(c.parts.get("compute", 0.0) for c in per_stage) / n_st * patches
+    host = sum(c.parts.get("host", 0.0) for c in per_stage) / n_st * patches
     for c in per_stage:  # the bytes this rank moves: one stage's (the busiest) traffic, M times
         for axis, nbytes in c.bytes.items():
             call.bytes[axis] = max(call.bytes.get(axis, 0.0), nbytes * patches)
     call.parts["compute"] = busy
-    call.parts["pipeline"] = pipeline - busy  # bubble, imbalance and the stage's traffic
+    call.add("host", host)  # every node of the stage, and its per-patch runtime ops, once per patch
+    call.parts["pipeline"] = pipeline - busy - host  # bubble, imbalance and the stage's traffic
     out = facts.out_bytes * bat
     if sp > 1:
-        call.add("gather", _sp_link(plan, hw).time((sp - 1) / sp * out), "sp", (sp - 1) / sp * out)
+        call.add("gather", _sp_link(plan, hw).time((sp - 1) / sp * out) + hw.runtime_op_overhead, "sp",
+                 (sp - 1) / sp * out)
     call.add("broadcast", link.time(out, max(1, math.ceil(math.log2(n_st)))), "pipefusion", out)
     return call
 
@@ -304,7 +326,7 @@ def predict(facts: ModelFacts, plan: Plan, hw: HardwareProfile, work: Workload =
     if k > 1:
         out = facts.out_bytes * (bat if work.guidance != "two-call" or plan.cfg_degree == 1 else 1.0)
         link = _link(plan, hw, "cfg" if plan.cfg_degree > 1 else "dp")
-        parts["batch_gather"] = link.time((k - 1) * out)
+        parts["batch_gather"] = link.time((k - 1) * out) + hw.runtime_op_overhead
         moved["batch"] = (k - 1) * out
     extra = parts.get("batch_gather", 0.0)
     step = sum(parts.values())

@@ -24,12 +24,17 @@ from xdit_fx.compiler.fx_utils import (META_ATTENTION, META_BLOCK, META_TOKEN_DI
                                        is_param_placeholder, is_sdpa, sdpa_args, shape_of,
                                        target_name)
 
-GEMM, ATTN, MEM, VIEW = "gemm", "attn", "mem", "view"
+GEMM, ATTN, MEM, ACT, VIEW = "gemm", "attn", "mem", "act", "view"
+#: elementwise ops with transcendental math, and normalisations: the `act` class (a CPU computes them far
+#: below its memory bandwidth; a GPU at it)
+ACT_OPS = frozenset({"gelu", "silu", "sigmoid", "tanh", "exp", "erf", "softmax", "log_softmax", "_softmax",
+                     "layer_norm", "native_layer_norm", "rms_norm", "group_norm", "native_group_norm", "sin",
+                     "cos", "pow", "rsqrt", "sqrt", "log", "mish", "softplus", "hardswish", "elu"})
 
 
 @dataclass(frozen=True)
 class NodeWork:
-    kind: str                 # gemm | attn | mem | view
+    kind: str                 # gemm | attn | mem | act | view
     flops: float
     bytes: int
     where: str                # pre | stack | post
@@ -76,9 +81,12 @@ def _kind(node: fx.Node) -> str:
         return "free"
     if is_sdpa(node):
         return ATTN
-    if node.op != "call_module" and target_name(node).split(".")[-1] in VIEW_OPS:
+    name = target_name(node).split(".")[-1] if node.op != "call_module" else ""
+    if name in VIEW_OPS:
         return VIEW
-    return GEMM if node_flops(node) > 0 or is_linear(node) else MEM
+    if node_flops(node) > 0 or is_linear(node):
+        return GEMM
+    return ACT if name.rstrip("_") in ACT_OPS else MEM
 
 
 def _has_tokens(node: fx.Node) -> bool:
