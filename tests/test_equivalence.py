@@ -7,6 +7,8 @@ counts), so those models are not captured and compiled a second time."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -26,6 +28,11 @@ PLANS = ["ulysses=2", "ring=2", "ulysses=2,ring=2"]
 #: the layout only it has (padded chunks behind an all-to-all); even counts are the 2-process plans' case
 #: (and even ones for tests/test_comm.py's models, whose bytes are counted on even token counts)
 COUNTS = {xdit_fx.Plan.from_string("ulysses=2,ring=2"): (True,)}
+#: the 4-process USP run's models by default (4 processes on 2 cores are slow): joint text+image attention, a
+#: key mask with GQA and a register token, a text padding mask, video with cross-attention; every model of
+#: MODELS with XDIT_FX_SLOW_TESTS=1
+USP = xdit_fx.Plan.from_string("ulysses=2,ring=2")
+USP_MODELS = MODELS if os.environ.get("XDIT_FX_SLOW_TESTS") == "1" else ["flux", "scratch_mmdit", "hunyuan_video", "wan"]
 
 
 def _first(out):
@@ -69,8 +76,9 @@ def run_zoo(rank: int, world: int, plan_text: str, names: list[str], token_count
 
 def run_plans(rank: int, world: int, plan_texts: list[str]) -> dict:
     """run_zoo for each plan, with its token counts (COUNTS) and test_comm's steady-state counts."""
-    return {p: run_zoo(rank, world, p, MODELS, COUNTS.get(xdit_fx.Plan.from_string(p), (False, True)),
-                       steady=tuple(COMM_MODELS)) for p in plan_texts}
+    return {p: run_zoo(rank, world, p, USP_MODELS if xdit_fx.Plan.from_string(p) == USP else MODELS,
+                       COUNTS.get(xdit_fx.Plan.from_string(p), (False, True)), steady=tuple(COMM_MODELS))
+            for p in plan_texts}
 
 
 _RUNS: dict[int, list[dict]] = {}
@@ -97,7 +105,8 @@ def test_parallel_matches_single_process(plan_results, name, uneven):
     plan, per_rank = plan_results
     if (name, uneven) not in per_rank[0]:
         pytest.skip(f"{plan.to_string()} does not run {name} on {'uneven' if uneven else 'even'} token counts "
-                    f"(COUNTS; even ones for test_comm's models only)")
+                    f"(COUNTS; even ones for test_comm's models only; USP_MODELS: the others with "
+                    f"XDIT_FX_SLOW_TESTS=1)")
     tol = tolerance(plan)
     for rank, results in enumerate(per_rank):
         r = results[(name, uneven)]
