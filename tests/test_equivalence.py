@@ -29,10 +29,10 @@ PLANS = ["ulysses=2", "ring=2", "ulysses=2,ring=2"]
 #: (and even ones for tests/test_comm.py's models, whose bytes are counted on even token counts)
 COUNTS = {xdit_fx.Plan.from_string("ulysses=2,ring=2"): (True,)}
 #: the 4-process USP run's models by default (4 processes on 2 cores are slow): joint text+image attention, a
-#: key mask with GQA and a register token, a text padding mask, video with cross-attention; every model of
-#: MODELS with XDIT_FX_SLOW_TESTS=1
+#: key mask with GQA and a register token, a text padding mask, video with cross-attention, and test_comm's
+#: scratch_dit; every model of MODELS with XDIT_FX_SLOW_TESTS=1
 USP = xdit_fx.Plan.from_string("ulysses=2,ring=2")
-USP_MODELS = MODELS if os.environ.get("XDIT_FX_SLOW_TESTS") == "1" else ["flux", "scratch_mmdit", "hunyuan_video", "wan"]
+USP_MODELS = MODELS if os.environ.get("XDIT_FX_SLOW_TESTS") == "1" else ["flux", "scratch_dit", "scratch_mmdit", "hunyuan_video", "wan"]
 
 
 def _first(out):

@@ -93,6 +93,11 @@ def _library_pipefusion():
                              "counts": {k: v for h in pm.histories for k, v in h.counts().items() if v}}
             except xdit_fx.UnsupportedGraph as e:
                 out[name] = {"refused": str(e)}
+                try:  # a second call is refused too, never run whole
+                    pm(**inputs)
+                    out[name]["again"] = "ran"
+                except xdit_fx.UnsupportedGraph as again:
+                    out[name]["again"] = str(again)
     return out
 
 
@@ -373,6 +378,8 @@ def test_a_split_forward_under_pipefusion_is_refused_with_a_fix_that_passes(resu
         assert text is not None, per_rank["library_pipefusion"][name]
         assert "pipefusion: no" in text and "captured graph(s): graph breaks:" in text, text
         assert "fix: --plan ulysses=2 or --plan ring=2 (checked: its passes shard the attention" in text, text
+        assert "Data dependent operator" in text, text  # dynamo's reason for the break, named
+        assert per_rank["library_pipefusion"][name]["again"] == text, "a later call must be refused the same way"
         for plan in ("ulysses=2", "ring=2"):
             r = per_rank[(plan, name)]
             assert r["max_abs"] <= ATOL and r["counts"].get("sp_attention_sites", 0) >= 1, (plan, r)

@@ -86,6 +86,7 @@ class ParallelModule(nn.Module):
         self._pf_graphs: list[fx.GraphModule] = []
         self._pf_regions = 0
         self._pf_breaks: Counter | None = None
+        self._pf_refusal: str | None = None  # once refused, every later call is refused the same way
 
     def _sp_groups(self) -> list[str]:
         return [self.groups.names["sp"]] if self.groups is not None and self.plan.sequence_parallel_degree > 1 else []
@@ -121,7 +122,8 @@ class ParallelModule(nn.Module):
             gm = rewrite(gm, plan, mesh, history=history, render=render)
         except UnsupportedGraph as e:
             if self._pf_pending and (len(self._pf_graphs) > 1 or self._pf_break_reasons()):
-                raise UnsupportedGraph(self._pf_explain(str(e))) from e
+                self._pf_refusal = self._pf_explain(str(e))
+                raise UnsupportedGraph(self._pf_refusal) from e
             raise
         finally:  # also when a pass fails: the passes before it are dumped
             if dump_dir:
@@ -185,6 +187,8 @@ class ParallelModule(nn.Module):
                               and isinstance(t, nn.Parameter)]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._pf_refusal is not None:
+            raise UnsupportedGraph(self._pf_refusal)
         if self.pipefusion is not None:
             self.pipefusion.next_call()
         if self.cache is not None:
@@ -202,10 +206,11 @@ class ParallelModule(nn.Module):
         if self._pf_pending:
             self._pf_pending = False
             if not self._pf_regions:
-                raise UnsupportedGraph(self._pf_explain(
+                self._pf_refusal = self._pf_explain(
                     f"pipefusion: no captured graph holds a stack of transformer blocks on the token sequence, so "
                     f"no pipeline stage was cut and every rank ran the whole model (this call's output is the "
-                    f"single-process one; {self.plan.to_string()} would parallelize nothing)"))
+                    f"single-process one; {self.plan.to_string()} would parallelize nothing)")
+                raise UnsupportedGraph(self._pf_refusal)
             self._pf_graphs = []
         self.last_comm = counter.snapshot()
         if self._to_free:  # parameters only other pipeline stages read (the next call recaptures once)
@@ -216,7 +221,7 @@ class ParallelModule(nn.Module):
 
     def _pf_break_reasons(self) -> list[str]:
         """dynamo's graph-break reasons since this call began."""
-        return breaks_since(self._pf_breaks or break_counts())
+        return breaks_since(self._pf_breaks if self._pf_breaks is not None else break_counts())
 
     def _pf_explain(self, head: str) -> str:
         from xdit_fx.runtime.pipefusion_check import explain
