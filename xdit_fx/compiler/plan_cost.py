@@ -206,6 +206,7 @@ def _whole(call: _Call, nodes: list[NodeWork], plan: Plan, hw: HardwareProfile, 
 
 
 def _gathers(call: _Call, facts: ModelFacts, plan: Plan, hw: HardwareProfile, bat: float) -> None:
+    """The exit all-gather of the output over the sequence-parallel ranks (one runtime op)."""
     sp = plan.sequence_parallel_degree
     out = facts.out_bytes * bat
     if sp > 1:
@@ -263,10 +264,8 @@ def pipefusion_call(facts: ModelFacts, plan: Plan, hw: HardwareProfile, bat: flo
     call.parts["compute"] = busy
     call.add("host", host)  # every node of the stage, and its per-patch runtime ops, once per patch
     call.parts["pipeline"] = pipeline - busy - host  # bubble, imbalance and the stage's traffic
+    _gathers(call, facts, plan, hw, bat)
     out = facts.out_bytes * bat
-    if sp > 1:
-        call.add("gather", _sp_link(plan, hw).time((sp - 1) / sp * out) + hw.runtime_op_overhead, "sp",
-                 (sp - 1) / sp * out)
     call.add("broadcast", link.time(out, max(1, math.ceil(math.log2(n_st)))), "pipefusion", out)
     return call
 
